@@ -1,0 +1,234 @@
+"""`VLM`: one loaded model (config, params, tokenizer) with `score` and `generate`.
+
+API conventions (shared by every caller in auditdm_jax):
+- images: uint8 [B, H, W, 3] at the model's resolution (one image per row);
+- prompts, answers: lists of token-id lists, one per row;
+- a PaliGemma prompt is exactly the text that follows the image tokens
+  (the caller includes BOS and the "\\n" separator: `Tokenizer.paligemma_prompt`);
+- a Gemma 3 prompt holds one `<start_of_image>` token where the image goes;
+  the model expands it into the image block;
+- `score` returns, per row, one log-probability per answer token.
+
+`generate` here is the plain reference decoder (a full forward pass per new
+token, no KV cache); the fast sharded sampler lives in `auditdm_jax.sampling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from auditdm_jax.models import vlm
+from auditdm_jax.models.config import VLMConfig
+from auditdm_jax.models.gemma3 import expand_image_tokens
+from auditdm_jax.models.tokenizer import Tokenizer
+
+LENGTH_BUCKET = 16
+
+
+def bucket_length(n: int, bucket: int = LENGTH_BUCKET) -> int:
+  return max(bucket, -(-n // bucket) * bucket)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: list[list[int]]       # new tokens per row, up to and including a stop token
+  logprobs: list[np.ndarray]    # log p(token) under the untempered model, per new token
+
+
+class VLM:
+  """A model handle: `config`, `params`, `tokenizer` (or None), `score`, `generate`."""
+
+  def __init__(self, config: VLMConfig, params, tokenizer: Tokenizer | None = None):
+    self.config = config
+    self.params = jax.tree.map(jnp.asarray, params)
+    self.tokenizer = tokenizer
+    self.module = vlm.build(config)
+
+  @classmethod
+  def random(cls, config: VLMConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
+    return cls(config, vlm.init_params(config, jax.random.key(seed)), tokenizer)
+
+  # -- input checks ----------------------------------------------------------
+  def _images(self, images, batch: int) -> np.ndarray:
+    s = self.config.vision.image_size
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8, got {images.dtype}")
+    if images.shape != (batch, s, s, 3):
+      raise ValueError(f"images must have shape ({batch}, {s}, {s}, 3) for this "
+                       f"model and batch, got {images.shape}")
+    return images
+
+  def _rows(self, rows, name: str, allow_empty: bool) -> list[list[int]]:
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+      raise TypeError(f"{name} must be a list of token-id lists")
+    vocab = self.config.text.vocab_size
+    out = []
+    for i, row in enumerate(rows):
+      if isinstance(row, (str, bytes)):
+        raise TypeError(f"{name}[{i}] is a string; pass token ids (use the tokenizer)")
+      row = [int(t) for t in row]
+      if not row and not allow_empty:
+        raise ValueError(f"{name}[{i}] is empty")
+      bad = [t for t in row if not 0 <= t < vocab and t != self.config.boi_id]
+      if bad:
+        raise ValueError(f"{name}[{i}] holds token ids outside [0, {vocab}): {bad[:5]}")
+      out.append(row)
+    return out
+
+  def _layout(self, prompts):
+    """Per row: the token sequence that precedes the answer."""
+    if self.config.family == "gemma3":
+      return [expand_image_tokens(p, self.config) for p in prompts]
+    return prompts
+
+  # -- scoring ---------------------------------------------------------------
+  @functools.cached_property
+  def _token_logprobs(self):
+    module, family = self.module, self.config.family
+    n_img = self.config.num_image_tokens
+
+    def fn(params, images, tokens, input_mask, mask_ar):
+      if family == "paligemma":
+        logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
+        pred = logits[:, n_img - 1:-1]          # predicts tokens[:, 0:]
+        target = tokens
+      else:
+        logits = module.apply({"params": params}, images, tokens, input_mask)
+        pred, target = logits[:, :-1], tokens[:, 1:]
+      lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+      lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
+      if family != "paligemma":
+        lp = jnp.pad(lp, ((0, 0), (1, 0)))
+      return lp
+
+    return jax.jit(fn)
+
+  def score(self, images, prompts, answers) -> list[np.ndarray]:
+    """Per row, log p(answer_t | image, prompt, answer_<t) for each answer token."""
+    prompts = self._rows(prompts, "prompts", allow_empty=self.config.family == "paligemma")
+    answers = self._rows(answers, "answers", allow_empty=False)
+    if len(prompts) != len(answers):
+      raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+    images = self._images(images, len(prompts))
+    heads = self._layout(prompts)
+    seqs = [h + a for h, a in zip(heads, answers)]
+    t = bucket_length(max(len(s) for s in seqs))
+    b = len(seqs)
+    tokens = np.zeros((b, t), np.int32)
+    input_mask = np.zeros((b, t), np.bool_)
+    mask_ar = np.zeros((b, t), np.int32)
+    for i, (h, s) in enumerate(zip(heads, seqs)):
+      tokens[i, :len(s)] = s
+      input_mask[i, :len(s)] = True
+      mask_ar[i, len(h):len(s)] = 1
+    lp = np.asarray(self._token_logprobs(self.params, images, tokens, input_mask, mask_ar))
+    return [lp[i, len(h):len(h) + len(a)] for i, (h, a) in enumerate(zip(heads, answers))]
+
+  # -- generation ------------------------------------------------------------
+  @functools.lru_cache(maxsize=8)
+  def _decoder(self, max_new_tokens: int, greedy: bool):
+    module, family = self.module, self.config.family
+    n_img = self.config.num_image_tokens
+
+    def fn(params, images, tokens, prompt_len, stop_ids, temperature, rng):
+      b, t = tokens.shape
+      pos = jnp.arange(t)[None]
+      rows = jnp.arange(b)
+
+      def body(state):
+        step, toks, lps, done, key = state
+        cur = prompt_len + step                     # index the new token goes to
+        input_mask = pos < cur[:, None]
+        if family == "paligemma":
+          mask_ar = (pos >= prompt_len[:, None]).astype(jnp.int32)
+          logits = module.apply({"params": params}, images, toks, input_mask, mask_ar)
+          last = logits[rows, n_img + cur - 1]
+        else:
+          logits = module.apply({"params": params}, images, toks, input_mask)
+          last = logits[rows, cur - 1]
+        logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
+        key, sub = jax.random.split(key)
+        if greedy:
+          nxt = jnp.argmax(logp, axis=-1)
+        else:
+          nxt = jax.random.categorical(sub, logp / temperature, axis=-1)
+        nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
+        toks = toks.at[rows, cur].set(jnp.where(done, toks[rows, cur], nxt))
+        lps = lps.at[:, step].set(jnp.where(done, 0.0, logp[rows, nxt]))
+        done = done | jnp.isin(nxt, stop_ids)
+        return step + 1, toks, lps, done, key
+
+      def cond(state):
+        step, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+      lps = jnp.zeros((b, max_new_tokens), jnp.float32)
+      init = (jnp.int32(0), tokens, lps, jnp.zeros((b,), jnp.bool_), rng)
+      _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
+      return toks, lps
+
+    return jax.jit(fn)
+
+  def default_stop_ids(self) -> list[int]:
+    stops = [self.config.eos_id]
+    if self.tokenizer is not None and self.config.family == "gemma3":
+      eot = self.tokenizer.piece_id("<end_of_turn>")
+      if eot is not None:
+        stops.append(eot)
+    return stops
+
+  def generate(self, images, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+               rng=None, stop_ids: Sequence[int] | None = None) -> GenerateOutput:
+    """Decodes up to max_new_tokens per row (greedy when temperature == 0)."""
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not np.isfinite(temperature):
+      raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    prompts = self._rows(prompts, "prompts", allow_empty=False)
+    images = self._images(images, len(prompts))
+    heads = self._layout(prompts)
+    t = bucket_length(max(len(h) for h in heads) + max_new_tokens)
+    tokens = np.zeros((len(heads), t), np.int32)
+    for i, h in enumerate(heads):
+      tokens[i, :len(h)] = h
+    plen = np.asarray([len(h) for h in heads], np.int32)
+    stops = np.asarray(list(stop_ids) if stop_ids is not None else self.default_stop_ids(),
+                       np.int32)
+    rng = jax.random.key(0) if rng is None else rng
+    fn = self._decoder(int(max_new_tokens), temperature == 0.0)
+    toks, lps = fn(self.params, images, tokens, plen, stops,
+                   jnp.float32(max(temperature, 1e-6)), rng)
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    out_t, out_l = [], []
+    stop_set = set(stops.tolist())
+    for i, p in enumerate(plen):
+      new = toks[i, p:p + max_new_tokens].tolist()
+      n = next((j + 1 for j, tok in enumerate(new) if tok in stop_set), len(new))
+      out_t.append(new[:n])
+      out_l.append(lps[i, :n])
+    return GenerateOutput(out_t, out_l)
+
+  # -- persistence -----------------------------------------------------------
+  def save(self, path: str) -> None:
+    """Our own Orbax format (config.json-like metadata + params + tokenizer)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from auditdm_jax.models.ckpt import orbax_io  # pylint: disable=import-outside-toplevel
+    if self.tokenizer is None:
+      orbax_io.save_native(path, self.config, self.params)
+      return
+    with tempfile.TemporaryDirectory() as d:
+      tok = f"{d}/tokenizer.model"
+      self.tokenizer.save(tok)
+      orbax_io.save_native(path, self.config, self.params, tok)
+
+  def export_npz(self, path: str) -> None:
+    """big_vision .npz (PaliGemma models)."""
+    from auditdm_jax.models.ckpt import npz  # pylint: disable=import-outside-toplevel
+    npz.export_npz(path, self.params, self.config)

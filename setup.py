@@ -1,0 +1,39 @@
+"""auditdm_jax: AuditDM (arXiv 2512.16921) in JAX/Flax."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+  lines = (_HERE / "requirements.txt").read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setuptools.setup(
+    name="auditdm_jax",
+    version="0.1.0",
+    description=("AuditDM in JAX/Flax: an RL-trained auditor finds and fixes "
+                 "capability gaps of PaliGemma 2 / Gemma 3 VLMs."),
+    long_description=(_HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["auditdm_jax", "auditdm_jax.*"]),
+    install_requires=_requirements(),
+    extras_require={
+        # TPU VMs: the libtpu-enabled jax build.
+        "tpu": ["jax[tpu]>=0.10.0"],
+        # Tests: torch and transformers are the numerical reference only;
+        # auditdm_jax itself never imports them. torch is pinned to the CPU
+        # build that is available without pulling CUDA wheels.
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "torch==2.13.0",
+            "transformers>=5.0,<6",
+            "safetensors>=0.4",
+        ],
+    },
+)
