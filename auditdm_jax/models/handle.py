@@ -41,6 +41,76 @@ class GenerateOutput:
   logprobs: list[np.ndarray]    # log p(token) under the untempered model, per new token
 
 
+@functools.lru_cache(maxsize=32)
+def _token_logprobs_fn(cfg: VLMConfig):
+  """Jitted (params, images, tokens, input_mask, mask_ar) -> log p(tokens[t] | <t)
+  [B, T] (0 where nothing precedes). Shared by every handle of one config."""
+  module, family = vlm.build(cfg), cfg.family
+  n_img = cfg.num_image_tokens
+
+  def fn(params, images, tokens, input_mask, mask_ar):
+    if family == "paligemma":
+      logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
+      pred = logits[:, n_img - 1:-1]          # predicts tokens[:, 0:]
+      target = tokens
+    else:
+      logits = module.apply({"params": params}, images, tokens, input_mask)
+      pred, target = logits[:, :-1], tokens[:, 1:]
+    lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
+    if family != "paligemma":
+      lp = jnp.pad(lp, ((0, 0), (1, 0)))
+    return lp
+
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _decoder_fn(cfg: VLMConfig, max_new_tokens: int, greedy: bool):
+  """Jitted reference decoder: one full forward pass per new token."""
+  module, family = vlm.build(cfg), cfg.family
+  n_img = cfg.num_image_tokens
+
+  def fn(params, images, tokens, prompt_len, stop_ids, temperature, rng):
+    b, t = tokens.shape
+    pos = jnp.arange(t)[None]
+    rows = jnp.arange(b)
+
+    def body(state):
+      step, toks, lps, done, key = state
+      cur = prompt_len + step                     # index the new token goes to
+      input_mask = pos < cur[:, None]
+      if family == "paligemma":
+        mask_ar = (pos >= prompt_len[:, None]).astype(jnp.int32)
+        logits = module.apply({"params": params}, images, toks, input_mask, mask_ar)
+        last = logits[rows, n_img + cur - 1]
+      else:
+        logits = module.apply({"params": params}, images, toks, input_mask)
+        last = logits[rows, cur - 1]
+      logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
+      key, sub = jax.random.split(key)
+      if greedy:
+        nxt = jnp.argmax(logp, axis=-1)
+      else:
+        nxt = jax.random.categorical(sub, logp / temperature, axis=-1)
+      nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
+      toks = toks.at[rows, cur].set(jnp.where(done, toks[rows, cur], nxt))
+      lps = lps.at[:, step].set(jnp.where(done, 0.0, logp[rows, nxt]))
+      done = done | jnp.isin(nxt, stop_ids)
+      return step + 1, toks, lps, done, key
+
+    def cond(state):
+      step, _, _, done, _ = state
+      return (step < max_new_tokens) & ~jnp.all(done)
+
+    lps = jnp.zeros((b, max_new_tokens), jnp.float32)
+    init = (jnp.int32(0), tokens, lps, jnp.zeros((b,), jnp.bool_), rng)
+    _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
+    return toks, lps
+
+  return jax.jit(fn)
+
+
 class VLM:
   """A model handle: `config`, `params`, `tokenizer` (or None), `score`, `generate`."""
 
@@ -89,27 +159,6 @@ class VLM:
     return prompts
 
   # -- scoring ---------------------------------------------------------------
-  @functools.cached_property
-  def _token_logprobs(self):
-    module, family = self.module, self.config.family
-    n_img = self.config.num_image_tokens
-
-    def fn(params, images, tokens, input_mask, mask_ar):
-      if family == "paligemma":
-        logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
-        pred = logits[:, n_img - 1:-1]          # predicts tokens[:, 0:]
-        target = tokens
-      else:
-        logits = module.apply({"params": params}, images, tokens, input_mask)
-        pred, target = logits[:, :-1], tokens[:, 1:]
-      lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
-      lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
-      if family != "paligemma":
-        lp = jnp.pad(lp, ((0, 0), (1, 0)))
-      return lp
-
-    return jax.jit(fn)
-
   def score(self, images, prompts, answers) -> list[np.ndarray]:
     """Per row, log p(answer_t | image, prompt, answer_<t) for each answer token."""
     prompts = self._rows(prompts, "prompts", allow_empty=self.config.family == "paligemma")
@@ -128,54 +177,10 @@ class VLM:
       tokens[i, :len(s)] = s
       input_mask[i, :len(s)] = True
       mask_ar[i, len(h):len(s)] = 1
-    lp = np.asarray(self._token_logprobs(self.params, images, tokens, input_mask, mask_ar))
+    lp = np.asarray(_token_logprobs_fn(self.config)(self.params, images, tokens, input_mask, mask_ar))
     return [lp[i, len(h):len(h) + len(a)] for i, (h, a) in enumerate(zip(heads, answers))]
 
   # -- generation ------------------------------------------------------------
-  @functools.lru_cache(maxsize=8)
-  def _decoder(self, max_new_tokens: int, greedy: bool):
-    module, family = self.module, self.config.family
-    n_img = self.config.num_image_tokens
-
-    def fn(params, images, tokens, prompt_len, stop_ids, temperature, rng):
-      b, t = tokens.shape
-      pos = jnp.arange(t)[None]
-      rows = jnp.arange(b)
-
-      def body(state):
-        step, toks, lps, done, key = state
-        cur = prompt_len + step                     # index the new token goes to
-        input_mask = pos < cur[:, None]
-        if family == "paligemma":
-          mask_ar = (pos >= prompt_len[:, None]).astype(jnp.int32)
-          logits = module.apply({"params": params}, images, toks, input_mask, mask_ar)
-          last = logits[rows, n_img + cur - 1]
-        else:
-          logits = module.apply({"params": params}, images, toks, input_mask)
-          last = logits[rows, cur - 1]
-        logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
-        key, sub = jax.random.split(key)
-        if greedy:
-          nxt = jnp.argmax(logp, axis=-1)
-        else:
-          nxt = jax.random.categorical(sub, logp / temperature, axis=-1)
-        nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
-        toks = toks.at[rows, cur].set(jnp.where(done, toks[rows, cur], nxt))
-        lps = lps.at[:, step].set(jnp.where(done, 0.0, logp[rows, nxt]))
-        done = done | jnp.isin(nxt, stop_ids)
-        return step + 1, toks, lps, done, key
-
-      def cond(state):
-        step, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-      lps = jnp.zeros((b, max_new_tokens), jnp.float32)
-      init = (jnp.int32(0), tokens, lps, jnp.zeros((b,), jnp.bool_), rng)
-      _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
-      return toks, lps
-
-    return jax.jit(fn)
-
   def default_stop_ids(self) -> list[int]:
     stops = [self.config.eos_id]
     if self.tokenizer is not None and self.config.family == "gemma3":
@@ -202,7 +207,7 @@ class VLM:
     stops = np.asarray(list(stop_ids) if stop_ids is not None else self.default_stop_ids(),
                        np.int32)
     rng = jax.random.key(0) if rng is None else rng
-    fn = self._decoder(int(max_new_tokens), temperature == 0.0)
+    fn = _decoder_fn(self.config, int(max_new_tokens), temperature == 0.0)
     toks, lps = fn(self.params, images, tokens, plen, stops,
                    jnp.float32(max(temperature, 1e-6)), rng)
     toks, lps = np.asarray(toks), np.asarray(lps)

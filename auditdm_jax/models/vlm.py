@@ -35,13 +35,21 @@ def _dummy_inputs(cfg: VLMConfig):
 
 def init_params(cfg: VLMConfig, rng) -> dict:
   """Random parameters (the `params` collection, without the wrapper dict)."""
-  return build(cfg).init(rng, *_dummy_inputs(cfg))["params"]
+  return _jitted_init(cfg)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: VLMConfig):
+  module = build(cfg)
+  return jax.jit(lambda rng: module.init(rng, *_dummy_inputs(cfg))["params"])
 
 
 @functools.lru_cache(maxsize=64)
 def abstract_params(cfg: VLMConfig) -> dict:
   """ShapeDtypeStructs of the parameters, built without allocating memory."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  module = build(cfg)
+  return jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *_dummy_inputs(cfg))["params"])
 
 
 def count_params(cfg: VLMConfig) -> int:

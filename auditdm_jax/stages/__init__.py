@@ -1,0 +1,41 @@
+"""The pipeline's stages, in order, and which of them exist yet.
+
+Each stage reads the previous stages' outputs from the workdir and writes its
+own, so any stage can be rerun alone. Stages that are planned but not built
+are listed with the issue that builds them; asking for one fails with that
+message instead of pretending.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from auditdm_jax.stages import init_models
+
+ORDER = ("init", "pretrain", "audit", "mine", "rectify", "eval", "report")
+
+IMPLEMENTED: dict[str, Callable] = {
+    "init": init_models.run,
+}
+
+PLANNED = {
+    "pretrain": "issue 4 (scene world, data pipelines and trainer)",
+    "eval": "issue 4 (per-skill benchmark)",
+    "audit": "issue 5 (GRPO auditor)",
+    "mine": "issue 6 (mining and failure types)",
+    "rectify": "issue 6 (rectification)",
+    "report": "issue 6 (HTML report)",
+}
+
+
+class StageNotImplemented(RuntimeError):
+  pass
+
+
+def get(name: str) -> Callable:
+  if name in IMPLEMENTED:
+    return IMPLEMENTED[name]
+  if name in PLANNED:
+    raise StageNotImplemented(f"stage {name!r} is not implemented yet: it comes "
+                              f"with {PLANNED[name]}")
+  raise ValueError(f"unknown stage {name!r}; stages are {ORDER + ('all',)}")

@@ -1,0 +1,84 @@
+"""`init` stage: materialise every model named in the config as a checkpoint.
+
+For each entry of `config.models` it loads `checkpoint` (any format that
+`auditdm_jax.models.load` reads) or, without one, initialises the `preset`
+randomly from the config seed; writes it in our Orbax format to
+`<workdir>/models/<name>`; reloads it through `load` and checks that the
+reloaded model scores a probe batch identically. A model whose checkpoint
+already exists in the workdir is reused (delete it to re-initialise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from auditdm_jax import models
+from auditdm_jax.utils.fileio import atomic_write_text
+
+ROLES = ("target", "reference", "auditor")
+
+
+def model_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "models", name)
+
+
+def build_model(spec, seed: int) -> models.VLM:
+  """A VLM from one `config.models` entry (checkpoint path or preset)."""
+  kw = {}
+  if spec.get("dtype"):
+    kw["dtype"] = spec.dtype
+  if spec.get("param_dtype"):
+    kw["param_dtype"] = spec.param_dtype
+  if spec.get("checkpoint"):
+    return models.load(spec.checkpoint, **kw)
+  cfg = models.get_preset(spec.preset)
+  if kw:
+    cfg = cfg.with_dtypes(kw.get("dtype"), kw.get("param_dtype"))
+  return models.VLM.random(cfg, seed=seed)
+
+
+def _probe(model: models.VLM, seed: int):
+  cfg = model.config
+  rng = np.random.default_rng(seed)
+  s = cfg.vision.image_size
+  images = rng.integers(0, 256, (2, s, s, 3), dtype=np.uint8)
+  hi = min(cfg.text.vocab_size, 1 << 16)
+  prompts = [[cfg.bos_id] + rng.integers(3, hi, 3).tolist() for _ in range(2)]
+  if cfg.family == "gemma3":
+    prompts = [p + [cfg.boi_id] for p in prompts]
+  answers = [rng.integers(3, hi, 2).tolist() for _ in range(2)]
+  return model.score(images, prompts, answers)
+
+
+def run(config, workdir: str) -> dict:
+  summary = {}
+  for i, (name, spec) in enumerate(sorted(config.models.items())):
+    path = model_dir(workdir, name)
+    t0 = time.time()
+    reused = os.path.exists(os.path.join(path, "auditdm_model.json"))
+    if reused:
+      model = models.load(path)
+    else:
+      model = build_model(spec, seed=int(config.seed) + i)
+      model.save(path)
+      reloaded = models.load(path)
+      a, b = _probe(model, i), _probe(reloaded, i)
+      if not all(np.array_equal(x, y) for x, y in zip(a, b)):
+        raise RuntimeError(f"model {name}: the reloaded checkpoint at {path} scores "
+                           "differently from the model that was saved")
+    n = models.count_params(model.config)
+    summary[name] = {"role": spec.role, "variant": model.config.variant,
+                     "family": model.config.family, "params": n, "path": path,
+                     "reused": reused}
+    logging.info("init: %-14s %-9s %-16s %10d params  %s (%.1fs)", name, spec.role,
+                 model.config.variant, n, "reused" if reused else "written",
+                 time.time() - t0)
+    print(f"init: {name:14s} role={spec.role:9s} {model.config.variant:16s} "
+          f"{n:>12,d} params -> {path}{' (reused)' if reused else ''}", flush=True)
+  atomic_write_text(os.path.join(workdir, "models.json"), json.dumps(summary, indent=2))
+  return summary
