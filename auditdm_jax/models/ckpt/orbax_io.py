@@ -139,9 +139,13 @@ def infer_gemma3_config(flat: dict, source: str) -> VLMConfig:
   vision = SigLIPConfig(image_size=grid * kernel.shape[0], patch_size=kernel.shape[0],
                         width=kernel.shape[-1], depth=vdepth, mlp_dim=vmlp.shape[-1],
                         num_heads=vq.shape[1])
-  base = presets.gemma3("4b")
-  return base.replace(variant=os.path.basename(os.path.normpath(source)),
-                      vision=vision, text=text)
+  # Pooling has no parameters, so the soft-token count is not in the file: the
+  # release pools 64x64 patches 4x4 to 16x16; other grids default to no pooling
+  # (pass `config=` for models trained otherwise).
+  side = 16 if grid % 16 == 0 else grid
+  return presets.gemma3("4b").replace(
+      variant=os.path.basename(os.path.normpath(source)), vision=vision, text=text,
+      mm_tokens_per_image=side * side)
 
 
 def params_from_gemma3(flat: dict, cfg: VLMConfig, source: str) -> dict:
