@@ -159,7 +159,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, family: str = "pa
   """Trains a small sentencepiece model in-process (no files) for tests and the
   CPU world. Ids: 0 pad, 1 eos, 2 bos, 3 unk (the Gemma convention); the
   family's special tokens and `extra_symbols` are user-defined pieces; "\\n"
-  survives (identity normalisation). With byte_fallback, unseen characters
+  survives (identity normalisation, no dummy prefix, as in Gemma). With byte_fallback, unseen characters
   become byte pieces instead of <unk> (needs vocab_size > 256 + characters)."""
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -174,6 +174,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, family: str = "pa
       sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
       model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
       user_defined_symbols=symbols, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, byte_fallback=byte_fallback, hard_vocab_limit=False,
+      remove_extra_whitespaces=False, add_dummy_prefix=False,
+      byte_fallback=byte_fallback, hard_vocab_limit=False,
       character_coverage=1.0, split_digits=True, minloglevel=2)
   return Tokenizer(model.getvalue(), family)
