@@ -61,6 +61,9 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save at INFO; stages print their own progress.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
