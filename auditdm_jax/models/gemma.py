@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auditdm_jax.models.logical import constrain
+
 # A large negative logit for masked attention entries (finite, so fully masked
 # rows of padding queries give a uniform distribution instead of NaNs).
 _BIG_NEG = -2.3819763e38
@@ -260,39 +262,68 @@ class Embedder(nn.Module):
 
 
 class Attention(nn.Module):
+  """Grouped-query attention with optional QK-norm, RoPE and soft-capping.
+
+  `__call__` attends over the call's own keys/values with an explicit mask and
+  also returns them (a prefill fills the KV cache with them); `decode` writes
+  one new token per row into a cache and attends over it.
+  """
+
   cfg: GemmaConfig
 
-  @nn.compact
-  def __call__(self, x, sin, cos, mask, cache):
+  def setup(self):
     cfg = self.cfg
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    pdtype = jnp.dtype(cfg.param_dtype)
     n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.width, cfg.head_dim
-    wq = EinsumWeight((n, d, h), _fan_in_init(1), pdtype, name="q_einsum")()
-    wkv = EinsumWeight((2, k, d, h), _fan_in_init(2), pdtype, name="kv_einsum")()
-    wo = EinsumWeight((n, h, d), _fan_in_init((0, 1)), pdtype,
-                      name="attn_vec_einsum")()
-
-    q = jnp.einsum("BTD,NDH->BTNH", x, wq.astype(dtype))
-    kk, vv = jnp.einsum("BSD,CKDH->CBSKH", x, wkv.astype(dtype))
+    self.q_einsum = EinsumWeight((n, d, h), _fan_in_init(1), pdtype)
+    self.kv_einsum = EinsumWeight((2, k, d, h), _fan_in_init(2), pdtype)
+    self.attn_vec_einsum = EinsumWeight((n, h, d), _fan_in_init((0, 1)), pdtype)
     if cfg.qk_norm:
-      q = RMSNorm(cfg.norm_eps, pdtype, name="query_norm")(q)
-      kk = RMSNorm(cfg.norm_eps, pdtype, name="key_norm")(kk)
+      self.query_norm = RMSNorm(cfg.norm_eps, pdtype)
+      self.key_norm = RMSNorm(cfg.norm_eps, pdtype)
+
+  def _qkv(self, x, sin, cos):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    q = jnp.einsum("BTD,NDH->BTNH", x, self.q_einsum().astype(dtype))
+    k, v = jnp.einsum("BSD,CKDH->CBSKH", x, self.kv_einsum().astype(dtype))
+    if cfg.qk_norm:
+      q, k = self.query_norm(q), self.key_norm(k)
     q = apply_rope(q, sin, cos) * jnp.asarray(cfg.query_scale, dtype)
-    kk = apply_rope(kk, sin, cos)
+    k = apply_rope(k, sin, cos)
+    q = constrain(q, "batch", "seq", "heads", None)
+    k = constrain(k, "batch", "seq", "kv_heads", None)
+    v = constrain(v, "batch", "seq", "kv_heads", None)
+    return q, k, v
 
-    new_cache = None
-    if cache is not None:
-      # Write this call's keys/values at `index` and attend over the cache.
-      k_cache, v_cache, index = cache["k"], cache["v"], cache["index"]
-      k_cache = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, kk.astype(k_cache.dtype), index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, vv.astype(v_cache.dtype), index, axis=1)
-      new_cache = {"k": k_cache, "v": v_cache, "index": index}
-      kk, vv = k_cache.astype(dtype), v_cache.astype(dtype)
+  def _out(self, encoded):
+    return jnp.einsum("BTNH,NHD->BTD", encoded,
+                      self.attn_vec_einsum().astype(jnp.dtype(self.cfg.dtype)))
 
-    out = dot_product_attention(q, kk, vv, mask, cfg.attn_logits_softcap)
-    return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), new_cache
+  def __call__(self, x, sin, cos, mask):
+    q, k, v = self._qkv(x, sin, cos)
+    out = dot_product_attention(q, k, v, mask, self.cfg.attn_logits_softcap)
+    return self._out(out), (k, v)
+
+  def decode(self, x, sin, cos, q_pos, cache, slot, window):
+    """x [B, 1, D] at positions q_pos [B]; writes k/v at cache slot [B] and
+    attends to every cache entry at a position <= q_pos (and within `window`
+    if given). cache = {"k", "v": [B, C, K, H], "pos": [B, C] (-1: empty)}."""
+    q, k, v = self._qkv(x, sin, cos)
+    rows = jnp.arange(x.shape[0])
+    cache = {
+        "k": cache["k"].at[rows, slot].set(k[:, 0].astype(cache["k"].dtype)),
+        "v": cache["v"].at[rows, slot].set(v[:, 0].astype(cache["v"].dtype)),
+        "pos": cache["pos"].at[rows, slot].set(q_pos),
+    }
+    kv_pos = cache["pos"]
+    mask = (kv_pos >= 0) & (kv_pos <= q_pos[:, None])
+    if window:
+      mask &= q_pos[:, None] - kv_pos < window
+    dtype = jnp.dtype(self.cfg.dtype)
+    out = dot_product_attention(q, cache["k"].astype(dtype), cache["v"].astype(dtype),
+                                mask[:, None, :], self.cfg.attn_logits_softcap)
+    return self._out(out), cache
 
 
 class FeedForward(nn.Module):
@@ -308,52 +339,64 @@ class FeedForward(nn.Module):
                           (cfg.mlp_dim, cfg.width), pdtype).astype(dtype)
     gate = nn.gelu(jnp.einsum("BTD,DF->BTF", x, w_gating[0]), approximate=True)
     up = jnp.einsum("BTD,DF->BTF", x, w_gating[1])
-    return jnp.einsum("BTF,FD->BTD", gate * up, w_linear)
+    hidden = constrain(gate * up, "batch", "seq", "mlp")
+    return jnp.einsum("BTF,FD->BTD", hidden, w_linear)
 
 
 class Block(nn.Module):
-  """One decoder layer. Called under nn.scan: (carry, scanned, broadcast)."""
+  """One decoder layer: pre-norm attention and MLP, optional post-norms."""
 
   cfg: GemmaConfig
 
-  @nn.compact
-  def __call__(self, x, scanned, ctx):
+  def setup(self):
     cfg = self.cfg
     pdtype = jnp.dtype(cfg.param_dtype)
-    is_local, cache = scanned
+    self.pre_attention_norm = RMSNorm(cfg.norm_eps, pdtype)
+    self.attn = Attention(cfg)
+    self.pre_ffw_norm = RMSNorm(cfg.norm_eps, pdtype)
+    self.mlp = FeedForward(cfg)
+    if cfg.post_norms:
+      self.post_attention_norm = RMSNorm(cfg.norm_eps, pdtype)
+      self.post_ffw_norm = RMSNorm(cfg.norm_eps, pdtype)
+
+  def _finish(self, x, h):
+    if self.cfg.post_norms:
+      h = self.post_attention_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_ffw_norm(x))
+    if self.cfg.post_norms:
+      h = self.post_ffw_norm(h)
+    return constrain(x + h, "batch", "seq", "embed")
+
+  def __call__(self, x, is_local, ctx, return_kv: bool = False):
+    """Scan body: (carry x, scanned is_local flag, broadcast ctx, static
+    return_kv) -> (x, (k, v) or None)."""
+    x = constrain(x, "batch", "seq", "embed")
     mask = jnp.where(is_local, ctx["mask_local"], ctx["mask_global"])
     sin = jnp.where(is_local, ctx["sin_local"], ctx["sin_global"])
     cos = jnp.where(is_local, ctx["cos_local"], ctx["cos_global"])
+    h, kv = self.attn(self.pre_attention_norm(x), sin, cos, mask)
+    return self._finish(x, h), (kv if return_kv else None)
 
-    h = RMSNorm(cfg.norm_eps, pdtype, name="pre_attention_norm")(x)
-    h, new_cache = Attention(cfg, name="attn")(h, sin, cos, mask, cache)
-    if cfg.post_norms:
-      h = RMSNorm(cfg.norm_eps, pdtype, name="post_attention_norm")(h)
-    x = x + h
-    h = RMSNorm(cfg.norm_eps, pdtype, name="pre_ffw_norm")(x)
-    h = FeedForward(cfg, name="mlp")(h)
-    if cfg.post_norms:
-      h = RMSNorm(cfg.norm_eps, pdtype, name="post_ffw_norm")(h)
-    return x + h, new_cache
+  def decode(self, x, sin, cos, q_pos, cache, slot, window):
+    h, cache = self.attn.decode(self.pre_attention_norm(x), sin, cos, q_pos, cache, slot,
+                                window)
+    return self._finish(x, h), cache
 
 
 class Gemma(nn.Module):
   """Gemma 2 / Gemma 3 decoder over already-embedded inputs.
 
   `__call__(x, positions, mask)` runs the layers on embeddings x [B, T, D]
-  (use `embed_tokens` / `embed_vision` to build them) with integer positions
-  [B, T] and a boolean attention mask [B, T, S]. Sliding-window layers further
-  restrict the mask to |q_pos - kv_pos| < sliding_window.
+  (build them with `embed_tokens` / `embed_vision`) at integer positions
+  [B, T] under a boolean attention mask [B, T, T]. Sliding-window layers
+  further restrict the mask to |q_pos - kv_pos| < sliding_window, except for
+  the pairs marked in `window_exempt` [B, T, T] (PaliGemma's bidirectional
+  prefix, as in the transformers reference).
 
-  With `cache` (see `init_cache`), the call writes its keys/values into the
-  cache at `cache["index"]` and attends over the whole cache: then mask is
-  [B, T, cache_len] and `kv_positions` [B, cache_len] gives the position of
-  each cache slot.
-
-  `window_exempt` [B, T, S] marks allowed pairs that ignore the sliding window
-  (PaliGemma's bidirectional prefix, as in the Hugging Face reference; the
-  gemma library's rule, window AND mask, is the default).
-  Returns (logits float32 [B, T, V], new_cache or None).
+  Returns (logits float32 [B, T, V] or the final hidden states, kv) where kv
+  is (k, v), each [L, B, T, K, H], when `return_kv` (a prefill), else None.
+  Incremental decoding runs through `decode_step` below.
   """
 
   cfg: GemmaConfig
@@ -363,13 +406,13 @@ class Gemma(nn.Module):
     self.embedder = Embedder(cfg)
     block = Block
     if cfg.remat_policy != "none":
-      block = nn.remat(Block, prevent_cse=False,
+      block = nn.remat(Block, prevent_cse=False, static_argnums=(4,),
                        policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     self.layers = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast),
         length=cfg.depth,
     )(cfg)
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype))
@@ -385,23 +428,25 @@ class Gemma(nn.Module):
     cap = self.cfg.final_logits_softcap
     if cap:
       logits = jnp.tanh(logits / cap) * cap
-    return logits
+    return constrain(logits, "batch", "seq", "vocab")
 
-  def __call__(self, x, positions, mask, cache=None, kv_positions=None,
-               window_exempt=None, return_hidden: bool = False):
+  def head(self, x):
+    """Final norm and logits of the last layer's output."""
+    return self.logits(self.final_norm(x))
+
+  def __call__(self, x, positions, mask, window_exempt=None, return_kv: bool = False,
+               return_hidden: bool = False):
     cfg = self.cfg
     x = x.astype(jnp.dtype(cfg.dtype))
-    if kv_positions is None:
-      kv_positions = positions
-    if mask.shape != (x.shape[0], x.shape[1], kv_positions.shape[1]):
-      raise ValueError(f"attention mask has shape {mask.shape}, expected "
-                       f"{(x.shape[0], x.shape[1], kv_positions.shape[1])}")
-    is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
+    b, t = x.shape[:2]
+    if mask.shape != (b, t, t) or positions.shape != (b, t):
+      raise ValueError(f"attention mask {mask.shape} / positions {positions.shape} do "
+                       f"not fit inputs of shape {x.shape}")
+    is_local = jnp.asarray([lt == "local" for lt in cfg.layer_types])
     mask = mask.astype(jnp.bool_)
     mask_local = mask
     if cfg.sliding_window:
-      mask_local = mask & sliding_window_mask(positions, kv_positions,
-                                              cfg.sliding_window)
+      mask_local = mask & sliding_window_mask(positions, positions, cfg.sliding_window)
       if window_exempt is not None:
         mask_local = mask_local | (mask & window_exempt)
     sin_l, cos_l = rope_tables(positions, cfg.head_dim, cfg.rope_base_local,
@@ -410,21 +455,36 @@ class Gemma(nn.Module):
                                cfg.rope_scale_global)
     ctx = dict(mask_global=mask, mask_local=mask_local, sin_local=sin_l,
                cos_local=cos_l, sin_global=sin_g, cos_global=cos_g)
-    if cache is not None:
-      # Keys are rotated by their own positions before entering the cache.
-      cache = dict(cache, index=jnp.broadcast_to(cache["index"], (cfg.depth,)))
-    x, new_cache = self.layers(x, (is_local, cache), ctx)
+    x, kv = self.layers(x, is_local, ctx, return_kv)
     x = self.final_norm(x)
-    if new_cache is not None:
-      new_cache = dict(new_cache, index=new_cache["index"][0])
-    if return_hidden:
-      return x, new_cache
-    return self.logits(x), new_cache
+    return (x if return_hidden else self.logits(x)), kv
 
 
-def init_cache(cfg: GemmaConfig, batch: int, length: int, dtype=None):
-  """An empty KV cache for `Gemma.__call__(..., cache=...)`."""
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.depth, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "index": jnp.zeros((), jnp.int32)}
+def decode_step(cfg: GemmaConfig, params, x, q_pos, caches, slots):
+  """One incremental step through all layers (layers unrolled, so each layer's
+  cache may have its own length: bounded rings for sliding-window layers).
+
+  params: the Gemma params ({"embedder", "layers", "final_norm"}).
+  x: [B, 1, D] embedded new tokens at positions q_pos [B].
+  caches: per layer {"k", "v": [B, C_l, K, H], "pos": [B, C_l]}.
+  slots: per layer, the cache slot [B] each row writes to.
+  Returns (logits float32 [B, 1, V], new caches).
+  """
+  x = x.astype(jnp.dtype(cfg.dtype))
+  tables = {
+      "local": rope_tables(q_pos[:, None], cfg.head_dim, cfg.rope_base_local,
+                           cfg.rope_scale_local),
+      "global": rope_tables(q_pos[:, None], cfg.head_dim, cfg.rope_base_global,
+                            cfg.rope_scale_global),
+  }
+  block = Block(cfg)
+  new_caches = []
+  for i, kind in enumerate(cfg.layer_types):
+    p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    sin, cos = tables[kind]
+    window = cfg.sliding_window if kind == "local" else None
+    x, cache = block.apply({"params": p}, x, sin, cos, q_pos, caches[i], slots[i], window,
+                           method=Block.decode)
+    new_caches.append(cache)
+  logits = Gemma(cfg).apply({"params": params}, x, method=Gemma.head)
+  return logits, new_caches

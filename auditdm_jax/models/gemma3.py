@@ -76,9 +76,10 @@ class Gemma3VLM(nn.Module):
     pooled = feats.reshape(b, side, k, side, k, d).mean(axis=(2, 4))
     return self.llm.embed_vision(pooled.reshape(b, side * side, d))
 
-  def __call__(self, images, tokens, input_mask, return_hidden=False):
+  def __call__(self, images, tokens, input_mask, return_hidden=False, return_kv=False):
     """Logits float32 [B, T, V] for expanded tokens [B, T] (see
-    `expand_image_tokens`); row b's image fills its placeholder positions."""
+    `expand_image_tokens`); row b's image fills its placeholder positions.
+    return_hidden / return_kv as for PaliGemma."""
     cfg = self.cfg
     is_image = tokens == cfg.image_token_id
     # The placeholder id may lie outside the embedding table: look up 0.
@@ -90,5 +91,6 @@ class Gemma3VLM(nn.Module):
                     jnp.take_along_axis(img, slot[..., None], axis=1), x)
     positions = jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1
     mask = interleaved_mask(is_image, input_mask)
-    out, _ = self.llm(x, positions, mask, return_hidden=return_hidden)
-    return out
+    out, kv = self.llm(x, positions, mask, return_hidden=return_hidden,
+                       return_kv=return_kv)
+    return (out, kv) if return_kv else out

@@ -41,28 +41,87 @@ class GenerateOutput:
   logprobs: list[np.ndarray]    # log p(token) under the untempered model, per new token
 
 
+def token_logprobs(cfg: VLMConfig, params, images, tokens, input_mask, mask_ar):
+  """log p(tokens[:, t] | image, tokens[:, <t]) [B, T] (traceable; 0 where
+  nothing precedes). PaliGemma's first text token is predicted by the last
+  image token; mask_ar marks the causal (answer) part."""
+  module = vlm.build(cfg)
+  if cfg.family == "paligemma":
+    n_img = cfg.num_image_tokens
+    logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
+    pred, target = logits[:, n_img - 1:-1], tokens
+  else:
+    logits = module.apply({"params": params}, images, tokens, input_mask)
+    pred, target = logits[:, :-1], tokens[:, 1:]
+  lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+  lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
+  if cfg.family != "paligemma":
+    lp = jnp.pad(lp, ((0, 0), (1, 0)))
+  return lp
+
+
 @functools.lru_cache(maxsize=32)
 def _token_logprobs_fn(cfg: VLMConfig):
-  """Jitted (params, images, tokens, input_mask, mask_ar) -> log p(tokens[t] | <t)
-  [B, T] (0 where nothing precedes). Shared by every handle of one config."""
-  module, family = vlm.build(cfg), cfg.family
-  n_img = cfg.num_image_tokens
+  return jax.jit(functools.partial(token_logprobs, cfg))
 
-  def fn(params, images, tokens, input_mask, mask_ar):
-    if family == "paligemma":
-      logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
-      pred = logits[:, n_img - 1:-1]          # predicts tokens[:, 0:]
-      target = tokens
-    else:
-      logits = module.apply({"params": params}, images, tokens, input_mask)
-      pred, target = logits[:, :-1], tokens[:, 1:]
-    lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
-    lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
-    if family != "paligemma":
-      lp = jnp.pad(lp, ((0, 0), (1, 0)))
-    return lp
 
-  return jax.jit(fn)
+def check_images(cfg: VLMConfig, images, batch: int) -> np.ndarray:
+  s = cfg.vision.image_size
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8, got {images.dtype}")
+  if images.shape != (batch, s, s, 3):
+    raise ValueError(f"images must have shape ({batch}, {s}, {s}, 3) for this "
+                     f"model and batch, got {images.shape}")
+  return images
+
+
+def check_rows(cfg: VLMConfig, rows, name: str, allow_empty: bool) -> list[list[int]]:
+  if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+    raise TypeError(f"{name} must be a list of token-id lists")
+  vocab = cfg.text.vocab_size
+  out = []
+  for i, row in enumerate(rows):
+    if isinstance(row, (str, bytes)):
+      raise TypeError(f"{name}[{i}] is a string; pass token ids (use the tokenizer)")
+    row = [int(t) for t in row]
+    if not row and not allow_empty:
+      raise ValueError(f"{name}[{i}] is empty")
+    bad = [t for t in row if not 0 <= t < vocab and t != cfg.boi_id]
+    if bad:
+      raise ValueError(f"{name}[{i}] holds token ids outside [0, {vocab}): {bad[:5]}")
+    out.append(row)
+  if not out:
+    raise ValueError(f"{name} is empty")
+  return out
+
+
+def prompt_heads(cfg: VLMConfig, prompts) -> list[list[int]]:
+  """Per row, the text tokens that precede the answer (Gemma 3: expanded)."""
+  if cfg.family == "gemma3":
+    return [expand_image_tokens(p, cfg) for p in prompts]
+  return [list(p) for p in prompts]
+
+
+def score_batch(cfg: VLMConfig, prompts, answers, bucket: int = LENGTH_BUCKET):
+  """Validated, padded (tokens, input_mask, mask_ar) and per-row answer spans."""
+  prompts = check_rows(cfg, prompts, "prompts", allow_empty=cfg.family == "paligemma")
+  answers = check_rows(cfg, answers, "answers", allow_empty=False)
+  if len(prompts) != len(answers):
+    raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+  heads = prompt_heads(cfg, prompts)
+  seqs = [h + a for h, a in zip(heads, answers)]
+  t = bucket_length(max(len(s) for s in seqs), bucket)
+  b = len(seqs)
+  tokens = np.zeros((b, t), np.int32)
+  input_mask = np.zeros((b, t), np.bool_)
+  mask_ar = np.zeros((b, t), np.int32)
+  for i, (h, s) in enumerate(zip(heads, seqs)):
+    tokens[i, :len(s)] = s
+    input_mask[i, :len(s)] = True
+    mask_ar[i, len(h):len(s)] = 1
+  spans = [(len(h), len(a)) for h, a in zip(heads, answers)]
+  return tokens, input_mask, mask_ar, spans
 
 
 @functools.lru_cache(maxsize=32)
@@ -124,61 +183,14 @@ class VLM:
   def random(cls, config: VLMConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
     return cls(config, vlm.init_params(config, jax.random.key(seed)), tokenizer)
 
-  # -- input checks ----------------------------------------------------------
-  def _images(self, images, batch: int) -> np.ndarray:
-    s = self.config.vision.image_size
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-      raise ValueError(f"images must be uint8, got {images.dtype}")
-    if images.shape != (batch, s, s, 3):
-      raise ValueError(f"images must have shape ({batch}, {s}, {s}, 3) for this "
-                       f"model and batch, got {images.shape}")
-    return images
-
-  def _rows(self, rows, name: str, allow_empty: bool) -> list[list[int]]:
-    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-      raise TypeError(f"{name} must be a list of token-id lists")
-    vocab = self.config.text.vocab_size
-    out = []
-    for i, row in enumerate(rows):
-      if isinstance(row, (str, bytes)):
-        raise TypeError(f"{name}[{i}] is a string; pass token ids (use the tokenizer)")
-      row = [int(t) for t in row]
-      if not row and not allow_empty:
-        raise ValueError(f"{name}[{i}] is empty")
-      bad = [t for t in row if not 0 <= t < vocab and t != self.config.boi_id]
-      if bad:
-        raise ValueError(f"{name}[{i}] holds token ids outside [0, {vocab}): {bad[:5]}")
-      out.append(row)
-    return out
-
-  def _layout(self, prompts):
-    """Per row: the token sequence that precedes the answer."""
-    if self.config.family == "gemma3":
-      return [expand_image_tokens(p, self.config) for p in prompts]
-    return prompts
-
   # -- scoring ---------------------------------------------------------------
   def score(self, images, prompts, answers) -> list[np.ndarray]:
     """Per row, log p(answer_t | image, prompt, answer_<t) for each answer token."""
-    prompts = self._rows(prompts, "prompts", allow_empty=self.config.family == "paligemma")
-    answers = self._rows(answers, "answers", allow_empty=False)
-    if len(prompts) != len(answers):
-      raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
-    images = self._images(images, len(prompts))
-    heads = self._layout(prompts)
-    seqs = [h + a for h, a in zip(heads, answers)]
-    t = bucket_length(max(len(s) for s in seqs))
-    b = len(seqs)
-    tokens = np.zeros((b, t), np.int32)
-    input_mask = np.zeros((b, t), np.bool_)
-    mask_ar = np.zeros((b, t), np.int32)
-    for i, (h, s) in enumerate(zip(heads, seqs)):
-      tokens[i, :len(s)] = s
-      input_mask[i, :len(s)] = True
-      mask_ar[i, len(h):len(s)] = 1
-    lp = np.asarray(_token_logprobs_fn(self.config)(self.params, images, tokens, input_mask, mask_ar))
-    return [lp[i, len(h):len(h) + len(a)] for i, (h, a) in enumerate(zip(heads, answers))]
+    tokens, input_mask, mask_ar, spans = score_batch(self.config, prompts, answers)
+    images = check_images(self.config, images, len(spans))
+    lp = np.asarray(_token_logprobs_fn(self.config)(self.params, images, tokens,
+                                                    input_mask, mask_ar))
+    return [lp[i, start:start + n] for i, (start, n) in enumerate(spans)]
 
   # -- generation ------------------------------------------------------------
   def default_stop_ids(self) -> list[int]:
@@ -196,9 +208,9 @@ class VLM:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not np.isfinite(temperature):
       raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    prompts = self._rows(prompts, "prompts", allow_empty=False)
-    images = self._images(images, len(prompts))
-    heads = self._layout(prompts)
+    prompts = check_rows(self.config, prompts, "prompts", allow_empty=False)
+    images = check_images(self.config, images, len(prompts))
+    heads = prompt_heads(self.config, prompts)
     t = bucket_length(max(len(h) for h in heads) + max_new_tokens)
     tokens = np.zeros((len(heads), t), np.int32)
     for i, h in enumerate(heads):

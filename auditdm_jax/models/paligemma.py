@@ -47,16 +47,19 @@ class PaliGemma(nn.Module):
   def embed_text(self, tokens):
     return self.llm.embed_tokens(tokens)
 
-  def __call__(self, images, tokens, input_mask, mask_ar, return_hidden=False):
+  def __call__(self, images, tokens, input_mask, mask_ar, return_hidden=False,
+               return_kv=False):
     """Logits float32 [B, n_img + T, V] of [image tokens, text tokens].
 
     tokens, input_mask, mask_ar: [B, T]. mask_ar is 0 over the prompt (the
-    bidirectional prefix) and 1 over the answer (causal).
+    bidirectional prefix) and 1 over the answer (causal). With return_hidden,
+    the final hidden states instead of logits; with return_kv, (out, (k, v))
+    where k, v [L, B, n_img + T, K, H] seed a KV cache.
     """
     img = self.embed_image(images)
     txt = self.embed_text(tokens)
     x = jnp.concatenate([img.astype(txt.dtype), txt], axis=1)
     attn_mask, positions, prefix_pairs = prefix_inputs(img.shape[1], input_mask, mask_ar)
-    out, _ = self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
-                      return_hidden=return_hidden)
-    return out
+    out, kv = self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
+                       return_hidden=return_hidden, return_kv=return_kv)
+    return (out, kv) if return_kv else out
