@@ -186,8 +186,10 @@ class Sampler:
           hidden, (k, v) = module.apply({"params": params}, images, tokens, input_mask,
                                         return_hidden=True, return_kv=True)
         total = lengths + n_img
-        rows = jnp.arange(batch)
-        last = hidden[rows, total - 1][:, None]
+        # One-hot pick of each row's last prefix position (partitions cleanly,
+        # where a gather would force the sharded hidden states to replicate).
+        pick = jax.nn.one_hot(total - 1, hidden.shape[1], dtype=hidden.dtype)
+        last = jnp.einsum("BT,BTD->BD", pick, hidden)[:, None]
         logits = module.apply({"params": params}, last,
                               method=lambda m, h: m.llm.logits(h))[:, 0]
         caches = []

@@ -34,7 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)attn/attn_vec_einsum/w$", ("layers", "model", None, None)),   # [L,N,H,D]
     (r"(^|/)mlp/gating_einsum$", ("layers", None, None, "model")),        # [L,2,D,F]
     (r"(^|/)mlp/linear$", ("layers", "model", None)),                     # [L,F,D]
-    (r"(^|/)embedder/input_embedding$", ("model", None)),                 # [V,D]
+    (r"(^|/)embedder/input_embedding$", (("model", "fsdp"), None)),       # [V,D]
     (r"MultiHeadDotProductAttention_0/(query|key|value)/kernel$",
      ("layers", None, "model", None)),                                    # [L,D,h,hd]
     (r"MultiHeadDotProductAttention_0/(query|key|value)/bias$", ("layers", "model", None)),
