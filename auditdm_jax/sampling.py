@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from auditdm_jax import sharding
 from auditdm_jax.models import logical, vlm
-from auditdm_jax.models.gemma import decode_step
+from auditdm_jax.models.gemma import decode_step, decode_weights
 from auditdm_jax.models.handle import (LENGTH_BUCKET, VLM, bucket_length, check_images,
                                        check_rows, prompt_heads, score_batch,
                                        token_logprobs)
@@ -226,7 +226,6 @@ class Sampler:
   @functools.lru_cache(maxsize=16)
   def _decode_fn(self, rows: int, prefix: int, params: SamplingParams):
     cfg, mesh = self.cfg, self.mesh
-    module = vlm.build(cfg)
     max_new = params.max_new_tokens
     lens = self.cache_lengths(prefix, max_new)
     full = prefix + max_new
@@ -234,6 +233,9 @@ class Sampler:
     def fn(model_params, caches, logits, total, rng, stop_ids):
       self.traces["decode"] += 1
       with logical.activation_sharding(mesh, self.activation_rules):
+        llm = model_params["llm"]
+        weights = decode_weights(cfg.text, llm["layers"])   # once, outside the loop
+
         def body(state):
           step, logits, toks, lps, lpm, n, done, caches = state
           tok, lp_s, lp_m = sample_token(logits, jax.random.fold_in(rng, step), params)
@@ -245,13 +247,9 @@ class Sampler:
           n = n + live.astype(jnp.int32)
           done = done | jnp.isin(tok, stop_ids)
           q_pos = total + step
-          x = module.apply({"params": model_params}, tok[:, None],
-                           method=lambda m, t: m.llm.embed_tokens(t))
-          slots = [q_pos % c if c < full else jnp.full_like(q_pos, prefix + step)
-                   for c in lens]
-          new_logits, caches = decode_step(cfg.text, model_params["llm"], x, q_pos,
-                                           caches, slots)
-          return step + 1, new_logits[:, 0], toks, lps, lpm, n, done, caches
+          slots = [q_pos % c if c < full else prefix + step for c in lens]
+          new_logits, caches = decode_step(cfg.text, llm, weights, tok, q_pos, caches, slots)
+          return step + 1, new_logits, toks, lps, lpm, n, done, caches
 
         def cond(state):
           return (state[0] < max_new) & ~jnp.all(state[6])

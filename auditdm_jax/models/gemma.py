@@ -264,9 +264,9 @@ class Embedder(nn.Module):
 class Attention(nn.Module):
   """Grouped-query attention with optional QK-norm, RoPE and soft-capping.
 
-  `__call__` attends over the call's own keys/values with an explicit mask and
-  also returns them (a prefill fills the KV cache with them); `decode` writes
-  one new token per row into a cache and attends over it.
+  Attends over the call's own keys/values with an explicit mask and also
+  returns them (a prefill fills the KV cache with them); incremental decoding
+  is `decode_step` below.
   """
 
   cfg: GemmaConfig
@@ -304,26 +304,6 @@ class Attention(nn.Module):
     q, k, v = self._qkv(x, sin, cos)
     out = dot_product_attention(q, k, v, mask, self.cfg.attn_logits_softcap)
     return self._out(out), (k, v)
-
-  def decode(self, x, sin, cos, q_pos, cache, slot, window):
-    """x [B, 1, D] at positions q_pos [B]; writes k/v at cache slot [B] and
-    attends to every cache entry at a position <= q_pos (and within `window`
-    if given). cache = {"k", "v": [B, C, K, H], "pos": [B, C] (-1: empty)}."""
-    q, k, v = self._qkv(x, sin, cos)
-    rows = jnp.arange(x.shape[0])
-    cache = {
-        "k": cache["k"].at[rows, slot].set(k[:, 0].astype(cache["k"].dtype)),
-        "v": cache["v"].at[rows, slot].set(v[:, 0].astype(cache["v"].dtype)),
-        "pos": cache["pos"].at[rows, slot].set(q_pos),
-    }
-    kv_pos = cache["pos"]
-    mask = (kv_pos >= 0) & (kv_pos <= q_pos[:, None])
-    if window:
-      mask &= q_pos[:, None] - kv_pos < window
-    dtype = jnp.dtype(self.cfg.dtype)
-    out = dot_product_attention(q, cache["k"].astype(dtype), cache["v"].astype(dtype),
-                                mask[:, None, :], self.cfg.attn_logits_softcap)
-    return self._out(out), cache
 
 
 class FeedForward(nn.Module):
@@ -377,11 +357,6 @@ class Block(nn.Module):
     cos = jnp.where(is_local, ctx["cos_local"], ctx["cos_global"])
     h, kv = self.attn(self.pre_attention_norm(x), sin, cos, mask)
     return self._finish(x, h), (kv if return_kv else None)
-
-  def decode(self, x, sin, cos, q_pos, cache, slot, window):
-    h, cache = self.attn.decode(self.pre_attention_norm(x), sin, cos, q_pos, cache, slot,
-                                window)
-    return self._finish(x, h), cache
 
 
 class Gemma(nn.Module):
@@ -460,31 +435,108 @@ class Gemma(nn.Module):
     return (x if return_hidden else self.logits(x)), kv
 
 
-def decode_step(cfg: GemmaConfig, params, x, q_pos, caches, slots):
-  """One incremental step through all layers (layers unrolled, so each layer's
-  cache may have its own length: bounded rings for sliding-window layers).
+def decode_weights(cfg: GemmaConfig, layers) -> list[dict]:
+  """Per-layer weights in the layout of `decode_step` (traceable).
 
-  params: the Gemma params ({"embedder", "layers", "final_norm"}).
-  x: [B, 1, D] embedded new tokens at positions q_pos [B].
-  caches: per layer {"k", "v": [B, C_l, K, H], "pos": [B, C_l]}.
-  slots: per layer, the cache slot [B] each row writes to.
-  Returns (logits float32 [B, 1, V], new caches).
+  From the stacked `layers` params: one [D, (N + 2K) * H] matrix for q/k/v,
+  [N * H, D] for the output, [D, 2F] for gate and up, [F, D] for down, plus
+  the norm scales. Converting once per decoding call, outside the token loop,
+  turns every per-token projection into one plain 2-D matmul over contiguous
+  weights, instead of slicing (and on some backends copying) the stacked
+  arrays at every step.
   """
-  x = x.astype(jnp.dtype(cfg.dtype))
-  tables = {
-      "local": rope_tables(q_pos[:, None], cfg.head_dim, cfg.rope_base_local,
-                           cfg.rope_scale_local),
-      "global": rope_tables(q_pos[:, None], cfg.head_dim, cfg.rope_base_global,
-                            cfg.rope_scale_global),
-  }
-  block = Block(cfg)
+  n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.width, cfg.head_dim
+  a = layers["attn"]
+  out = []
+  for i in range(cfg.depth):
+    q = a["q_einsum"]["w"][i].transpose(1, 0, 2).reshape(d, n * h)
+    kv = a["kv_einsum"]["w"][i].transpose(2, 0, 1, 3).reshape(d, 2 * k * h)
+    gating = layers["mlp"]["gating_einsum"][i]
+    w = {
+        "qkv": jnp.concatenate([q, kv], axis=1),
+        "out": a["attn_vec_einsum"]["w"][i].reshape(n * h, d),
+        "gate_up": jnp.concatenate([gating[0], gating[1]], axis=1),
+        "down": layers["mlp"]["linear"][i],
+    }
+    norms = ["pre_attention_norm", "pre_ffw_norm"]
+    if cfg.post_norms:
+      norms += ["post_attention_norm", "post_ffw_norm"]
+    for name in norms:
+      w[name] = layers[name]["scale"][i]
+    if cfg.qk_norm:
+      w["query_norm"] = a["query_norm"]["scale"][i]
+      w["key_norm"] = a["key_norm"]["scale"][i]
+    out.append(w)
+  return out
+
+
+def _update_cache(cache, k, v, q_pos, slot):
+  """Writes one token per row: at a shared slot (scalar, a linear cache) or at
+  per-row slots [B] (a ring)."""
+  if jnp.ndim(slot) == 0:
+    upd = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x[:, None].astype(c.dtype),  # noqa: E731
+                                                           slot, axis=1)
+    return {"k": upd(cache["k"], k), "v": upd(cache["v"], v), "pos": upd(cache["pos"], q_pos)}
+  rows = jnp.arange(k.shape[0])
+  return {"k": cache["k"].at[rows, slot].set(k.astype(cache["k"].dtype)),
+          "v": cache["v"].at[rows, slot].set(v.astype(cache["v"].dtype)),
+          "pos": cache["pos"].at[rows, slot].set(q_pos)}
+
+
+def decode_step(cfg: GemmaConfig, params, weights, tokens, q_pos, caches, slots):
+  """One new token per row through every layer (unrolled, so each layer's
+  cache has its own length: rings of `sliding_window` slots for local layers).
+
+  params: the Gemma params (its "embedder" and "final_norm" are used here).
+  weights: `decode_weights(cfg, params["layers"])`.
+  tokens [B] at positions q_pos [B]; caches: per layer {"k", "v": [B, C, K, H],
+  "pos": [B, C] (-1 = empty)}; slots: per layer, a scalar slot (linear cache)
+  or per-row slots [B] (ring). Attention is masked by position alone: a row
+  sees cached positions <= its own (and within the window on local layers).
+  Returns (logits float32 [B, V], new caches).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.width, cfg.head_dim
+  table = params["embedder"]["input_embedding"]
+  x = jnp.take(table, tokens, axis=0).astype(dtype) * jnp.asarray(np.sqrt(d), dtype)
+  b = x.shape[0]
+  tables = {"local": rope_tables(q_pos[:, None], h, cfg.rope_base_local, cfg.rope_scale_local),
+            "global": rope_tables(q_pos[:, None], h, cfg.rope_base_global,
+                                  cfg.rope_scale_global)}
   new_caches = []
-  for i, kind in enumerate(cfg.layer_types):
-    p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  for w, kind, cache, slot in zip(weights, cfg.layer_types, caches, slots):
     sin, cos = tables[kind]
-    window = cfg.sliding_window if kind == "local" else None
-    x, cache = block.apply({"params": p}, x, sin, cos, q_pos, caches[i], slots[i], window,
-                           method=Block.decode)
+    y = rms_norm(x, w["pre_attention_norm"], cfg.norm_eps)
+    qkv = jnp.dot(y, w["qkv"].astype(dtype))
+    q = qkv[:, :n * h].reshape(b, 1, n, h)
+    kk = qkv[:, n * h:(n + k) * h].reshape(b, 1, k, h)
+    vv = qkv[:, (n + k) * h:].reshape(b, 1, k, h)
+    if cfg.qk_norm:
+      q = rms_norm(q, w["query_norm"], cfg.norm_eps)
+      kk = rms_norm(kk, w["key_norm"], cfg.norm_eps)
+    q = apply_rope(q, sin, cos) * jnp.asarray(cfg.query_scale, dtype)
+    kk = apply_rope(kk, sin, cos)
+    cache = _update_cache(cache, kk[:, 0], vv[:, 0], q_pos, slot)
+    kv_pos = cache["pos"]
+    mask = (kv_pos >= 0) & (kv_pos <= q_pos[:, None])
+    if kind == "local" and cfg.sliding_window:
+      mask &= q_pos[:, None] - kv_pos < cfg.sliding_window
+    att = dot_product_attention(q, cache["k"].astype(dtype), cache["v"].astype(dtype),
+                                mask[:, None, :], cfg.attn_logits_softcap)
+    y = jnp.dot(att.reshape(b, n * h), w["out"].astype(dtype))
+    if cfg.post_norms:
+      y = rms_norm(y, w["post_attention_norm"], cfg.norm_eps)
+    x = x + y
+    y = jnp.dot(rms_norm(x, w["pre_ffw_norm"], cfg.norm_eps), w["gate_up"].astype(dtype))
+    y = nn.gelu(y[:, :cfg.mlp_dim], approximate=True) * y[:, cfg.mlp_dim:]
+    y = jnp.dot(y, w["down"].astype(dtype))
+    if cfg.post_norms:
+      y = rms_norm(y, w["post_ffw_norm"], cfg.norm_eps)
+    x = x + y
     new_caches.append(cache)
-  logits = Gemma(cfg).apply({"params": params}, x, method=Gemma.head)
-  return logits, new_caches
+  # Final norm and the tied output projection, as in Gemma.head.
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+  logits = jnp.einsum("BD,VD->BV", x, table.astype(dtype), preferred_element_type=jnp.float32)
+  if cfg.final_logits_softcap:
+    logits = jnp.tanh(logits / cfg.final_logits_softcap) * cfg.final_logits_softcap
+  return constrain(logits, "batch", "vocab"), new_caches
