@@ -31,8 +31,9 @@ def check(config) -> None:
       if role not in ROLES:
         problems.append(f"{where}.role is {role!r}; expected one of {ROLES}")
       ckpt, preset = spec.get("checkpoint", None), spec.get("preset", None)
-      if bool(ckpt) == bool(preset):
-        problems.append(f"{where}: give exactly one of 'checkpoint' or 'preset'")
+      if not ckpt and not preset:
+        problems.append(f"{where}: give a 'checkpoint', a 'preset', or both (the "
+                        "preset is then the architecture the checkpoint loads into)")
       elif preset:
         try:
           models.get_preset(preset)

@@ -43,8 +43,8 @@ from auditdm_jax import sharding
 from auditdm_jax.models import logical, vlm
 from auditdm_jax.models.gemma import decode_step, decode_weights
 from auditdm_jax.models.handle import (LENGTH_BUCKET, VLM, bucket_length, check_images,
-                                       check_rows, prompt_heads, score_batch,
-                                       token_logprobs)
+                                       check_rows, default_stop_ids, prompt_heads,
+                                       score_batch, token_logprobs)
 
 MAX_STOP_IDS = 8
 
@@ -273,14 +273,6 @@ class Sampler:
         out_shardings=(out, self._batch((rows,)), out, out, cache_in))
 
   # -- public ----------------------------------------------------------------
-  def default_stop_ids(self) -> list[int]:
-    stops = [self.cfg.eos_id]
-    if self.tokenizer is not None and self.cfg.family == "gemma3":
-      eot = self.tokenizer.piece_id("<end_of_turn>")
-      if eot is not None:
-        stops.append(eot)
-    return stops
-
   def sample(self, images, prompts, params: SamplingParams = SamplingParams(), rng=None,
              stop_ids: Sequence[int] | None = None) -> SampleOutput:
     """Samples params.num_samples continuations per (image, prompt) row."""
@@ -293,7 +285,7 @@ class Sampler:
     for i, h in enumerate(heads):
       tokens[i, :len(h)] = h
     lengths = np.asarray([len(h) for h in heads], np.int32)
-    stops = list(self.default_stop_ids() if stop_ids is None else stop_ids)
+    stops = list(default_stop_ids(cfg, self.tokenizer) if stop_ids is None else stop_ids)
     if len(stops) > MAX_STOP_IDS:
       raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stops)}")
     stops = np.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), np.int32)

@@ -11,6 +11,10 @@ ALLOWED = {
     "auditdm_jax.models": {"auditdm_jax.models", "auditdm_jax.utils"},
     "auditdm_jax.stages": {"auditdm_jax.models", "auditdm_jax.utils", "auditdm_jax.stages"},
     "auditdm_jax.config_check": {"auditdm_jax.models", "auditdm_jax.stages"},
+    "auditdm_jax.sharding": set(),
+    "auditdm_jax.sampling": {"auditdm_jax.models", "auditdm_jax.sharding"},
+    "auditdm_jax.tools": {"auditdm_jax.models", "auditdm_jax.sharding",
+                          "auditdm_jax.config_check", "auditdm_jax.tools"},
 }
 FORBIDDEN_EVERYWHERE = ("torch", "transformers")
 

@@ -45,12 +45,12 @@ def test_config_errors_name_every_problem():
   config.stage = "bogus"
   config.models.ref_a.role = "judge"
   config.models.ref_b.preset = "gpt-9"
-  config.models.auditor.checkpoint = "/x"
+  config.models.auditor.preset = ""
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
   for part in ("stage is 'bogus'", "models.ref_a.role is 'judge'", "unknown preset 'gpt-9'",
-               "models.auditor: give exactly one"):
+               "models.auditor: give a 'checkpoint', a 'preset', or both"):
     assert part in msg
 
 

@@ -170,6 +170,16 @@ def _decoder_fn(cfg: VLMConfig, max_new_tokens: int, greedy: bool):
   return jax.jit(fn)
 
 
+def default_stop_ids(cfg: VLMConfig, tokenizer: Tokenizer | None) -> list[int]:
+  """EOS, plus <end_of_turn> for Gemma 3 when the tokenizer has it."""
+  stops = [cfg.eos_id]
+  if tokenizer is not None and cfg.family == "gemma3":
+    eot = tokenizer.piece_id("<end_of_turn>")
+    if eot is not None:
+      stops.append(eot)
+  return stops
+
+
 class VLM:
   """A model handle: `config`, `params`, `tokenizer` (or None), `score`, `generate`."""
 
@@ -194,12 +204,7 @@ class VLM:
 
   # -- generation ------------------------------------------------------------
   def default_stop_ids(self) -> list[int]:
-    stops = [self.config.eos_id]
-    if self.tokenizer is not None and self.config.family == "gemma3":
-      eot = self.tokenizer.piece_id("<end_of_turn>")
-      if eot is not None:
-        stops.append(eot)
-    return stops
+    return default_stop_ids(self.config, self.tokenizer)
 
   def generate(self, images, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                rng=None, stop_ids: Sequence[int] | None = None) -> GenerateOutput:

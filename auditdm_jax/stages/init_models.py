@@ -1,8 +1,9 @@
 """`init` stage: materialise every model named in the config as a checkpoint.
 
 For each entry of `config.models` it loads `checkpoint` (any format that
-`auditdm_jax.models.load` reads) or, without one, initialises the `preset`
-randomly from the config seed; writes it in our Orbax format to
+`auditdm_jax.models.load` reads; into the `preset` architecture when one is
+given too) or, without one, initialises the `preset` randomly from the config
+seed; writes it in our Orbax format to
 `<workdir>/models/<name>`; reloads it through `load` and checks that the
 reloaded model scores a probe batch identically. A model whose checkpoint
 already exists in the workdir is reused (delete it to re-initialise).
@@ -35,7 +36,8 @@ def build_model(spec, seed: int) -> models.VLM:
   if spec.get("param_dtype"):
     kw["param_dtype"] = spec.param_dtype
   if spec.get("checkpoint"):
-    return models.load(spec.checkpoint, **kw)
+    cfg = models.get_preset(spec.preset) if spec.get("preset") else None
+    return models.load(spec.checkpoint, config=cfg, **kw)
   cfg = models.get_preset(spec.preset)
   if kw:
     cfg = cfg.with_dtypes(kw.get("dtype"), kw.get("param_dtype"))

@@ -1,0 +1,234 @@
+r"""Per-device memory plan of a config's models on named TPU slices.
+
+  python -m auditdm_jax.tools.plan --config=configs/audit_paligemma2.py:size=3b,res=448
+
+Everything comes from `jax.eval_shape` (no memory is allocated) and the
+config's partition rules evaluated on each slice's mesh shape. Per device:
+
+  params        every model, in its param_dtype, sharded by the rules
+  grads         the auditor's trainable params (the LLM; the vision tower too
+                if rl.train_vision), same sharding and dtype
+  optimizer     AdamW's two float32 moments for those params
+  init policy   a frozen copy of the auditor (the GRPO KL reference)
+  decode copy   the per-layer 2-D weights `Sampler` builds for one decoding
+                call (a transient copy of the LLM weights)
+  kv cache      the sampling workload's caches: global layers hold prompt +
+                new tokens, sliding-window layers a window (bf16 by default)
+  activations   the GRPO step with per-layer remat: the scanned carries
+                (L x rows x T x D), one layer's working set, the attention
+                scores and the float32 logits + log-softmax over the vocabulary
+
+Peak = resident (params, init policy, optimizer, grads) + the largest phase:
+auditor sampling, one answering model at a time, or the training step. A
+slice fits when the peak is within `plan.hbm_headroom` of its HBM. These are
+planning estimates (XLA's buffer assignment and fragmentation vary); the
+measured peak on a real slice is the ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from auditdm_jax import config_check, models, sharding
+from auditdm_jax.models import presets
+
+
+GIB = 1 << 30
+# name prefix -> (TensorCores or chips per unit of the slice name, HBM GiB per chip)
+_TPU = {
+    "v4": (2, 32.0),        # v4-N: N TensorCores, 2 per chip
+    "v5p": (2, 95.0),       # v5p-N: N TensorCores, 2 per chip
+    "v5e": (1, 16.0),       # v5e-N / v5litepod-N: N chips
+    "v5litepod": (1, 16.0),
+    "v6e": (1, 32.0),       # v6e-N: N chips
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str
+  chips: int
+  hbm_gib: float
+
+
+def parse_slice(name: str) -> Slice:
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+  if not m:
+    raise ValueError(f"unknown TPU slice {name!r}; expected e.g. v5e-16, v5p-32, v6e-64")
+  per, hbm = _TPU[m.group(1)]
+  cores = int(m.group(2))
+  if cores % per or cores < per:
+    raise ValueError(f"{name}: {m.group(1)} slices count {per} cores per chip")
+  return Slice(name, cores // per, hbm)
+
+
+def _model_config(spec) -> models.VLMConfig:
+  if spec.get("preset"):
+    cfg = models.get_preset(spec.preset)
+  else:
+    raise ValueError("the planner needs a preset for every model (the architecture)")
+  return cfg.with_dtypes(spec.get("dtype") or None, spec.get("param_dtype") or None)
+
+
+def _param_bytes(cfg, mesh_shape, rules, only=None) -> int:
+  import flax  # pylint: disable=import-outside-toplevel
+  flat = flax.traverse_util.flatten_dict(models.abstract_params(cfg), sep="/")
+  total = 0
+  for path, leaf in flat.items():
+    if only and not path.startswith(only):
+      continue
+    spec = sharding.spec_for_param(path, leaf.shape, mesh_shape, rules)
+    total += sharding.bytes_per_device(leaf.shape, leaf.dtype, spec, mesh_shape)
+  return total
+
+
+def _rows_per_device(rows: int, mesh_shape) -> int:
+  dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  return -(-rows // dp)
+
+
+def _kv_cache_bytes(cfg, rows_dev, prefix, new, dtype, mesh_shape) -> int:
+  t = cfg.text
+  model = mesh_shape.get("model", 1)
+  kv = t.num_kv_heads // model if t.num_kv_heads % model == 0 else t.num_kv_heads
+  per_slot = 2 * kv * t.head_dim * np.dtype(dtype).itemsize + 4  # k, v, position
+  slots = 0
+  for kind in t.layer_types:
+    full = prefix + new
+    slots += min(full, t.sliding_window) if kind == "local" and t.sliding_window else full
+  return rows_dev * slots * per_slot
+
+
+def _train_activation_bytes(cfg, rows_dev, seq, act_dtype, mesh_shape) -> int:
+  t = cfg.text
+  a = np.dtype(act_dtype).itemsize
+  model = mesh_shape.get("model", 1)
+  carries = t.depth * rows_dev * seq * t.width * a
+  layer = rows_dev * seq * (8 * t.width + 3 * t.mlp_dim // model) * 4
+  scores = rows_dev * (t.num_heads // model or 1) * seq * seq * 4
+  logits = 2 * rows_dev * seq * (t.vocab_size // model) * 4
+  return carries + layer + scores + logits
+
+
+def plan(config, slices=None) -> dict:
+  """{slice: {...}} per-device bytes; see the module docstring."""
+  rules = sharding.rules_from_config(config.get("partition_rules", None))
+  p = config.plan
+  rl = config.rl
+  cfgs = {name: _model_config(spec) for name, spec in config.models.items()}
+  roles = {name: spec.role for name, spec in config.models.items()}
+  auditors = [n for n, r in roles.items() if r == "auditor"]
+  if len(auditors) != 1:
+    raise ValueError(f"the plan needs exactly one auditor, found {auditors}")
+  auditor = auditors[0]
+  prompts = rl.global_batch // rl.num_samples
+  out = {}
+  for name in slices or p.slices:
+    sl = parse_slice(name)
+    mesh_shape = sharding.resolve_axes(dict(config.mesh), sl.chips)
+    rows_dev = _rows_per_device(rl.global_batch, mesh_shape)
+    rows = {}
+    for m, cfg in cfgs.items():
+      params = _param_bytes(cfg, mesh_shape, rules)
+      llm = _param_bytes(cfg, mesh_shape, rules, only="llm/")
+      r = {"role": roles[m], "params": params, "decode_copy": llm}
+      if m == auditor:
+        trainable = params if rl.train_vision else llm
+        n_trainable = trainable // np.dtype(cfg.text.param_dtype).itemsize
+        r["grads"] = trainable
+        r["optimizer"] = 2 * n_trainable * 4
+        r["init_policy"] = params
+        r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.auditor_prompt_len,
+                                        rl.max_new_tokens, p.kv_cache_dtype, mesh_shape)
+        r["activations"] = _train_activation_bytes(
+            cfg, rows_dev, p.auditor_prompt_len + rl.max_new_tokens, p.activation_dtype,
+            mesh_shape)
+      else:
+        r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.answer_prompt_len,
+                                        config.answers.max_new_tokens, p.kv_cache_dtype,
+                                        mesh_shape)
+      rows[m] = r
+    resident = sum(r["params"] + r.get("grads", 0) + r.get("optimizer", 0)
+                   + r.get("init_policy", 0) for r in rows.values())
+    phases = {f"sample:{m}": r["decode_copy"] + r["kv_cache"] for m, r in rows.items()}
+    phases["train:" + auditor] = rows[auditor]["activations"]
+    worst = max(phases, key=phases.get)
+    peak = resident + phases[worst]
+    limit = p.hbm_headroom * sl.hbm_gib * GIB
+    out[name] = {"slice": sl, "mesh": mesh_shape, "rows_per_device": rows_dev,
+                 "prompts": prompts, "models": rows, "resident": resident,
+                 "phases": phases, "peak_phase": worst, "peak": peak,
+                 "limit": limit, "fits": peak <= limit}
+  return out
+
+
+def _gib(n) -> str:
+  return f"{n / GIB:7.2f}"
+
+
+def format_plan(result: dict, config) -> str:
+  lines = []
+  rl, p = config.rl, config.plan
+  lines.append("Per-device memory plan (GiB; estimates from jax.eval_shape and the "
+               "partition rules)")
+  lines.append(f"workload: GRPO batch {rl.global_batch} = {rl.global_batch // rl.num_samples}"
+               f" prompts x {rl.num_samples} samples; auditor prompt {p.auditor_prompt_len}"
+               f" + {rl.max_new_tokens} new tokens; answers: prompt {p.answer_prompt_len} + "
+               f"{config.answers.max_new_tokens} new tokens; kv cache {p.kv_cache_dtype}")
+  cols = ("params", "grads", "optimizer", "init_policy", "decode_copy", "kv_cache",
+          "activations")
+  for name, r in result.items():
+    sl = r["slice"]
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    lines.append("")
+    lines.append(f"{name}: {sl.chips} chips x {sl.hbm_gib:g} GiB HBM; mesh {mesh}; "
+                 f"{r['rows_per_device']} rows per device")
+    lines.append(f"  {'model':<10} {'role':<9} " + " ".join(f"{c:>11}" for c in cols))
+    for m, row in r["models"].items():
+      cells = " ".join(f"{_gib(row[c]):>11}" if c in row else f"{'-':>11}" for c in cols)
+      lines.append(f"  {m:<10} {row['role']:<9} {cells}")
+    lines.append(f"  resident {_gib(r['resident'])}; largest phase {r['peak_phase']} "
+                 f"{_gib(r['phases'][r['peak_phase']])}; peak {_gib(r['peak'])} of "
+                 f"{_gib(r['limit'])} usable -> {'fits' if r['fits'] else 'does NOT fit'}")
+  fitting = [n for n, r in result.items() if r["fits"]]
+  lines.append("")
+  if fitting:
+    best = min(fitting, key=lambda n: (result[n]["slice"].chips, result[n]["peak"]))
+    lines.append(f"smallest slice that fits the auditor training step with its targets "
+                 f"and references: {best}")
+  else:
+    lines.append("no listed slice fits; add larger slices (--slices) or more model "
+                 "parallelism (mesh.model)")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required")
+  try:
+    config_check.check(config)
+    result = plan(config, flags.FLAGS.slices)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_plan(result, config))
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing this
+  # module next to auditdm_jax.main does not define --config twice.
+  config_flags.DEFINE_config_file("config", None, "Pipeline config.", lock_config=True)
+  flags.DEFINE_list("slices", None, "Override plan.slices, e.g. v5p-32,v6e-64.")
+  app.run(main)
+
+
+__all__ = ["Slice", "format_plan", "parse_slice", "plan", "presets"]
