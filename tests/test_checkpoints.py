@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import zipfile
 
 import flax
 import numpy as np

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from auditdm_jax import models
-from auditdm_jax.models import presets
 from auditdm_jax.models.gemma3 import expand_image_tokens
 from auditdm_jax.sampling import Sampler, SamplingParams, ring_layout
 from tests import hf_reference as ref

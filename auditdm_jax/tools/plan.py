@@ -36,7 +36,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, models, sharding
-from auditdm_jax.models import presets
 
 
 GIB = 1 << 30
@@ -230,5 +229,3 @@ if __name__ == "__main__":
   flags.DEFINE_list("slices", None, "Override plan.slices, e.g. v5p-32,v6e-64.")
   app.run(main)
 
-
-__all__ = ["Slice", "format_plan", "parse_slice", "plan", "presets"]
