@@ -64,6 +64,7 @@ def test_paligemma2_scores_match_transformers(paligemma):
     expected = ref.answer_logprobs(hf, images[i], ids, tt, len(a))
     assert ours_lp[i].shape == (len(a),)
     worst = max(worst, float(np.abs(expected - ours_lp[i]).max()))
+  print(f"paligemma2 parity: max |dlogp| = {worst:.2e}")
   assert worst <= TOL, worst
 
 
@@ -91,6 +92,7 @@ def test_gemma3_scores_match_transformers(gemma3):
     tt = [int(t == ref.G3_IMAGE_TOKEN) for t in ids]
     expected = ref.answer_logprobs(hf, images[i], ids, tt, len(a))
     worst = max(worst, float(np.abs(expected - ours_lp[i]).max()))
+  print(f"gemma3 parity: max |dlogp| = {worst:.2e}")
   assert worst <= TOL, worst
 
 

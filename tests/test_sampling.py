@@ -81,6 +81,7 @@ def test_sampled_logprobs_match_rescoring(family, pg, g3):
   rows = out.rows()
   rescored = model.score(np.repeat(images, 3, 0), [p for p in prompts for _ in range(3)], rows)
   worst = max(float(np.abs(r - out.model_logprobs[i]).max()) for i, r in enumerate(rescored))
+  print(f"{family}: sampler vs score max |dlogp| = {worst:.2e}")
   assert worst <= 1e-4
   # Temperature 1 without filtering: the sampling distribution is the model's.
   np.testing.assert_allclose(out.logprobs, out.model_logprobs, atol=1e-5)
@@ -179,6 +180,7 @@ def test_sharded_equals_single_device():
                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
+  print("8-device vs 1-device:", json.dumps(res))
   for name in ("paligemma", "gemma3"):
     r = res[name]
     assert r["greedy_equal"] and r["sampled_equal"], r
