@@ -13,7 +13,6 @@ from auditdm_jax import models
 from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import CheckpointError, detect_format, npz, orbax_io
 from auditdm_jax.models.ckpt.common import BFLOAT16
-from tests import hf_reference as ref
 
 
 def _flat(params):
@@ -28,23 +27,19 @@ def assert_same_params(a, b):
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-@pytest.fixture(scope="module")
-def hf_pg_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("hf_pg")
-  ref.paligemma2(seed=5).save_pretrained(path)
-  return str(path)
+@pytest.fixture
+def hf_pg_dir(hf_pg):
+  return hf_pg[1]
 
 
-@pytest.fixture(scope="module")
-def hf_g3_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("hf_g3")
-  ref.gemma3(seed=6).save_pretrained(path)
-  return str(path)
+@pytest.fixture
+def hf_g3_dir(hf_g3):
+  return hf_g3[1]
 
 
-@pytest.fixture(scope="module")
-def pg(hf_pg_dir):
-  return models.load(hf_pg_dir)
+@pytest.fixture
+def pg(hf_pg):
+  return hf_pg[2]
 
 
 # ---------------------------------------------------------------------------

@@ -10,27 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from auditdm_jax import models
 from auditdm_jax.models.gemma3 import expand_image_tokens
 from tests import hf_reference as ref
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def paligemma(tmp_path_factory):
-  model = ref.paligemma2(seed=1)
-  path = tmp_path_factory.mktemp("hf_pg2")
-  model.save_pretrained(path)
-  return model, models.load(str(path))
+@pytest.fixture
+def paligemma(hf_pg):
+  return hf_pg[0], hf_pg[2]
 
 
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-  model = ref.gemma3(seed=2)
-  path = tmp_path_factory.mktemp("hf_g3")
-  model.save_pretrained(path)
-  return model, models.load(str(path))
+@pytest.fixture
+def gemma3(hf_g3):
+  return hf_g3[0], hf_g3[2]
 
 
 def _text(rng, n):

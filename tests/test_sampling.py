@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from auditdm_jax import models
 from auditdm_jax.models.gemma3 import expand_image_tokens
 from auditdm_jax.sampling import Sampler, SamplingParams, ring_layout
 from tests import hf_reference as ref
@@ -19,20 +18,14 @@ from tests import hf_reference as ref
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory):
-  hf = ref.paligemma2(seed=11)
-  path = tmp_path_factory.mktemp("pg")
-  hf.save_pretrained(path)
-  return hf, models.load(str(path))
+@pytest.fixture
+def pg(hf_pg):
+  return hf_pg[0], hf_pg[2]
 
 
-@pytest.fixture(scope="module")
-def g3(tmp_path_factory):
-  hf = ref.gemma3(seed=12)
-  path = tmp_path_factory.mktemp("g3")
-  hf.save_pretrained(path)
-  return hf, models.load(str(path))
+@pytest.fixture
+def g3(hf_g3):
+  return hf_g3[0], hf_g3[2]
 
 
 def _prompts(cfg, rng, lengths):
