@@ -43,8 +43,8 @@ from auditdm_jax import sharding
 from auditdm_jax.models import logical, vlm
 from auditdm_jax.models.gemma import decode_step, decode_weights
 from auditdm_jax.models.handle import (LENGTH_BUCKET, VLM, bucket_length, check_images,
-                                       check_rows, default_stop_ids, prompt_heads,
-                                       score_batch, token_logprobs)
+                                       check_rows, default_stop_ids, pad_rows,
+                                       prompt_heads, score_batch, token_logprobs)
 
 MAX_STOP_IDS = 8
 
@@ -281,10 +281,7 @@ class Sampler:
     images = check_images(cfg, images, len(prompts))
     heads = prompt_heads(cfg, prompts)
     text_len = bucket_length(max(len(h) for h in heads), self.length_bucket)
-    tokens = np.zeros((len(heads), text_len), np.int32)
-    for i, h in enumerate(heads):
-      tokens[i, :len(h)] = h
-    lengths = np.asarray([len(h) for h in heads], np.int32)
+    tokens, lengths = pad_rows(heads, text_len)
     stops = list(default_stop_ids(cfg, self.tokenizer) if stop_ids is None else stop_ids)
     if len(stops) > MAX_STOP_IDS:
       raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stops)}")

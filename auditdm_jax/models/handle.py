@@ -103,6 +103,14 @@ def prompt_heads(cfg: VLMConfig, prompts) -> list[list[int]]:
   return [list(p) for p in prompts]
 
 
+def pad_rows(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-aligned int32 [B, length] token array (zero padded) and row lengths."""
+  tokens = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  return tokens, np.asarray([len(r) for r in rows], np.int32)
+
+
 def score_batch(cfg: VLMConfig, prompts, answers, bucket: int = LENGTH_BUCKET):
   """Validated, padded (tokens, input_mask, mask_ar) and per-row answer spans."""
   prompts = check_rows(cfg, prompts, "prompts", allow_empty=cfg.family == "paligemma")
@@ -187,7 +195,6 @@ class VLM:
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params)
     self.tokenizer = tokenizer
-    self.module = vlm.build(config)
 
   @classmethod
   def random(cls, config: VLMConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
@@ -216,11 +223,7 @@ class VLM:
     prompts = check_rows(self.config, prompts, "prompts", allow_empty=False)
     images = check_images(self.config, images, len(prompts))
     heads = prompt_heads(self.config, prompts)
-    t = bucket_length(max(len(h) for h in heads) + max_new_tokens)
-    tokens = np.zeros((len(heads), t), np.int32)
-    for i, h in enumerate(heads):
-      tokens[i, :len(h)] = h
-    plen = np.asarray([len(h) for h in heads], np.int32)
+    tokens, plen = pad_rows(heads, bucket_length(max(len(h) for h in heads) + max_new_tokens))
     stops = np.asarray(list(stop_ids) if stop_ids is not None else self.default_stop_ids(),
                        np.int32)
     rng = jax.random.key(0) if rng is None else rng

@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from auditdm_jax.utils.fileio import atomic_write
+
 FAMILIES = ("paligemma", "gemma3")
 GEMMA3_SPECIALS = ("<start_of_image>", "<end_of_image>", "<start_of_turn>",
                    "<end_of_turn>")
@@ -100,7 +102,6 @@ class Tokenizer:
     return self._proto
 
   def save(self, path: str) -> None:
-    from auditdm_jax.utils.fileio import atomic_write  # pylint: disable=import-outside-toplevel
     with atomic_write(path) as f:
       f.write(self._proto)
 

@@ -31,6 +31,7 @@ import dataclasses
 import re
 import sys
 
+import flax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -76,7 +77,6 @@ def _model_config(spec) -> models.VLMConfig:
 
 
 def _param_bytes(cfg, mesh_shape, rules, only=None) -> int:
-  import flax  # pylint: disable=import-outside-toplevel
   flat = flax.traverse_util.flatten_dict(models.abstract_params(cfg), sep="/")
   total = 0
   for path, leaf in flat.items():

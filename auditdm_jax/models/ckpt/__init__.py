@@ -11,6 +11,7 @@ No loader unpickles. Errors name the file, the key and both shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from auditdm_jax.models.ckpt import hf, npz, orbax_io
@@ -102,11 +103,7 @@ def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = 
   else:
     saved_cfg, flat, tok_path = orbax_io.read_native(path)
     cfg = _resize(_with_dtypes(config or saved_cfg, dtype, param_dtype), image_size)
-    from auditdm_jax.models.ckpt.common import assemble  # pylint: disable=import-outside-toplevel
-    from auditdm_jax.models.siglip import resample_posemb  # pylint: disable=import-outside-toplevel
-    if "img/pos_embedding" in flat:
-      flat["img/pos_embedding"] = resample_posemb(flat["img/pos_embedding"], cfg.vision.grid)
-    params = assemble(flat, cfg, path)
+    params = orbax_io.params_from_native(flat, cfg, path)
   tok_path = tokenizer or tok_path or _find_tokenizer(path, None)
   tok = Tokenizer(tok_path, cfg.family) if tok_path else None
   if tok is not None and tok.vocab_size > cfg.text.vocab_size:
@@ -119,7 +116,6 @@ def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = 
 def _resize(cfg: VLMConfig, image_size: int | None) -> VLMConfig:
   if not image_size or image_size == cfg.vision.image_size:
     return cfg
-  import dataclasses  # pylint: disable=import-outside-toplevel
   return cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import zipfile
 
+import flax
 import numpy as np
 
 from auditdm_jax.models import presets
@@ -74,7 +75,6 @@ def export_npz(path: str, params, cfg: VLMConfig) -> None:
   if cfg.family != "paligemma":
     raise ValueError("big_vision .npz export is defined for PaliGemma models; "
                      f"this is a {cfg.family} model")
-  import flax  # local: only for unflattening
   write_npz(path, flax.traverse_util.unflatten_dict(to_bv_layout(params, cfg), sep="/"))
 
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 
+import flax
 import numpy as np
 
 from auditdm_jax.models import presets
@@ -279,7 +280,6 @@ def save_native(path: str, cfg: VLMConfig, params, tokenizer_model: str | None =
   tmp = _tmp_sibling(path)
   try:
     params = {k: np.asarray(v) for k, v in flatten(params).items()}
-    import flax  # pylint: disable=import-outside-toplevel
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, "params"), flax.traverse_util.unflatten_dict(params, sep="/"))
     ckptr.wait_until_finished()
@@ -319,3 +319,11 @@ def read_native(path: str) -> tuple[VLMConfig, dict[str, np.ndarray], str | None
   if tok_path and not os.path.exists(tok_path):
     raise CheckpointError(f"checkpoint {path}: tokenizer file {tok_path} is missing")
   return cfg, flat, tok_path
+
+
+def params_from_native(flat: dict, cfg: VLMConfig, source: str) -> dict:
+  """Our own params (position embeddings resampled if the resolution changed)."""
+  if "img/pos_embedding" in flat and np.ndim(flat["img/pos_embedding"]) == 3:
+    flat = dict(flat, **{"img/pos_embedding": resample_posemb(flat["img/pos_embedding"],
+                                                               cfg.vision.grid)})
+  return assemble(flat, cfg, source)
