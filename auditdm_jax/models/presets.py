@@ -146,6 +146,61 @@ def tiny_gemma3(vocab_size: int = 512, width: int = 64, depth: int = 6,
       image_wrap_id=image_wrap_id)
 
 
+# The scene world (auditdm_jax/scenes): 48 px images of a 3x3 grid of 16 px
+# cells, one patch per cell, fixed sin-cos position embeddings, a 448-piece
+# world tokenizer whose Gemma 3 image ids are 6 and 7. Sizes: widths of the
+# LLM (the vision tower is shared between sizes so targets can be derived
+# from one base model). Measured learnability: docs/scene_world.md.
+SCENE = {
+    # name: (llm width, llm depth, heads)
+    "small": (64, 2, 4),
+    "large": (64, 4, 4),
+}
+SCENE_VISION = dict(image_size=48, patch_size=16, width=64, depth=2)
+SCENE_VOCAB = 512
+
+
+def scene_siglip(out_dim: int | None) -> SigLIPConfig:
+  v = SCENE_VISION
+  return SigLIPConfig(image_size=v["image_size"], patch_size=v["patch_size"],
+                      width=v["width"], depth=v["depth"], mlp_dim=4 * v["width"],
+                      num_heads=4, out_dim=out_dim, posemb="sincos2d")
+
+
+def scene_paligemma2(size: str = "large") -> VLMConfig:
+  """PaliGemma 2 architecture (Gemma 2 LLM, prefix-LM) for the scene world."""
+  if size not in SCENE:
+    raise ValueError(f"unknown scene size {size!r}; known: {sorted(SCENE)}")
+  w, d, n = SCENE[size]
+  text = GemmaConfig(
+      width=w, depth=d, mlp_dim=4 * w, num_heads=n, num_kv_heads=n, head_dim=w // n,
+      vocab_size=SCENE_VOCAB, post_norms=True, attn_logits_softcap=50.0,
+      final_logits_softcap=30.0, attention_pattern=("global",))
+  return VLMConfig(family="paligemma", variant=f"scene-paligemma2-{size}",
+                   vision=scene_siglip(out_dim=w), text=text)
+
+
+def scene_gemma3(width: int = 96, depth: int = 4) -> VLMConfig:
+  """Gemma 3 architecture (the auditor) for the scene world: one soft token
+  per grid cell, image ids of the world tokenizer."""
+  n = 4
+  text = GemmaConfig(
+      width=width, depth=depth, mlp_dim=4 * width, num_heads=n, num_kv_heads=n,
+      head_dim=width // n, vocab_size=SCENE_VOCAB, post_norms=True, qk_norm=True,
+      attention_pattern=("local",) * 5 + ("global",), sliding_window=64,
+      rope_base_local=10_000.0, rope_base_global=1_000_000.0, rope_scale_global=8.0,
+      vision_proj_dim=SCENE_VISION["width"])
+  return VLMConfig(family="gemma3", variant="scene-gemma3", vision=scene_siglip(None),
+                   text=text, mm_tokens_per_image=9, boi_id=6, eoi_id=7,
+                   image_token_id=SCENE_VOCAB, image_wrap_id=None)
+
+
+def scene_presets() -> dict[str, VLMConfig]:
+  out = {f"scene-paligemma2-{s}": scene_paligemma2(s) for s in SCENE}
+  out["scene-gemma3"] = scene_gemma3()
+  return out
+
+
 def real_presets() -> dict[str, VLMConfig]:
   """Every published-size preset, by name."""
   out = {}
@@ -163,7 +218,7 @@ def get_preset(name: str) -> VLMConfig:
     return tiny_paligemma2()
   if name == "tiny-gemma3":
     return tiny_gemma3()
-  presets = real_presets()
+  presets = {**real_presets(), **scene_presets()}
   if name not in presets:
     raise ValueError(f"unknown preset {name!r}; known: "
                      f"{sorted(presets) + ['tiny-gemma3', 'tiny-paligemma2']}")

@@ -29,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+POSEMBS = ("learn", "sincos2d")
+
+
 @dataclasses.dataclass(frozen=True)
 class SigLIPConfig:
   image_size: int = 224
@@ -44,9 +47,14 @@ class SigLIPConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  # "learn": a learned table `pos_embedding` (SigLIP, PaliGemma); "sincos2d":
+  # fixed 2-D sine-cosine embeddings and no parameter (big_vision's option).
+  posemb: str = "learn"
 
   def __post_init__(self):
     problems = []
+    if self.posemb not in POSEMBS:
+      problems.append(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
     for name in ("image_size", "patch_size", "width", "depth", "mlp_dim", "num_heads"):
       v = getattr(self, name)
       if not isinstance(v, (int, np.integer)) or v <= 0:
@@ -76,6 +84,21 @@ def normalize_images(images):
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) / 127.5 - 1.0
   return images.astype(jnp.float32)
+
+
+def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embeddings [1, grid*grid, width]: a
+  quarter of the channels each for sin/cos of the column and of the row, at
+  geometrically spaced frequencies."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need width % 4 == 0, got {width}")
+  q = width // 4
+  omega = 1.0 / temperature ** (np.arange(q) / max(q - 1, 1))
+  row, col = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  x = col.reshape(-1, 1) * omega[None]
+  y = row.reshape(-1, 1) * omega[None]
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
 
 
 def _linear_resize_axis(x: np.ndarray, new: int, axis: int) -> np.ndarray:
@@ -197,8 +220,11 @@ class SigLIP(nn.Module):
     patches = x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     emb = PatchEmbed(cfg, name="embedding")(patches)
     emb = emb.reshape(b, g * g, cfg.width)
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=cfg.width ** -0.5),
-                     (1, g * g, cfg.width), pdt)
+    if cfg.posemb == "sincos2d":
+      pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
+    else:
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=cfg.width ** -0.5),
+                       (1, g * g, cfg.width), pdt)
     x = emb + pos.astype(dt)
     x = Encoder(cfg, name="Transformer")(x)
     if cfg.out_dim:

@@ -156,12 +156,15 @@ class Tokenizer:
 
 def train_sentencepiece(texts: Sequence[str], vocab_size: int, family: str = "paligemma",
                         extra_symbols: Sequence[str] = (), num_loc: int = 0,
-                        num_seg: int = 0, byte_fallback: bool = False) -> Tokenizer:
+                        num_seg: int = 0, byte_fallback: bool = False,
+                        model_type: str = "unigram") -> Tokenizer:
   """Trains a small sentencepiece model in-process (no files) for tests and the
   CPU world. Ids: 0 pad, 1 eos, 2 bos, 3 unk (the Gemma convention); the
   family's special tokens and `extra_symbols` are user-defined pieces; "\\n"
   survives (identity normalisation, no dummy prefix, as in Gemma). With byte_fallback, unseen characters
-  become byte pieces instead of <unk> (needs vocab_size > 256 + characters)."""
+  become byte pieces instead of <unk> (needs vocab_size > 256 + characters).
+  model_type "bpe" keeps whole words as pieces on small closed-vocabulary
+  corpora (the scene world), where "unigram" splits them."""
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   symbols = ["\n", "\n\n"]
@@ -173,7 +176,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, family: str = "pa
   model = io.BytesIO()
   spm.SentencePieceTrainer.Train(
       sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
-      model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      model_type=model_type, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
       user_defined_symbols=symbols, normalization_rule_name="identity",
       remove_extra_whitespaces=False, add_dummy_prefix=False,
       byte_fallback=byte_fallback, hard_vocab_limit=False,

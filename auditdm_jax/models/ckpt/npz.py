@@ -106,16 +106,24 @@ def infer_config(flat: dict, source: str, image_size: int | None = None) -> VLMC
       if (w, l) == (width, depth):
         text["query_pre_attn_scalar"] = presets.gemma2_text(size).query_pre_attn_scalar
   kernel = require(flat, "img/embedding/kernel", source, 4)
-  pos = require(flat, "img/pos_embedding", source, 3)
   vq = require(flat, "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel",
                source, 4)
   mlp = require(flat, "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", source, 3)
   head = require(flat, "img/head/kernel", source, 2)
   patch = kernel.shape[0]
-  grid = int(round(np.sqrt(pos.shape[1])))
-  vision = SigLIPConfig(image_size=image_size or grid * patch, patch_size=patch,
+  if "img/pos_embedding" in flat:
+    posemb = "learn"
+    pos = require(flat, "img/pos_embedding", source, 3)
+    image_size = image_size or int(round(np.sqrt(pos.shape[1]))) * patch
+  else:  # fixed sine-cosine position embeddings carry no parameter
+    posemb = "sincos2d"
+    if not image_size:
+      raise CheckpointError(f"checkpoint {source}: no img/pos_embedding (a sincos2d "
+                            "vision tower), so the image size cannot be inferred; "
+                            "pass a config or image_size")
+  vision = SigLIPConfig(image_size=image_size, patch_size=patch,
                         width=kernel.shape[-1], depth=vq.shape[0], mlp_dim=mlp.shape[-1],
-                        num_heads=vq.shape[2], out_dim=head.shape[-1])
+                        num_heads=vq.shape[2], out_dim=head.shape[-1], posemb=posemb)
   variant = os.path.splitext(os.path.basename(source))[0]
   return VLMConfig(family="paligemma", variant=variant, vision=vision,
                    text=GemmaConfig(**text))

@@ -1,0 +1,160 @@
+"""Free questions answered against a scene: the inverse of the templates.
+
+`answer_question(scene, text)` recognises every wording of questions.py with
+any noun phrase REF = `[SIZE] [COLOUR] (SHAPE|object)` (not only the shortest
+unique one the templates pick), and returns the `Question` the template would
+have produced: the exact answer, the skill label and the facets.
+
+  what colour is the REF?                    colour        (answer: a colour)
+  what shape is the small COLOUR object?     small_object  (exactly this form)
+  what shape is the REF?                     shape         (any other REF)
+  what size is the REF?                      binding
+  how many [SIZE] [COLOUR] (SHAPEs|objects) are there?   counting
+  is there a/an REF?                         existence
+  is the REF left or right of the REF?       spatial
+  is the REF above or below the REF?         spatial
+  is the REF bigger or smaller than the REF? size
+
+Facets follow the templates: (answer, colour, shape, size) of the subject
+object for the object questions; (answer, n) plus the named attributes
+(colour, shape, size, in that order) for counting; (answer) plus the named
+attributes for existence. A REF that must name one object (every REF except
+those of counting and existence) raises QuestionError when it matches no
+object or several; so do unrecognised wordings and ill-posed questions (left
+or right of two objects in one column, above or below two in one row, bigger
+or smaller of two equal sizes, a relation of an object to itself). Parsing is
+forgiving about case, runs of whitespace and a missing "?".
+"""
+
+from __future__ import annotations
+
+from auditdm_jax.scenes.edits import ARTICLES, parse_ref, ref_text, words_of
+from auditdm_jax.scenes.questions import NUMBERS, SIZE_RANK, Question
+from auditdm_jax.scenes.world import Obj, Scene
+
+# "is the A <relation> the B?": relation words -> (skill, answer if A is first/bigger,
+# answer otherwise, the attribute compared).
+_RELATIONS = {
+    ("left", "or", "right", "of", "the"): ("spatial", "left", "right", "col"),
+    ("above", "or", "below", "the"): ("spatial", "above", "below", "row"),
+    ("bigger", "or", "smaller", "than", "the"): ("size", "bigger", "smaller", "size"),
+}
+_ILL_POSED = {"col": "are in the same column", "row": "are in the same row",
+              "size": "have the same size"}
+
+
+class QuestionError(ValueError):
+  """A question that is not in the world's language or has no single answer."""
+
+
+def _ref(words, text, plural=False) -> dict:
+  try:
+    return parse_ref(words, plural=plural)
+  except ValueError as e:
+    raise QuestionError(f"question {text!r}: {e}") from None
+
+
+def _one(scene: Scene, ref: dict, text: str) -> Obj:
+  found = scene.select(**ref)
+  name = ref_text(**ref)
+  if not found:
+    raise QuestionError(f"question {text!r}: no object in the scene is a {name}")
+  if len(found) > 1:
+    raise QuestionError(f"question {text!r}: 'the {name}' is ambiguous, {len(found)} "
+                        "objects match it")
+  return found[0]
+
+
+def _object_facets(answer: str, o: Obj) -> tuple:
+  return (("answer", answer), ("colour", o.colour), ("shape", o.shape),
+          ("size", o.size))
+
+
+def _named(ref: dict) -> tuple:
+  return tuple((k, ref[k]) for k in ("colour", "shape", "size") if ref[k] is not None)
+
+
+def _find(words: list[str], seq: tuple[str, ...]) -> int:
+  for i in range(len(words) - len(seq) + 1):
+    if tuple(words[i:i + len(seq)]) == seq:
+      return i
+  return -1
+
+
+def answer_question(scene: Scene, text: str) -> Question:
+  """The Question (exact answer, skill, facets) of free `text` about `scene`."""
+  words = words_of(text, "?")
+  if not words:
+    raise QuestionError(f"empty question {text!r}")
+  canon = " ".join(words) + "?"
+  head = tuple(words[:4])
+
+  if head[:3] in (("what", "colour", "is"), ("what", "shape", "is"),
+                  ("what", "size", "is")) and len(words) > 3:
+    if words[3] != "the":
+      raise QuestionError(f"question {text!r}: expected 'the' after "
+                          f"{' '.join(words[:3])!r}, got {words[3]!r}")
+    attr = words[1]
+    ref = _ref(words[4:], text)
+    o = _one(scene, ref, text)
+    answer = getattr(o, attr)
+    if attr == "colour":
+      skill = "colour"
+    elif attr == "size":
+      skill = "binding"
+    elif ref["size"] == "small" and ref["colour"] and ref["shape"] is None:
+      skill = "small_object"
+    else:
+      skill = "shape"
+    return Question(canon, answer, skill, _object_facets(answer, o))
+
+  if words[:2] == ["how", "many"]:
+    if words[-2:] != ["are", "there"] or len(words) < 5:
+      raise QuestionError(f"question {text!r}: the form is 'how many [SIZE] [COLOUR] "
+                          "(SHAPEs|objects) are there?'")
+    ref = _ref(words[2:-2], text, plural=True)
+    n = len(scene.select(**ref))
+    return Question(canon, NUMBERS[n], "counting",
+                    (("answer", NUMBERS[n]), ("n", n)) + _named(ref))
+
+  if words[:2] == ["is", "there"]:
+    if len(words) < 4 or words[2] not in ARTICLES:
+      raise QuestionError(f"question {text!r}: the form is 'is there a REF?'")
+    ref = _ref(words[3:], text)
+    answer = "yes" if scene.select(**ref) else "no"
+    return Question(canon, answer, "existence", (("answer", answer),) + _named(ref))
+
+  if words[:2] == ["is", "the"]:
+    for seq, (skill, first, second, attr) in _RELATIONS.items():
+      i = _find(words, seq)
+      if i < 0:
+        continue
+      a = _one(scene, _ref(words[2:i], text), text)
+      b = _one(scene, _ref(words[i + len(seq):], text), text)
+      if a == b:
+        raise QuestionError(f"question {text!r} relates an object to itself")
+      if attr == "size":
+        va, vb = SIZE_RANK[a.size], SIZE_RANK[b.size]
+        va, vb = -va, -vb   # "bigger" comes first: bigger rank = first answer
+      else:
+        va, vb = getattr(a, attr), getattr(b, attr)
+      if va == vb:
+        raise QuestionError(f"question {text!r} is ill-posed: the two objects "
+                            f"{_ILL_POSED[attr]}")
+      answer = first if va < vb else second
+      return Question(canon, answer, skill, _object_facets(answer, a))
+    raise QuestionError(f"question {text!r}: expected 'left or right of the', 'above "
+                        "or below the' or 'bigger or smaller than the' after the first "
+                        "object")
+
+  raise QuestionError(f"question {text!r} is not a question of the world; questions "
+                      "start with 'what colour/shape/size is the', 'how many', 'is "
+                      "there a' or 'is the'")
+
+
+def try_answer(scene: Scene, text: str) -> tuple[Question | None, str]:
+  """(Question, "") or (None, the reason the question cannot be answered)."""
+  try:
+    return answer_question(scene, text), ""
+  except QuestionError as e:
+    return None, str(e)
