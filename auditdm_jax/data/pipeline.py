@@ -1,0 +1,370 @@
+"""Grain input pipelines over random-access sources (grain 0.2.x Dataset API).
+
+A source is anything with `__len__` and `__getitem__` returning a record (a
+dict of numpy-friendly values): `scene_tfds.data_source(...)`, or a plain list
+in tests.
+
+Training (`train_loader`), built from grain.MapDataset / IterDataset:
+
+    keys = MapDataset.range(shard).shuffle(seed).repeat(num_epochs)  # record ids
+    chunks = keys.map_with_index(...)[position:].batch(batch_size)   # id chunks
+           .map(LoadChunk)     # read, transform, filter, stack: a "pre-batch"
+           .to_iter_dataset(read_options).mp_prefetch(worker_count)
+    TrainIterator: re-batches pre-batches into exact `batch_size` batches.
+
+  * every process reads its own contiguous shard of the records (JAX process
+    index / count, or explicit grain ShardOptions; drop_remainder=True gives
+    all processes the same number of records per epoch), and reshuffles it
+    every epoch (grain's ShuffleMapDataset: seed + epoch);
+  * a record is identified by its position in this stream, which also seeds
+    its RNG for RandomMap transforms; Filter transforms drop records, which is
+    why a pre-batch may be short and TrainIterator re-batches;
+  * the iterator state is that position (plus the pipeline's identity), so a
+    checkpoint restores exactly, whatever the chunking or worker count.
+
+Why not grain.DataLoader (checked in grain 0.2.18): its workers each take every
+worker_count-th record and batch them inside the worker, so batches change
+with worker_count; its checkpoint state refuses a different worker_count;
+and making it worker-invariant means shipping single records between
+processes (265 records/s with 2 workers). Here a worker ships whole
+pre-batches, mp_prefetch's round robin over the workers keeps chunk order,
+and the batches are the same for every worker_count (tested). Chunks are also
+read with one batched `__getitems__` call. Measured on a busy 2-core box,
+scene_vqa train split, 64-record batches: DataLoader + Batch 424 (0 workers)
+/ 741 (2 workers) records/s; train_loader 1790 / 2227 records/s.
+
+Checkpointing (Orbax): the iterator goes into a CheckpointManager next to the
+other items through Grain's handler (`grain.checkpoint.CheckpointSave` /
+`CheckpointRestore`; also `grain.python.PyGrainCheckpointSave` / `Restore`),
+which writes one `process_<i>-of-<n>.json` per JAX process:
+
+    it = train_loader(source, batch_size=32, seed=0)
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), data=save_args(it)))
+    ...
+    it = train_loader(source, batch_size=32, seed=0)      # same arguments
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), data=restore_args(it)))
+    # `it` (also restored["data"]) continues after the saved batch.
+
+absl flags: Grain reads its settings from absl flags when it starts worker
+processes ("spawn"), and raises UnparsedFlagAccessError if nothing parsed
+them. Programs run through `absl.app.run` are fine; elsewhere (tests,
+notebooks, scripts) `train_loader` calls `flags.FLAGS.mark_as_parsed()` when
+worker_count > 0 and the flags are unparsed (`ensure_flags_parsed`). Worker
+processes import the modules of the source and transforms: define transforms
+at module level, and guard scripts with `if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+Transform = (grain.transforms.Map | grain.transforms.RandomMap | grain.transforms.Filter
+             | Callable[[Any], Any])
+STATE_VERSION = 1
+
+
+def ensure_flags_parsed() -> None:
+  """Marks absl flags as parsed (with their defaults) if nothing parsed them,
+  as Grain needs to read its flags; a no-op under absl.app.run."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def stack(records: Sequence[Any]) -> Any:
+  """Stacks same-structured records into one batch of numpy arrays (strings
+  become numpy unicode arrays)."""
+  return jax.tree.map(lambda *xs: np.stack(xs), *records)
+
+
+def _check_transforms(transforms: Sequence[Transform]) -> tuple:
+  for i, t in enumerate(transforms):
+    if isinstance(t, (grain.transforms.Map, grain.transforms.RandomMap,
+                      grain.transforms.Filter)):
+      continue
+    if isinstance(t, grain.transforms.Transformation) or not callable(t):
+      raise TypeError(
+          f"transform {i} ({type(t).__name__}) is not supported: train_loader "
+          "batches by itself and takes grain Map / RandomMap / Filter transforms "
+          "or plain callables (record -> record)")
+  return tuple(transforms)
+
+
+def shard_range(num_records: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
+  """[start, stop) of this shard's records, as grain's even split: contiguous,
+  len // count each, the remainder dropped or spread over the first shards."""
+  per, rest = divmod(num_records, options.shard_count)
+  i = options.shard_index
+  if options.drop_remainder or rest == 0:
+    return per * i, per * (i + 1)
+  start = per * i + min(i, rest)
+  return start, start + per + (1 if i < rest else 0)
+
+
+def process_shard_options(drop_remainder: bool = True) -> grain.sharding.ShardOptions:
+  """This JAX process's shard: index jax.process_index() of process_count()."""
+  return grain.sharding.ShardOptions(shard_index=jax.process_index(),
+                                     shard_count=jax.process_count(),
+                                     drop_remainder=drop_remainder)
+
+
+class _Positioned:
+  """(stream position, record key): map_with_index of the shuffled keys."""
+
+  def __call__(self, position: int, key: int) -> tuple[int, int]:
+    return position, int(key)
+
+
+class _LoadChunk:
+  """Reads a chunk of (position, key), applies the transforms record by record
+  (dropping what a Filter rejects or a map turns into None) and stacks what is
+  left: a pre-batch
+  {"positions": int64 [n], "batch": stacked records or None}."""
+
+  def __init__(self, source, transforms: tuple, seed: int, shard_index: int):
+    self.source = source
+    self.transforms = transforms
+    self.seed = seed
+    self.shard_index = shard_index
+
+  def _read(self, keys: list[int]) -> list:
+    getitems = getattr(self.source, "__getitems__", None)
+    if getitems is not None:
+      return list(getitems(keys))
+    return [self.source[k] for k in keys]
+
+  def __call__(self, chunk: list[tuple[int, int]]) -> dict:
+    positions, kept = [], []
+    for (position, _), record in zip(chunk, self._read([k for _, k in chunk]), strict=True):
+      for t in self.transforms:
+        if isinstance(t, grain.transforms.Filter):
+          record = record if t.filter(record) else None
+        elif isinstance(t, grain.transforms.RandomMap):
+          rng = np.random.default_rng([self.seed, self.shard_index, position])
+          record = t.random_map(record, rng)
+        elif isinstance(t, grain.transforms.Map):
+          record = t.map(record)
+        else:
+          record = t(record)
+        if record is None:
+          break
+      if record is not None:
+        positions.append(position)
+        kept.append(record)
+    return {"positions": np.asarray(positions, np.int64),
+            "batch": stack(kept) if kept else None}
+
+
+class TrainIterator:
+  """Batches (dicts of stacked numpy arrays, `batch_size` records each) of a
+  train_loader pipeline. Its state is the stream position of the next record,
+  exact between batches and independent of worker count and chunking."""
+
+  def __init__(self, *, chunks: Callable[[int], grain.MapDataset], identity: dict,
+               batch_size: int,
+               drop_remainder: bool, read_options: grain.ReadOptions,
+               mp_options: grain.MultiprocessingOptions):
+    self._chunks = chunks          # position -> MapDataset of pre-batches from there
+    self._identity = identity
+    self.batch_size = batch_size
+    self.drop_remainder = drop_remainder
+    self._read_options = read_options
+    self._mp_options = mp_options
+    self._position = 0             # stream position of the next unread record
+    self._iterator = None
+    self._pending: list = []       # [positions, batch] pre-batches not consumed yet
+
+  def _start(self) -> None:
+    ds = self._chunks(self._position).to_iter_dataset(self._read_options)
+    if self._mp_options.num_workers > 0:
+      ds = ds.mp_prefetch(self._mp_options)
+    self._iterator = iter(ds)
+    self._pending = []
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> Any:
+    if self._iterator is None:
+      self._start()
+    have = sum(len(p) for p, _ in self._pending)
+    while have < self.batch_size:
+      try:
+        pre = next(self._iterator)
+      except StopIteration:
+        break
+      if len(pre["positions"]):
+        self._pending.append([pre["positions"], pre["batch"]])
+        have += len(pre["positions"])
+    if have == 0 or (self.drop_remainder and have < self.batch_size):
+      raise StopIteration
+    take = min(have, self.batch_size)
+    parts, left = [], take
+    while left:
+      positions, batch = self._pending[0]
+      n = min(left, len(positions))
+      parts.append(jax.tree.map(lambda x, n=n: x[:n], batch))
+      self._position = int(positions[n - 1]) + 1
+      if n == len(positions):
+        self._pending.pop(0)
+      else:
+        self._pending[0] = [positions[n:], jax.tree.map(lambda x, n=n: x[n:], batch)]
+      left -= n
+    if len(parts) == 1:
+      return parts[0]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+  def get_state(self) -> bytes:
+    return json.dumps({**self._identity, "position": self._position}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    mismatched = {k: (state.get(k), v) for k, v in self._identity.items()
+                  if state.get(k) != v}
+    if mismatched:
+      raise ValueError("the saved data iterator does not match this loader "
+                       f"(field: (saved, now)): {mismatched}")
+    self.close()
+    self._position = int(state["position"])
+    self._iterator = None
+
+  def start_prefetch(self) -> None:
+    if self._iterator is None:
+      self._start()
+    self._iterator.start_prefetch()
+
+  def close(self) -> None:
+    """Stops the worker processes now (garbage collection does it too, later)."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+    self._pending = []
+
+  def __enter__(self):  # -> Self (typing.Self needs Python 3.11)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
+                 transforms: Sequence[Transform] = (), num_epochs: int | None = None,
+                 worker_count: int = 0, shard_by_process: bool = True,
+                 drop_remainder: bool = True,
+                 shard_options: grain.sharding.ShardOptions | None = None,
+                 worker_buffer_size: int = 2,
+                 read_options: grain.ReadOptions | None = None) -> TrainIterator:
+  """Shuffled (per epoch, from `seed`), sharded batches of `source` records.
+
+  Args:
+    source: random-access records (`len`, `[i]`, optionally `__getitems__`);
+      picklable if worker_count > 0.
+    batch_size: records per batch on this process.
+    seed: shuffle seed, an int in [0, 2**32).
+    transforms: applied in order to every record: grain Map / RandomMap (its
+      rng is per record, from seed and position) / Filter (drops the records
+      it rejects), or plain callables (maps). A map returning None drops the
+      record too.
+    num_epochs: passes over this process's shard; None repeats forever.
+    worker_count: Grain worker processes reading and transforming chunks of
+      batch_size records (0: threads of this process). Batches and
+      checkpoints do not depend on it.
+    shard_by_process: shard the records over JAX processes (each process gets
+      len // process_count records per epoch); False: every process reads all.
+    drop_remainder: drop a last batch smaller than batch_size (finite epochs).
+    shard_options: explicit sharding, overrides shard_by_process (tests
+      simulate processes with it).
+    worker_buffer_size: chunks each worker prepares ahead.
+    read_options: grain.ReadOptions for the chunk-reading threads (per worker
+      if worker_count > 0); default 4 threads, 8 chunks ahead.
+  """
+  if isinstance(batch_size, bool) or batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+      0 <= seed < 2**32):
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+  if worker_count < 0:
+    raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+  transforms = _check_transforms(transforms)
+  if shard_options is None:
+    shard_options = (process_shard_options() if shard_by_process
+                     else grain.sharding.NoSharding())
+  start, stop = shard_range(len(source), shard_options)
+  if stop <= start:
+    raise ValueError(f"shard {shard_options.shard_index} of {shard_options.shard_count} "
+                     f"of a source of {len(source)} records is empty")
+  if worker_count > 0:
+    ensure_flags_parsed()
+  seed = int(seed)
+  keys = grain.MapDataset.range(start, stop).shuffle(seed=seed).repeat(num_epochs)
+  stream = keys.map_with_index(_Positioned())
+  load = _LoadChunk(source, transforms, seed, shard_options.shard_index)
+
+  def chunks(position: int) -> grain.MapDataset:
+    return stream[position:].batch(batch_size, batch_fn=list).map(load)
+
+  identity = {"version": STATE_VERSION, "num_records": len(source), "seed": seed,
+              "shard_index": shard_options.shard_index,
+              "shard_count": shard_options.shard_count,
+              "shard_drop_remainder": shard_options.drop_remainder,
+              "num_epochs": num_epochs}
+  return TrainIterator(
+      chunks=chunks, identity=identity, batch_size=batch_size,
+      drop_remainder=drop_remainder,
+      read_options=read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8),
+      mp_options=grain.MultiprocessingOptions(num_workers=worker_count,
+                                              per_worker_buffer_size=worker_buffer_size))
+
+
+def save_args(iterator: TrainIterator | grain.DatasetIterator | grain.DataLoaderIterator,
+              ) -> grain.checkpoint.CheckpointSave:
+  """Orbax args saving the iterator's state (an item of ocp.args.Composite)."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def restore_args(iterator: TrainIterator | grain.DatasetIterator
+                 | grain.DataLoaderIterator) -> grain.checkpoint.CheckpointRestore:
+  """Orbax args restoring a saved state into `iterator` (a fresh iterator made
+  with the same arguments); the restore returns the iterator itself."""
+  return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def eval_batches(source: Sequence[Any], batch_size: int,
+                 transforms: Sequence[Callable[[Any], Any] | grain.transforms.Map] = (),
+                 ) -> Iterator[tuple[Any, np.ndarray]]:
+  """(batch, valid) pairs over all of `source` in order, unshuffled, unsharded.
+
+  Every batch has `batch_size` rows; the last one is padded with copies of its
+  first record, and `valid` (bool [batch_size]) is False on the padding rows.
+  `transforms` are 1:1 maps (filters would break the record <-> row map).
+  Built on grain.MapDataset (random access, in this process).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  ds = grain.MapDataset.source(source)
+  for i, t in enumerate(transforms):
+    is_map = isinstance(t, grain.transforms.Map) or (
+        callable(t) and not isinstance(t, grain.transforms.Transformation))
+    if not is_map:
+      raise TypeError(f"eval_batches takes 1:1 maps only; transform {i} is {t!r}")
+    ds = ds.map(t)
+  ds = ds.batch(batch_size, drop_remainder=False, batch_fn=stack)
+  for b in range(len(ds)):
+    batch = ds[b]
+    n = len(jax.tree.leaves(batch)[0])
+    valid = np.arange(batch_size) < n
+    if n < batch_size:
+      pad = batch_size - n
+      batch = jax.tree.map(
+          lambda x, pad=pad: np.concatenate([x, np.repeat(x[:1], pad, axis=0)]), batch)
+    yield batch, valid

@@ -1,0 +1,275 @@
+"""The scene VQA TFDS build (array_record, no TensorFlow) and Grain loaders."""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+
+from auditdm_jax.data import pipeline, records, scene_tfds
+from auditdm_jax.scenes import examples, questions
+
+TRAIN, BENCH = 48, 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tfds")
+  scene_tfds.build(d, TRAIN, BENCH)
+  return d
+
+
+def _assert_equal_records(got: dict, want: dict):
+  assert set(got) == set(want) | {"index"}
+  assert got["image"].dtype == np.uint8 and got["image"].shape == want["image"].shape
+  np.testing.assert_array_equal(got["image"], want["image"])
+  for key in scene_tfds.TEXT_FEATURES:
+    assert isinstance(got[key], str) and got[key] == want[key], key
+
+
+# ---------------------------------------------------------------- TFDS build
+
+
+@pytest.mark.parametrize("split,size", [("train", TRAIN), ("benchmark", BENCH)])
+def test_records_equal_examples(data_dir, split, size):
+  src = scene_tfds.data_source(data_dir, split, TRAIN, BENCH)
+  assert len(src) == size
+  for i in range(size):
+    record = src[i]
+    assert record["index"] == i
+    _assert_equal_records(record, examples.example(examples.SPLIT_SEEDS[split], i))
+  batch = src.__getitems__([3, 1])
+  assert [r["index"] for r in batch] == [3, 1]
+
+
+def test_benchmark_has_every_skill(data_dir):
+  src = scene_tfds.data_source(data_dir, "benchmark", TRAIN, BENCH)
+  assert {src[i]["skill"] for i in range(len(src))} == set(questions.SKILLS)
+
+
+def test_build_is_reused_and_sizes_do_not_collide(data_dir):
+  path = scene_tfds.dataset_path(data_dir, scene_tfds.make_config(TRAIN, BENCH))
+  stamp = sorted((f.name, os.stat(f).st_mtime_ns) for f in path.iterdir())
+  assert scene_tfds.build(data_dir, TRAIN, BENCH) == path
+  assert sorted((f.name, os.stat(f).st_mtime_ns) for f in path.iterdir()) == stamp
+  assert "train48_benchmark32_seed_images0" in str(path)
+  assert not scene_tfds.is_built(data_dir, TRAIN + 1, BENCH)
+  with pytest.raises(FileNotFoundError, match="no finished scene_vqa build"):
+    scene_tfds.data_source(data_dir, "train", TRAIN + 1, BENCH)
+  with pytest.raises(ValueError, match="split 'seed_images' is not in build"):
+    scene_tfds.data_source(data_dir, "seed_images", TRAIN, BENCH)
+
+
+@pytest.mark.parametrize("sizes,error,match", [
+    ((0, 8), ValueError, "train_size must be >= 1"),
+    ((-3, 8), ValueError, "train_size must be >= 1"),
+    ((2.5, 8), TypeError, "train_size must be an int"),
+    ((True, 8), TypeError, "train_size must be an int"),
+    ((8, 7), ValueError, "benchmark_size must be >= 8 so that every one of the 8 skills"),
+    ((8, 8, -1), ValueError, "seed_images_size must be >= 0"),
+])
+def test_bad_sizes_are_refused(tmp_path, sizes, error, match):
+  with pytest.raises(error, match=match):
+    scene_tfds.build(tmp_path, *sizes)
+  with pytest.raises(error, match=match):
+    scene_tfds.make_config(*sizes)
+  assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_build_is_not_finished(tmp_path, monkeypatch):
+  real = records.encoded_record
+
+  def crash_at_10(seed, index):
+    if index == 10:
+      raise OSError("disk on fire")
+    return real(seed, index)
+
+  monkeypatch.setattr(records, "encoded_record", crash_at_10)
+  with pytest.raises(OSError, match="disk on fire"):
+    scene_tfds.build(tmp_path, 16, 8, 8)
+  assert not scene_tfds.is_built(tmp_path, 16, 8, 8)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    scene_tfds.data_source(tmp_path, "train", 16, 8, 8)
+  monkeypatch.setattr(records, "encoded_record", real)
+  scene_tfds.build(tmp_path, 16, 8, 8)
+  src = scene_tfds.data_source(tmp_path, "seed_images", 16, 8, 8)
+  assert len(src) == 8
+  _assert_equal_records(src[7], examples.example(examples.SPLIT_SEEDS["seed_images"], 7))
+
+
+def test_half_written_build_is_replaced(tmp_path):
+  path = scene_tfds.build(tmp_path, 16, 8)
+  shard = next(f for f in path.iterdir() if "train.array_record" in f.name)
+  data = shard.read_bytes()
+  shard.write_bytes(data[:len(data) // 2])                   # truncated shard
+  assert not scene_tfds.is_built(tmp_path, 16, 8)
+  with pytest.raises(FileNotFoundError, match="shard"):
+    scene_tfds.data_source(tmp_path, "train", 16, 8)
+  (path / "dataset_info.json").unlink()                      # and no info file
+  reason = scene_tfds.incomplete_reason(path, scene_tfds.make_config(16, 8))
+  assert "no dataset_info.json" in reason
+  assert scene_tfds.build(tmp_path, 16, 8) == path            # rebuilt in place
+  assert scene_tfds.is_built(tmp_path, 16, 8)
+  _assert_equal_records(scene_tfds.data_source(tmp_path, "train", 16, 8)[15],
+                        examples.example(examples.SPLIT_SEEDS["train"], 15))
+
+
+def test_build_with_worker_processes_writes_the_same_records(tmp_path, data_dir):
+  scene_tfds.build(tmp_path, 16, 8, num_workers=2)
+  for split in ("train", "benchmark"):
+    got = scene_tfds.data_source(tmp_path, split, 16, 8)
+    want = scene_tfds.data_source(data_dir, split, TRAIN, BENCH)
+    for i in range(len(got)):
+      _assert_equal_records(got[i], want[i])
+      assert got[i]["index"] == i
+
+
+# ------------------------------------------------------------ Grain loaders
+
+
+def _list_source(n=TRAIN):
+  return [{"index": np.int64(i), "x": np.full((2, 3), i, np.float32), "s": f"r{i}"}
+          for i in range(n)]
+
+
+class KeepNotMultipleOf3(grain.transforms.Filter):
+  def filter(self, element):
+    return element["index"] % 3 != 0
+
+
+class AddNoise(grain.transforms.RandomMap):
+  def random_map(self, element, rng):
+    return {**element, "noise": rng.uniform(size=(2,)).astype(np.float32)}
+
+
+def double_x(element):
+  return {**element, "x": element["x"] * 2}
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert set(x) == set(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_loader_order_is_a_function_of_the_seed():
+  src = _list_source()
+  kw = {"batch_size": 8, "shard_by_process": False}
+  a = _take(pipeline.train_loader(src, seed=0, **kw), 5)
+  b = _take(pipeline.train_loader(src, seed=0, **kw), 5)
+  c = _take(pipeline.train_loader(src, seed=1, **kw), 5)
+  _assert_batches_equal(a, b)
+  assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]
+  assert a[0]["x"].shape == (8, 2, 3) and a[0]["s"].dtype.kind == "U"
+  # Epoch 1 and epoch 2 (batches 6..11) are different permutations of all records.
+  it = pipeline.train_loader(src, seed=0, **kw)
+  e1 = np.concatenate([b["index"] for b in _take(it, 6)])
+  e2 = np.concatenate([b["index"] for b in _take(it, 6)])
+  assert sorted(e1) == sorted(e2) == list(range(TRAIN)) and list(e1) != list(e2)
+
+
+def test_epoch_is_split_over_processes():
+  src = _list_source()
+  seen = []
+  for p in range(2):
+    opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2, drop_remainder=True)
+    it = pipeline.train_loader(src, batch_size=5, seed=3, num_epochs=1,
+                               shard_options=opts, drop_remainder=False)
+    ids = [i for b in it for i in b["index"].tolist()]
+    assert len(ids) == TRAIN // 2
+    seen += ids
+  assert sorted(seen) == list(range(TRAIN))
+
+
+def test_transforms_can_drop_records():
+  src = _list_source()
+  it = pipeline.train_loader(src, batch_size=5, seed=0, num_epochs=1, drop_remainder=False,
+                             shard_by_process=False,
+                             transforms=[KeepNotMultipleOf3(), double_x, AddNoise()])
+  batches = list(it)
+  ids = [i for b in batches for i in b["index"].tolist()]
+  assert sorted(ids) == [i for i in range(TRAIN) if i % 3]
+  assert [len(b["index"]) for b in batches] == [5] * 6 + [2]
+  for b in batches:
+    np.testing.assert_array_equal(b["x"][:, 0, 0], 2 * b["index"])
+    assert b["noise"].shape == (len(b["index"]), 2)
+  dropped = pipeline.train_loader(src, batch_size=5, seed=0, num_epochs=1,
+                                  shard_by_process=False, transforms=[KeepNotMultipleOf3()])
+  assert len(list(dropped)) == 6                              # last partial batch dropped
+  none_drops = pipeline.train_loader(
+      src, batch_size=48, seed=0, num_epochs=1, shard_by_process=False, drop_remainder=False,
+      transforms=[lambda r: r if r["index"] < 10 else None])
+  assert sorted(next(none_drops)["index"].tolist()) == list(range(10))
+  with pytest.raises(TypeError, match="batches by itself"):
+    pipeline.train_loader(src, batch_size=5, seed=0, transforms=[grain.transforms.Batch(4)])
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+  """worker_count=2 with the TFDS source (pickled into spawned workers)."""
+  # Grain reads absl flags when it starts workers: outside absl.app.run they
+  # must be marked parsed (train_loader does it too when worker_count > 0).
+  flags.FLAGS.mark_as_parsed()
+  src = scene_tfds.data_source(data_dir, "train", TRAIN, BENCH)
+  transforms = [KeepNotMultipleOf3(), AddNoise()]
+  kw = {"batch_size": 6, "seed": 5, "transforms": transforms, "shard_by_process": False}
+  want = _take(pipeline.train_loader(src, worker_count=0, **kw), 9)  # > 1 epoch
+  with pipeline.train_loader(src, worker_count=2, **kw) as it:
+    got = _take(it, 4)
+    state = it.get_state()
+    got += _take(it, 5)
+  _assert_batches_equal(got, want)
+  assert got[0]["image"].shape == (6, 48, 48, 3) and got[0]["image"].dtype == np.uint8
+  # The state does not depend on the worker count either.
+  in_process = pipeline.train_loader(src, worker_count=0, **kw)
+  in_process.set_state(state)
+  _assert_batches_equal(_take(in_process, 5), want[4:])
+
+
+def test_iterator_state_round_trips_through_orbax(tmp_path):
+  src = _list_source()
+  kw = {"batch_size": 4, "seed": 11, "shard_by_process": False,
+        "transforms": [KeepNotMultipleOf3(), AddNoise()]}
+  reference = pipeline.train_loader(src, **kw)
+  expected = _take(reference, 12)
+  it = pipeline.train_loader(src, **kw)
+  _take(it, 5)
+  params = {"w": np.arange(6, dtype=np.float32)}
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                         data=pipeline.save_args(it)))
+    mngr.wait_until_finished()
+  assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").exists()
+  _take(it, 2)                                             # moves on after the save
+  fresh = pipeline.train_loader(src, **kw)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    restored = mngr.restore(5, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params), data=pipeline.restore_args(fresh)))
+  assert restored["data"] is fresh
+  np.testing.assert_array_equal(restored["params"]["w"], params["w"])
+  _assert_batches_equal(_take(fresh, 7), expected[5:])
+
+
+def test_eval_batches_pad_the_last_batch():
+  src = _list_source(10)
+  out = list(pipeline.eval_batches(src, 4, transforms=[double_x]))
+  assert len(out) == 3
+  ids = [b["index"].tolist() for b, _ in out]
+  assert ids[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]] and ids[2][:2] == [8, 9]
+  assert [v.tolist() for _, v in out] == [[True] * 4, [True] * 4, [True, True, False, False]]
+  last, _ = out[2]
+  assert all(len(x) == 4 for x in last.values())
+  np.testing.assert_array_equal(last["x"][:, 0, 0], 2 * last["index"])
+  kept = np.concatenate([b["index"][v] for b, v in out])
+  np.testing.assert_array_equal(kept, np.arange(10))
+  with pytest.raises(TypeError, match="1:1 maps only"):
+    list(pipeline.eval_batches(src, 4, transforms=[KeepNotMultipleOf3()]))
