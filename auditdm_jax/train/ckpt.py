@@ -1,0 +1,130 @@
+"""Training checkpoints: one Orbax `CheckpointManager` under `workdir/ckpt`.
+
+Each step directory holds three items:
+  state  params, optimizer state (its leaves as a flat {"00000": leaf} dict, so
+         optax's empty / masked nodes never reach Orbax), the raw RNG key
+         data (uint32) and the step;
+  data   the data iterator's position: Grain's own Orbax handler
+         (`grain.checkpoint.CheckpointSave/CheckpointRestore`, one JSON file
+         per process) for Grain iterators, else the JSON of `get_state()`;
+  meta   JSON: step, the optimizer-state leaf paths (checked on restore, so a
+         changed `frozen` set fails clearly), the TrainConfig and model variant.
+
+Saving is synchronous (async checkpointing off): Orbax writes into a
+temporary directory and renames it into place when `save` returns, so a
+process killed at any moment leaves the previous checkpoints complete and at
+most an unfinished temporary directory, which Orbax ignores (and removes
+when the next run opens the manager).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+DATA_GRAIN, DATA_JSON, DATA_NONE = "grain", "json", "none"
+
+
+def data_mode(data_iter) -> str:
+  """How a data iterator's position is checkpointed."""
+  if isinstance(data_iter, (grain.DatasetIterator, grain.DataLoaderIterator)):
+    return DATA_GRAIN
+  if callable(getattr(data_iter, "get_state", None)) and callable(
+      getattr(data_iter, "set_state", None)):
+    return DATA_JSON
+  return DATA_NONE
+
+
+def flatten_opt_state(opt_state) -> tuple[dict[str, Any], list[str]]:
+  """({"00000": leaf, ...}, [key path of each leaf])."""
+  leaves = jax.tree_util.tree_leaves_with_path(opt_state)
+  return ({f"{i:05d}": leaf for i, (_, leaf) in enumerate(leaves)},
+          [jax.tree_util.keystr(p) for p, _ in leaves])
+
+
+def unflatten_opt_state(template, flat: dict[str, Any]):
+  treedef = jax.tree.structure(template)
+  return jax.tree.unflatten(treedef, [flat[f"{i:05d}"] for i in range(treedef.num_leaves)])
+
+
+class TrainCheckpointer:
+  """Saves / restores (state, data position, meta) by step under `directory`."""
+
+  def __init__(self, directory: str, keep: int | None, data_iter):
+    self.directory = os.path.abspath(directory)
+    self.mode = data_mode(data_iter)
+    self.data_iter = data_iter
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def _data_save(self):
+    if self.mode == DATA_GRAIN:
+      return grain.checkpoint.CheckpointSave(self.data_iter)
+    state = self.data_iter.get_state()
+    is_bytes = isinstance(state, bytes)
+    if is_bytes:
+      state = state.decode()
+    try:
+      json.dumps(state)
+    except TypeError as e:
+      raise TypeError(f"the data iterator's get_state() is not JSON-serialisable: {e}; "
+                      "use a Grain iterator") from e
+    return ocp.args.JsonSave({"state": state, "bytes": is_bytes})
+
+  def save(self, step: int, state: dict, meta: dict) -> None:
+    flat_opt, _ = flatten_opt_state(state["opt_state"])
+    tree = dict(state, opt_state=flat_opt)
+    items = {"state": ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(meta)}
+    if self.mode != DATA_NONE:
+      items["data"] = self._data_save()
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: dict, opt_paths: list[str]
+              ) -> tuple[dict, dict]:
+    """(state placed as abstract_state's shardings say, meta); the data
+    iterator is moved to the saved position in place."""
+    where = os.path.join(self.directory, str(step))
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = dict(meta["meta"])
+    if meta.get("opt_paths") != opt_paths:
+      raise ValueError(
+          f"checkpoint {where} holds a different optimizer state "
+          f"({len(meta.get('opt_paths') or [])} leaves, this run has {len(opt_paths)}): "
+          "were TrainConfig.frozen / no_decay / grad_clip or the model changed? "
+          "Use a fresh workdir for a different configuration.")
+    saved_mode = meta.get("data_mode", DATA_NONE)
+    if saved_mode != self.mode:
+      raise ValueError(f"checkpoint {where} saved the data position as {saved_mode!r} "
+                       f"but this run's iterator is {self.mode!r}")
+    flat_opt, _ = flatten_opt_state(abstract_state["opt_state"])
+    abstract = dict(abstract_state, opt_state=flat_opt)
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if self.mode == DATA_GRAIN:
+      items["data"] = grain.checkpoint.CheckpointRestore(self.data_iter)
+    elif self.mode == DATA_JSON:
+      items["data"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if self.mode == DATA_JSON:
+      state = out["data"]["state"]
+      self.data_iter.set_state(state.encode() if out["data"]["bytes"] else state)
+    restored = dict(out["state"])
+    restored["opt_state"] = unflatten_opt_state(abstract_state["opt_state"],
+                                                restored["opt_state"])
+    return restored, meta
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,127 @@
+"""Scene-world training tasks: records of the scene dataset -> training rows.
+
+Each task is a picklable callable (Grain transforms may run in worker
+processes) that maps one record of `auditdm_jax.data` to the row format of
+`train.sft` ({images, tokens, input_mask, mask_ar}) or returns None to drop
+it. The tokenizer travels as its serialized proto and is rebuilt lazily in
+each process.
+
+  VQATask      question -> answer, with the model's planted gaps applied
+               (corrupted or removed, `scenes.gaps.apply_gaps`).
+  AuditorTask  the auditor's warm start: for the record's scene, one of the
+               three routes (by record index): a well-formed probing question,
+               an edit command valid for the scene, or the scene's caption.
+  cell_labels  per-cell (colour, shape, size) class ids for the vision
+               tower's dense pretraining (0 = empty cell).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from auditdm_jax.models.config import VLMConfig
+from auditdm_jax.models.tokenizer import Tokenizer
+from auditdm_jax.scenes import captions, edits
+from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.scenes.text import AUDITOR_TASKS
+from auditdm_jax.scenes.world import COLOURS, GRID, SHAPES, SIZES, Scene
+from auditdm_jax.train.sft import sft_example
+
+ROUTES = tuple(AUDITOR_TASKS)
+
+
+class _Tokenized:
+  def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int):
+    self.cfg = cfg
+    self.proto = tokenizer.serialized()
+    self.family = tokenizer.family
+    self.seq_len = int(seq_len)
+    self._tok = None
+
+  @property
+  def tok(self) -> Tokenizer:
+    if self._tok is None:
+      self._tok = Tokenizer(self.proto, self.family)
+    return self._tok
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d["_tok"] = None
+    return d
+
+  def row(self, image, prompt_text: str, answer_text: str) -> dict:
+    tok = self.tok
+    return sft_example(self.cfg, image, tok.prompt(prompt_text), tok.answer(answer_text),
+                       self.seq_len)
+
+
+class VQATask(_Tokenized):
+  """record -> row of question/answer; gaps corrupt or remove their slice."""
+
+  def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int,
+               gaps: Sequence[str] = (), gap_mode: str = "corrupt"):
+    super().__init__(cfg, tokenizer, seq_len)
+    self.gaps = gaps_lib.parse_gaps(list(gaps))
+    if gap_mode not in gaps_lib.MODES:
+      raise ValueError(f"gap_mode must be one of {gaps_lib.MODES}, got {gap_mode!r}")
+    self.gap_mode = gap_mode
+
+  def __call__(self, record: dict) -> dict | None:
+    rec = gaps_lib.apply_gaps(record, self.gaps, self.gap_mode) if self.gaps else record
+    if rec is None:
+      return None
+    return self.row(rec["image"], rec["question"], rec["answer"])
+
+
+def auditor_target(route: str, record: dict, rng: np.random.Generator) -> str:
+  scene = Scene.from_json(record["scene"])
+  if route == "question":
+    return record["question"]
+  if route == "edit":
+    return edits.random_edit(scene, rng)
+  if route == "caption":
+    return captions.caption(scene)
+  raise ValueError(f"unknown route {route!r}; routes are {ROUTES}")
+
+
+class AuditorTask(_Tokenized):
+  """record -> the auditor's supervised warm-start row for one route."""
+
+  def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int, seed: int = 0,
+               routes: Sequence[str] = ROUTES):
+    super().__init__(cfg, tokenizer, seq_len)
+    bad = [r for r in routes if r not in ROUTES]
+    if bad or not routes:
+      raise ValueError(f"routes must be a non-empty subset of {ROUTES}, got {routes!r}")
+    self.routes = tuple(routes)
+    self.seed = int(seed)
+
+  def __call__(self, record: dict) -> dict | None:
+    index = int(record.get("index", 0))
+    route = self.routes[index % len(self.routes)]
+    rng = np.random.default_rng([self.seed, index])
+    target = auditor_target(route, record, rng)
+    return self.row(record["image"], AUDITOR_TASKS[route], target)
+
+
+def cell_labels(scene_json: str) -> np.ndarray:
+  """int32 [GRID*GRID, 3]: (colour, shape, size) class of each cell, 0 = empty."""
+  out = np.zeros((GRID * GRID, 3), np.int32)
+  for o in Scene.from_json(scene_json).objects:
+    out[o.row * GRID + o.col] = (1 + COLOURS.index(o.colour), 1 + SHAPES.index(o.shape),
+                                 1 + SIZES.index(o.size))
+  return out
+
+
+NUM_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+
+
+def cell_label_task(record: dict) -> dict:
+  return {"images": np.asarray(record["image"]), "labels": cell_labels(record["scene"])}
+
+
+def facets(record: dict) -> dict:
+  return json.loads(record["facets"])
