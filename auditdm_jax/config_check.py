@@ -7,6 +7,7 @@ stage after minutes of compilation.
 from __future__ import annotations
 
 from auditdm_jax import models, stages
+from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.stages.init_models import ROLES
 
 
@@ -39,6 +40,25 @@ def check(config) -> None:
           models.get_preset(preset)
         except ValueError as e:
           problems.append(f"{where}.preset: {e}")
+      gaps = spec.get("gaps", ())
+      if isinstance(gaps, str):
+        problems.append(f"{where}.gaps must be a list of 'SKILL:FILTER' specs, got the "
+                        f"string {gaps!r}")
+      elif gaps:
+        if role != "target":
+          problems.append(f"{where}.gaps: only targets carry planted gaps (role is {role!r})")
+        try:
+          gaps_lib.parse_gaps(list(gaps))
+        except ValueError as e:
+          problems.append(f"{where}.gaps: {e}")
+      mode = spec.get("gap_mode", "corrupt")
+      if mode not in gaps_lib.MODES:
+        problems.append(f"{where}.gap_mode is {mode!r}; expected one of {gaps_lib.MODES}")
+      if preset and str(preset).startswith("scene-") and not ckpt:
+        for section in ("world", "pretrain"):
+          if section not in config:
+            problems.append(f"{where} uses the scene preset {preset!r}, which is trained by "
+                            f"the pretrain stage, but the config has no {section!r} section")
       for key in ("dtype", "param_dtype"):
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):

@@ -86,6 +86,9 @@ class GemmaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  # Layers per iteration of the layer scan (1: rolled; depth: fully unrolled,
+  # ~1.4x faster training for tiny CPU models, slower compiles for deep ones).
+  scan_unroll: int = 1
 
   def __post_init__(self):
     problems = []
@@ -388,7 +391,7 @@ class Gemma(nn.Module):
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast),
-        length=cfg.depth,
+        length=cfg.depth, unroll=cfg.scan_unroll,
     )(cfg)
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype))
 

@@ -164,7 +164,8 @@ def scene_siglip(out_dim: int | None) -> SigLIPConfig:
   v = SCENE_VISION
   return SigLIPConfig(image_size=v["image_size"], patch_size=v["patch_size"],
                       width=v["width"], depth=v["depth"], mlp_dim=4 * v["width"],
-                      num_heads=4, out_dim=out_dim, posemb="sincos2d")
+                      num_heads=4, out_dim=out_dim, posemb="sincos2d",
+                      scan_unroll=v["depth"])
 
 
 def scene_paligemma2(size: str = "large") -> VLMConfig:
@@ -175,7 +176,7 @@ def scene_paligemma2(size: str = "large") -> VLMConfig:
   text = GemmaConfig(
       width=w, depth=d, mlp_dim=4 * w, num_heads=n, num_kv_heads=n, head_dim=w // n,
       vocab_size=SCENE_VOCAB, post_norms=True, attn_logits_softcap=50.0,
-      final_logits_softcap=30.0, attention_pattern=("global",))
+      final_logits_softcap=30.0, attention_pattern=("global",), scan_unroll=d)
   return VLMConfig(family="paligemma", variant=f"scene-paligemma2-{size}",
                    vision=scene_siglip(out_dim=w), text=text)
 
@@ -189,7 +190,7 @@ def scene_gemma3(width: int = 96, depth: int = 4) -> VLMConfig:
       head_dim=width // n, vocab_size=SCENE_VOCAB, post_norms=True, qk_norm=True,
       attention_pattern=("local",) * 5 + ("global",), sliding_window=64,
       rope_base_local=10_000.0, rope_base_global=1_000_000.0, rope_scale_global=8.0,
-      vision_proj_dim=SCENE_VISION["width"])
+      vision_proj_dim=SCENE_VISION["width"], scan_unroll=depth)
   return VLMConfig(family="gemma3", variant="scene-gemma3", vision=scene_siglip(None),
                    text=text, mm_tokens_per_image=9, boi_id=6, eoi_id=7,
                    image_token_id=SCENE_VOCAB, image_wrap_id=None)

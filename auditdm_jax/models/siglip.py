@@ -47,6 +47,9 @@ class SigLIPConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  # Layers per iteration of the layer scan (1: rolled; depth: fully unrolled,
+  # ~1.4x faster training for tiny CPU models, slower compiles for deep ones).
+  scan_unroll: int = 1
   # "learn": a learned table `pos_embedding` (SigLIP, PaliGemma); "sincos2d":
   # fixed 2-D sine-cosine embeddings and no parameter (big_vision's option).
   posemb: str = "learn"
@@ -196,7 +199,7 @@ class Encoder(nn.Module):
                        policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     x, _ = nn.scan(block, variable_axes={"params": 0},
                    split_rngs={"params": True}, in_axes=nn.broadcast,
-                   length=cfg.depth)(cfg, name="encoderblock")(x, None)
+                   length=cfg.depth, unroll=cfg.scan_unroll)(cfg, name="encoderblock")(x, None)
     return nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
                         param_dtype=jnp.dtype(cfg.param_dtype),
                         name="encoder_norm")(x)

@@ -8,19 +8,19 @@ message instead of pretending.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from auditdm_jax.stages import init_models
+from auditdm_jax.stages import evaluate, init_models, pretrain
 
 ORDER = ("init", "pretrain", "audit", "mine", "rectify", "eval", "report")
 
 IMPLEMENTED: dict[str, Callable] = {
     "init": init_models.run,
+    "pretrain": pretrain.run,
+    "eval": evaluate.run,
 }
 
 PLANNED = {
-    "pretrain": "issue 4 (scene world, data pipelines and trainer)",
-    "eval": "issue 4 (per-skill benchmark)",
     "audit": "issue 5 (GRPO auditor)",
     "mine": "issue 6 (mining and failure types)",
     "rectify": "issue 6 (rectification)",

@@ -37,7 +37,8 @@ def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], ste
   module = SigLIP(vcfg)
   width = vcfg.out_dim or vcfg.width
   params = {"img": img_params, "heads": _heads_init(width)}
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps), steps,
+  warmup = min(warmup, steps // 2)
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
                                                      lr * 0.1))
   opt_state = tx.init(params)
 

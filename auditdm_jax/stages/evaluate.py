@@ -1,0 +1,106 @@
+"""`eval` stage: per-skill accuracy of every answering model on the held-out
+scene benchmark, and the auditor's well-formed-output rates.
+
+Writes `<workdir>/eval.json`:
+  {"models": {NAME: {"role", "gaps": [SPEC...], "accuracy": {SKILL: acc, "overall": acc},
+                     "gap_accuracy": {SPEC: acc}, "healthy": {SKILL: acc}, ...}},
+   "checks": [{"model", "check", "value", "target", "ok"}], "benchmark": {...}}
+For the auditor, "accuracy" holds the fraction of well-formed outputs per
+route (question / edit / caption) and overall: what the warm start is trained
+to do. The checks are the scene world's targets (docs/scene_world.md):
+references >= 0.9 overall and >= 0.8 on every skill; each target >= 0.8 on
+every skill without a planted gap and, on each gap slice, at most 0.6 times
+its mean accuracy on the healthy skills. A miss is reported, not raised.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from auditdm_jax import models
+from auditdm_jax.eval import benchmark
+from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.scenes.questions import SKILLS
+from auditdm_jax.stages import pretrain
+from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.utils.fileio import atomic_write_text
+
+REFERENCE_OVERALL, REFERENCE_SKILL = 0.9, 0.8
+TARGET_HEALTHY, GAP_RATIO = 0.8, 0.6
+
+
+def _records(src, n: int | None = None) -> list[dict]:
+  n = len(src) if n is None else min(n, len(src))
+  return [src[i] for i in range(n)]
+
+
+def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
+  out = []
+  acc = rep["accuracy"]
+  def add(check, value, target, ok):
+    out.append({"model": name, "check": check, "value": value, "target": target,
+                "ok": bool(ok)})
+  if role == "reference":
+    add("overall", acc["overall"], f">= {REFERENCE_OVERALL}", acc["overall"] >= REFERENCE_OVERALL)
+    for s in SKILLS:
+      add(f"skill {s}", acc[s], f">= {REFERENCE_SKILL}", acc[s] >= REFERENCE_SKILL)
+  elif role == "target":
+    gapped = {gaps_lib.GapSpec.parse(g).skill for g in gaps}
+    healthy = [s for s in SKILLS if s not in gapped]
+    for s in healthy:
+      add(f"healthy skill {s}", acc[s], f">= {TARGET_HEALTHY}", acc[s] >= TARGET_HEALTHY)
+    mean_healthy = float(np.mean([acc[s] for s in healthy])) if healthy else float("nan")
+    for g, v in rep["gap_accuracy"].items():
+      limit = GAP_RATIO * mean_healthy
+      add(f"gap {g}", v, f"<= {GAP_RATIO} x healthy mean = {limit:.3f}", v <= limit)
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  if "world" not in config:
+    print("eval: this config names no scene-world benchmark; nothing to evaluate", flush=True)
+    return {}
+  pretrain.ensure_data(config, workdir)
+  bench = _records(pretrain.source(config, workdir, "benchmark"))
+  n_aud = int(config.get("eval", {}).get("auditor_samples", 96))
+  out = {"models": {}, "checks": [],
+         "benchmark": {"records": len(bench),
+                       "per_skill": {s: sum(r["skill"] == s for r in bench) for s in SKILLS}}}
+  for name, spec in sorted(config.models.items()):
+    path = model_dir(workdir, name)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
+                              "init and pretrain stages first")
+    model = models.load(path)
+    gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
+    t1 = time.time()
+    if spec.role == "auditor":
+      rep = benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed))
+      entry = {"role": "auditor", "gaps": [], "accuracy": rep["validity"],
+               "gap_accuracy": {}, "examples": rep["examples"]}
+    else:
+      rep = benchmark.evaluate_answerer(model, bench, gaps)
+      entry = {"role": spec.role, "gaps": gaps, **rep}
+    entry["wall_s"] = time.time() - t1
+    out["models"][name] = entry
+    out["checks"] += checks_for(name, spec.role, gaps, entry)
+    acc = entry["accuracy"]
+    line = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+    print(f"eval: {name:13s} {spec.role:9s} {line}", flush=True)
+    for g, v in entry["gap_accuracy"].items():
+      print(f"eval: {name:13s} gap {g}: {v:.3f}", flush=True)
+  failed = [c for c in out["checks"] if not c["ok"]]
+  for name in out["models"]:
+    missed = [c for c in failed if c["model"] == name]
+    if missed:
+      print(f"eval: {name} missed {len(missed)} check(s): " + "; ".join(
+          f"{c['check']} {c['value']:.3f} (target {c['target']})" for c in missed),
+          flush=True)
+  print(f"eval: {len(out['checks']) - len(failed)}/{len(out['checks'])} checks met", flush=True)
+  out["wall_s"] = time.time() - t0
+  atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
+  return out

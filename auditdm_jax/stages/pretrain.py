@@ -1,0 +1,233 @@
+"""`pretrain` stage: give the scene world's models real skills (and gaps).
+
+For every model whose preset is a scene preset (`scene-*`) and that has no
+checkpoint of its own:
+
+  1. data     the scene VQA dataset (TFDS array_record) in `world.data_dir`
+              (default `<workdir>/data`), built once.
+  2. vision   dense per-cell pretraining of one vision tower
+              (`train.vision`), shared by every model.
+  3. base     one PaliGemma 2-architecture base model (`pretrain.base.preset`)
+              fine-tuned on the clean VQA data.
+  4. derive   each target / reference starts from the base (a shallower
+              preset takes an evenly spaced subset of the base's layers) and
+              is fine-tuned with its own seed on data where its planted gaps
+              (`models.NAME.gaps`) are corrupted or removed.
+  5. auditor  the Gemma 3-architecture auditor gets the shared vision tower
+              and a supervised warm start on well-formed questions, edit
+              commands and captions.
+
+Every training run checkpoints and resumes (`train.sft`); finished pieces are
+recorded in `<workdir>/pretrain.json` and skipped when the stage reruns.
+Trained models replace `<workdir>/models/<name>` (our Orbax format, with the
+world tokenizer), which later stages load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from auditdm_jax import models
+from auditdm_jax.data import pipeline, scene_tfds
+from auditdm_jax.models import presets
+from auditdm_jax.models.config import VLMConfig
+from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.train import sft, tasks, vision
+from auditdm_jax.utils.fileio import atomic_write_text
+
+ANSWERER_ROLES = ("target", "reference")
+
+
+def is_scene_model(spec) -> bool:
+  return bool(spec.get("preset", "")) and spec.preset.startswith("scene-") and \
+      not spec.get("checkpoint", "")
+
+
+def data_sizes(config) -> dict:
+  w = config.world
+  return {"train_size": int(w.train_size), "benchmark_size": int(w.benchmark_size),
+              "seed_images_size": int(w.get("seed_images_size", 0))}
+
+
+def data_dir(config, workdir: str) -> str:
+  return config.world.get("data_dir", "") or os.path.join(workdir, "data")
+
+
+def ensure_data(config, workdir: str):
+  d = data_dir(config, workdir)
+  sizes = data_sizes(config)
+  if not scene_tfds.is_built(d, **sizes):
+    t0 = time.time()
+    scene_tfds.build(d, **sizes, num_workers=int(config.world.get("build_workers", 1)))
+    print(f"pretrain: built the scene dataset in {d} ({sizes['train_size']} train, "
+          f"{sizes['benchmark_size']} benchmark) in {time.time() - t0:.0f}s", flush=True)
+  return d
+
+
+def source(config, workdir: str, split: str):
+  return scene_tfds.data_source(data_dir(config, workdir), split, **data_sizes(config))
+
+
+def train_config(rc, seed: int, steps_key: str = "steps") -> sft.TrainConfig:
+  """TrainConfig from one recipe ConfigDict of the pretrain section."""
+  return sft.TrainConfig(
+      steps=int(rc[steps_key]), lr=float(rc.lr), warmup_steps=rc.get("warmup", 0.05),
+      end_lr=float(rc.get("end_lr", 0.0)), weight_decay=float(rc.get("weight_decay", 0.0)),
+      b2=float(rc.get("b2", 0.99)), grad_clip=float(rc.get("grad_clip", 1.0)),
+      frozen=tuple(rc.get("frozen", ())), checkpoint_every=int(rc.get("checkpoint_every", 200)),
+      log_every=int(rc.get("log_every", 100)), seed=seed, tensorboard=True,
+      progress=False, compiler_options=tuple(dict(rc.get("compiler_options", {})).items()))
+
+
+def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig) -> dict:
+  """Base params reshaped into `cfg`: same widths; a shallower LLM keeps an
+  evenly spaced subset of the base's layers (first and last included)."""
+  bt, t = base_cfg.text, cfg.text
+  same = ("width", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+  diff = [k for k in same if getattr(bt, k) != getattr(t, k)]
+  if diff or base_cfg.vision != cfg.vision or t.depth > bt.depth:
+    raise ValueError(f"cannot derive {cfg.variant} from {base_cfg.variant}: "
+                     f"text fields {diff} differ, or the vision towers differ, or it is "
+                     f"deeper ({t.depth} > {bt.depth} layers)")
+  if t.depth == bt.depth:
+    return jax.tree.map(np.asarray, base_params)
+  keep = np.round(np.linspace(0, bt.depth - 1, t.depth)).astype(int)
+  out = jax.tree.map(np.asarray, base_params)
+  out["llm"] = dict(out["llm"])
+  out["llm"]["layers"] = jax.tree.map(lambda a: a[keep], out["llm"]["layers"])
+  return out
+
+
+class _Status:
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "pretrain.json")
+    self.data = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.data = json.load(f)
+
+  def done(self, key: str) -> bool:
+    return key in self.data
+
+  def mark(self, key: str, value: dict) -> None:
+    self.data[key] = value
+    atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+def _loader(config, workdir, task, batch: int, seed: int):
+  return pipeline.train_loader(source(config, workdir, "train"), batch_size=batch,
+                               seed=seed, transforms=[task],
+                               worker_count=int(config.world.get("loader_workers", 0)))
+
+
+def _save_img(path: str, img: dict) -> None:
+  flat = {"/".join(k.key for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(img)[0]}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def _load_img(path: str) -> dict:
+  out: dict = {}
+  with np.load(path) as z:
+    for k in z.files:
+      d = out
+      parts = k.split("/")
+      for p in parts[:-1]:
+        d = d.setdefault(p, {})
+      d[parts[-1]] = z[k]
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  specs = {n: s for n, s in config.models.items() if is_scene_model(s)}
+  if not specs or "pretrain" not in config or "world" not in config:
+    print("pretrain: no scene-world models in this config; nothing to train", flush=True)
+    return {}
+  pc = config.pretrain
+  seed = int(config.seed)
+  status = _Status(workdir)
+  root = os.path.join(workdir, "pretrain")
+  os.makedirs(root, exist_ok=True)
+  t_stage = time.time()
+  ensure_data(config, workdir)
+  tok = world_tokenizer("paligemma")
+  base_cfg = presets.get_preset(pc.base.preset)
+
+  # -- 2. vision tower -------------------------------------------------------
+  vision_path = os.path.join(root, "vision.npz")
+  if not (status.done("vision") and os.path.exists(vision_path)):
+    params = models.VLM.random(base_cfg, seed=seed).params
+    it = _loader(config, workdir, tasks.cell_label_task, int(pc.vision.batch), seed)
+    img, info = vision.pretrain_vision(base_cfg.vision, params["img"], it,
+                                       int(pc.vision.steps), lr=float(pc.vision.lr))
+    _save_img(vision_path, img)
+    status.mark("vision", info)
+  img = _load_img(vision_path)
+
+  # -- 3. base answering model ----------------------------------------------
+  base_dir = os.path.join(root, "base")
+  if not status.done("base"):
+    params = models.VLM.random(base_cfg, seed=seed).params
+    params = dict(params, img=img)
+    task = tasks.VQATask(base_cfg, tok, int(pc.seq_len))
+    it = _loader(config, workdir, task, int(pc.base.batch), seed)
+    tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
+    _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
+    status.mark("base", summary)
+  base_params = jax.tree.map(np.asarray, models.load(os.path.join(base_dir, "final")).params)
+
+  # -- 4. targets and references ----------------------------------------------
+  results = {}
+  for i, (name, spec) in enumerate(sorted(specs.items())):
+    if spec.role not in ANSWERER_ROLES:
+      continue
+    if status.done(name) and os.path.exists(model_dir(workdir, name)):
+      results[name] = status.data[name]
+      continue
+    cfg = presets.get_preset(spec.preset)
+    gaps = tuple(spec.get("gaps", ()))
+    params = derive_params(base_params, base_cfg, cfg)
+    task = tasks.VQATask(cfg, tok, int(pc.seq_len), gaps=gaps,
+                         gap_mode=str(spec.get("gap_mode", "corrupt")))
+    mseed = seed + 101 * (i + 1)
+    it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
+    params, summary = sft.train(cfg, params, it, train_config(pc.finetune, mseed),
+                                os.path.join(root, name), tokenizer=tok)
+    models.VLM(cfg, jax.tree.map(np.asarray, params), tok).save(model_dir(workdir, name))
+    results[name] = dict(summary, gaps=list(gaps), preset=spec.preset)
+    status.mark(name, results[name])
+    print(f"pretrain: {name} ({spec.role}, {spec.preset}, gaps {list(gaps)}) trained "
+          f"{summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}",
+          flush=True)
+
+  # -- 5. auditor warm start --------------------------------------------------
+  atok = world_tokenizer("gemma3")
+  for name, spec in sorted(specs.items()):
+    if spec.role != "auditor":
+      continue
+    if status.done(name) and os.path.exists(model_dir(workdir, name)):
+      results[name] = status.data[name]
+      continue
+    cfg = presets.get_preset(spec.preset)
+    params = models.VLM.random(cfg, seed=seed + 7).params
+    params = dict(params, img={k: v for k, v in img.items() if k != "head"})
+    task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed)
+    it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
+    params, summary = sft.train(cfg, params, it, train_config(pc.auditor, seed + 7),
+                                os.path.join(root, name), tokenizer=atok)
+    models.VLM(cfg, jax.tree.map(np.asarray, params), atok).save(model_dir(workdir, name))
+    results[name] = dict(summary, preset=spec.preset)
+    status.mark(name, results[name])
+    print(f"pretrain: {name} (auditor, {spec.preset}) trained {summary['steps']} steps, "
+          f"final loss {summary['final'].get('loss', float('nan')):.4f}", flush=True)
+  print(f"pretrain: done in {time.time() - t_stage:.0f}s", flush=True)
+  return results

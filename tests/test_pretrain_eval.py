@@ -1,0 +1,86 @@
+"""The pretrain and eval stages on a micro version of the tiny config:
+mechanics (data built once, models trained and saved with the world
+tokenizer, gaps applied, eval.json schema, reruns skip finished work).
+The quality figures come from the full stage (docs/scene_world.md)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from absl import flags
+
+from auditdm_jax import config_check, models
+from auditdm_jax.stages import evaluate, pretrain
+from configs import tiny
+
+flags.FLAGS.mark_as_parsed()
+
+
+def micro_config():
+  return tiny.get_config("smoke")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("tiny"))
+  c = micro_config()
+  config_check.check(c)
+  pretrain.run(c, wd)   # (the init stage is covered by test_main; pretrain does not need it)
+  return wd
+
+
+def test_pretrain_writes_trained_models_with_world_tokenizer(workdir):
+  with open(os.path.join(workdir, "pretrain.json")) as f:
+    status = json.load(f)
+  for key in ("vision", "base", "target_small", "target_large", "ref_a", "ref_b", "auditor"):
+    assert key in status, key
+  assert status["target_small"]["gaps"] == ["counting:n>=4", "colour:purple"]
+  small = models.load(os.path.join(workdir, "models", "target_small"))
+  large = models.load(os.path.join(workdir, "models", "target_large"))
+  assert small.tokenizer is not None and small.tokenizer.vocab_size <= small.config.text.vocab_size
+  assert small.config.text.depth < large.config.text.depth
+  auditor = models.load(os.path.join(workdir, "models", "auditor"))
+  assert auditor.config.family == "gemma3" and auditor.tokenizer.family == "gemma3"
+  # The shared vision tower reached every model (same pretrained encoder).
+  a = small.params["img"]["embedding"]["kernel"]
+  b = auditor.params["img"]["embedding"]["kernel"]
+  assert a.shape == b.shape
+
+
+def test_pretrain_rerun_skips_finished_work(workdir, capsys):
+  before = os.path.getmtime(os.path.join(workdir, "models", "ref_a"))
+  pretrain.run(micro_config(), workdir)
+  assert os.path.getmtime(os.path.join(workdir, "models", "ref_a")) == before
+  assert "trained" not in capsys.readouterr().out
+
+
+def test_eval_json_schema(workdir):
+  out = evaluate.run(micro_config(), workdir)
+  with open(os.path.join(workdir, "eval.json")) as f:
+    data = json.load(f)
+  assert set(data["models"]) == {"target_small", "target_large", "ref_a", "ref_b", "auditor"}
+  for m in data["models"].values():
+    assert m["role"] in ("target", "reference", "auditor")
+    for v in m["accuracy"].values():
+      assert v is None or 0.0 <= v <= 1.0
+    assert "overall" in m["accuracy"]
+  ts = data["models"]["target_small"]
+  assert ts["gaps"] == ["counting:n>=4", "colour:purple"]
+  assert set(ts["gap_accuracy"]) == set(ts["gaps"])
+  assert data["benchmark"]["records"] == 64
+  assert any(c["model"] == "ref_a" and c["check"] == "overall" for c in data["checks"])
+  assert out["models"]["ref_a"]["accuracy"]["overall"] == pytest.approx(
+      data["models"]["ref_a"]["accuracy"]["overall"])
+
+
+def test_derive_params_takes_a_layer_subset():
+  from auditdm_jax.models import presets
+  base = presets.get_preset("scene-paligemma2-large")
+  small = presets.get_preset("scene-paligemma2-small")
+  params = models.VLM.random(base, seed=0).params
+  out = pretrain.derive_params(params, base, small)
+  q = np.asarray(params["llm"]["layers"]["attn"]["q_einsum"]["w"])
+  assert np.array_equal(out["llm"]["layers"]["attn"]["q_einsum"]["w"], q[[0, base.text.depth - 1]])
+  with pytest.raises(ValueError, match="cannot derive"):
+    pretrain.derive_params(out, small, base)
