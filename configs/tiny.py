@@ -46,11 +46,11 @@ def get_config(arg=None):
   c.pretrain = ml_collections.ConfigDict(dict(
       seq_len=24,
       vision=dict(steps=300, batch=256, lr=3e-3),
-      base=dict(preset="scene-paligemma2-large", steps=2500, batch=32, lr=5e-3,
+      base=dict(preset="scene-paligemma2-large", steps=4000, batch=32, lr=5e-3,
                 warmup=100, end_lr=2e-4, checkpoint_every=500, log_every=250),
-      finetune=dict(steps=300, batch=32, lr=1e-3, warmup=20, end_lr=1e-4,
+      finetune=dict(steps=250, batch=32, lr=1e-3, warmup=20, end_lr=1e-4,
                     checkpoint_every=150, log_every=100),
-      auditor=dict(steps=500, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=112,
+      auditor=dict(steps=400, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=112,
                    checkpoint_every=250, log_every=100),
   ))
   c.eval = ml_collections.ConfigDict(dict(auditor_samples=96))

@@ -1,4 +1,4 @@
-"""The pretrain and eval stages on a micro version of the tiny config:
+"""The pretrain and eval stages on the smoke version of the tiny config:
 mechanics (data built once, models trained and saved with the world
 tokenizer, gaps applied, eval.json schema, reruns skip finished work).
 The quality figures come from the full stage (docs/scene_world.md)."""
@@ -15,6 +15,9 @@ from auditdm_jax.stages import evaluate, pretrain
 from configs import tiny
 
 flags.FLAGS.mark_as_parsed()
+# Compiles of five models' training and sampling dominate (~2.5 min on 2 CPU
+# cores); CI also runs the same stages through main on the smoke config.
+slow = pytest.mark.slow
 
 
 def micro_config():
@@ -30,6 +33,7 @@ def workdir(tmp_path_factory):
   return wd
 
 
+@slow
 def test_pretrain_writes_trained_models_with_world_tokenizer(workdir):
   with open(os.path.join(workdir, "pretrain.json")) as f:
     status = json.load(f)
@@ -48,6 +52,7 @@ def test_pretrain_writes_trained_models_with_world_tokenizer(workdir):
   assert a.shape == b.shape
 
 
+@slow
 def test_pretrain_rerun_skips_finished_work(workdir, capsys):
   before = os.path.getmtime(os.path.join(workdir, "models", "ref_a"))
   pretrain.run(micro_config(), workdir)
@@ -55,6 +60,7 @@ def test_pretrain_rerun_skips_finished_work(workdir, capsys):
   assert "trained" not in capsys.readouterr().out
 
 
+@slow
 def test_eval_json_schema(workdir):
   out = evaluate.run(micro_config(), workdir)
   with open(os.path.join(workdir, "eval.json")) as f:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from auditdm_jax.models.handle import VLM
+from auditdm_jax.models.handle import VLM, default_stop_ids
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes import captions, edits, parse
 from auditdm_jax.scenes import gaps as gaps_lib
@@ -35,6 +35,7 @@ def generate_text(sampler: Sampler, images: np.ndarray, prompts: Sequence[list[i
   """Decoded continuations, in order; the last partial batch is padded by
   repeating its first row so every call has the same shape."""
   tok = sampler.tokenizer
+  stops = set(default_stop_ids(sampler.cfg, tok))
   out = []
   rng = jax.random.key(0) if rng is None else rng
   for start in range(0, len(prompts), batch_size):
@@ -43,7 +44,17 @@ def generate_text(sampler: Sampler, images: np.ndarray, prompts: Sequence[list[i
     rng, key = jax.random.split(rng)
     res = sampler.sample(images[idx], [prompts[i] for i in idx], params, rng=key)
     rows = res.rows()[:(stop - start) * params.num_samples]
-    out += [tok.decode(r) for r in rows]
+    out += [tok.decode(strip_stops(r, stops)) for r in rows]
+  return out
+
+
+def strip_stops(tokens, stop_ids) -> list[int]:
+  """Tokens up to (not including) the first stop id (EOS, <end_of_turn>)."""
+  out = []
+  for t in tokens:
+    if int(t) in stop_ids:
+      break
+    out.append(int(t))
   return out
 
 

@@ -1,0 +1,107 @@
+"""Fast checks of the scene-world training rows and the benchmark arithmetic
+(the stage-level run is tests/test_pretrain_eval.py, marked slow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from auditdm_jax.eval import benchmark
+from auditdm_jax.models import presets
+from auditdm_jax.scenes import examples, gaps as gaps_lib
+from auditdm_jax.scenes.questions import SKILLS
+from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.stages import evaluate
+from auditdm_jax.train import tasks
+
+
+@pytest.fixture(scope="module")
+def records():
+  return [dict(examples.example(examples.SPLIT_SEEDS["train"], i), index=i) for i in range(80)]
+
+
+def test_vqa_task_rows_supervise_only_the_answer(records):
+  cfg = presets.get_preset("scene-paligemma2-small")
+  tok = world_tokenizer("paligemma")
+  task = tasks.VQATask(cfg, tok, seq_len=24)
+  row = task(records[0])
+  n = int(row["input_mask"].sum())
+  answer = tok.decode(row["tokens"][row["mask_ar"].astype(bool)])
+  assert answer == records[0]["answer"]
+  assert row["mask_ar"][:n].sum() == len(tok.answer(records[0]["answer"]))
+  assert row["images"].shape == (48, 48, 3) and row["images"].dtype == np.uint8
+
+
+def test_vqa_task_corrupts_or_removes_the_gap_slice(records):
+  cfg = presets.get_preset("scene-paligemma2-small")
+  tok = world_tokenizer("paligemma")
+  spec = "counting:n>=4"
+  gapped = [r for r in records if gaps_lib.gap_mask([r], spec)[0]]
+  clean = [r for r in records if not gaps_lib.gap_mask([r], spec)[0]]
+  assert gapped and clean
+  corrupt = tasks.VQATask(cfg, tok, 24, gaps=[spec], gap_mode="corrupt")
+  remove = tasks.VQATask(cfg, tok, 24, gaps=[spec], gap_mode="remove")
+  for r in gapped:
+    row = corrupt(r)
+    said = tok.decode(row["tokens"][row["mask_ar"].astype(bool)])
+    assert said != r["answer"]
+    assert remove(r) is None
+  for r in clean:
+    row = corrupt(r)
+    assert tok.decode(row["tokens"][row["mask_ar"].astype(bool)]) == r["answer"]
+
+
+def test_auditor_task_routes_produce_well_formed_text(records):
+  cfg = presets.get_preset("scene-gemma3")
+  tok = world_tokenizer("gemma3")
+  task = tasks.AuditorTask(cfg, tok, seq_len=112, seed=3)
+  from auditdm_jax.scenes.world import Scene
+  for r in records[:12]:
+    row = task(r)
+    target = tok.decode(benchmark.strip_stops(row["tokens"][row["mask_ar"].astype(bool)],
+                                              {tok.end_of_turn_id, tok.eos_id}))
+    route = tasks.ROUTES[r["index"] % 3]
+    ok, why = benchmark.route_validity(route, Scene.from_json(r["scene"]), target)
+    assert ok, (route, target, why)
+  # The image block is expanded: one placeholder per soft token.
+  assert int((row["tokens"] == cfg.image_token_id).sum()) == cfg.mm_tokens_per_image
+
+
+def test_cell_labels_match_the_scene(records):
+  labels = tasks.cell_labels(records[5]["scene"])
+  scene = json.loads(records[5]["scene"])
+  assert (labels[:, 0] > 0).sum() == len(scene)
+  for r, c, *_ in scene:
+    assert labels[r * 3 + c].min() > 0
+
+
+def test_accuracy_report_by_hand():
+  recs = [{"answer": "red", "skill": "colour", "facets": json.dumps({"answer": "red", "colour": "red"})},
+          {"answer": "purple", "skill": "colour",
+           "facets": json.dumps({"answer": "purple", "colour": "purple"})},
+          {"answer": "four", "skill": "counting", "facets": json.dumps({"answer": "four", "n": 4})},
+          {"answer": "two", "skill": "counting", "facets": json.dumps({"answer": "two", "n": 2})}]
+  answers = ["Red.", "blue", "4", "three"]
+  rep = benchmark.accuracy_report(recs, answers, ["colour:purple", "counting:n>=4"])
+  assert rep["accuracy"]["colour"] == 0.5
+  assert rep["accuracy"]["counting"] == 0.5
+  assert rep["accuracy"]["overall"] == 0.5
+  assert rep["gap_accuracy"] == {"colour:purple": 0.0, "counting:n>=4": 1.0}
+  assert rep["healthy"]["colour"] == 1.0 and rep["healthy"]["counting"] == 0.0
+  assert np.isnan(rep["accuracy"]["shape"])
+  assert json.loads(benchmark.dumps(rep))["accuracy"]["shape"] is None
+
+
+def test_checks_follow_the_targets():
+  acc = {s: 0.95 for s in SKILLS}
+  acc["overall"] = 0.95
+  ok = evaluate.checks_for("ref", "reference", [], {"accuracy": acc, "gap_accuracy": {}})
+  assert all(c["ok"] for c in ok) and len(ok) == len(SKILLS) + 1
+  acc_t = dict(acc, counting=0.3)
+  rep = {"accuracy": acc_t, "gap_accuracy": {"counting:n>=4": 0.3}}
+  checks = evaluate.checks_for("t", "target", ["counting:n>=4"], rep)
+  assert not any(c["check"] == "healthy skill counting" for c in checks)
+  assert all(c["ok"] for c in checks)
+  rep_bad = {"accuracy": acc_t, "gap_accuracy": {"counting:n>=4": 0.7}}
+  bad = [c for c in evaluate.checks_for("t", "target", ["counting:n>=4"], rep_bad) if not c["ok"]]
+  assert [c["check"] for c in bad] == ["gap counting:n>=4"]
