@@ -27,6 +27,7 @@ def test_init_stage_writes_loadable_models(tmp_path):
   config = _tiny_config()
   config.models = ml_collections.ConfigDict({
       "target_small": config.models.target_small, "auditor": config.models.auditor})
+  config.stage = "init"
   walls = main.run(config, str(tmp_path))
   assert set(walls) == {"init"}
   summary = json.load(open(tmp_path / "models.json"))
