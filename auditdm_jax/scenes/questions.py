@@ -94,28 +94,26 @@ def phrase(size=None, colour=None, shape=None) -> str:
 
 # -- templates: each returns a Question or None when the scene does not allow one --
 
-def q_colour(scene, rng):
+def _q_attribute(scene, rng, attr: str):
+  """"what ATTR is the REF?" with a REF that does not name ATTR."""
   objs = list(scene.objects)
   rng.shuffle(objs)
   for o in objs:
-    ref = unique_ref(scene, o, avoid=("colour",))
+    ref = unique_ref(scene, o, avoid=(attr,))
     if ref:
-      return Question(f"what colour is the {ref}?", o.colour, "colour",
-                      (("answer", o.colour), ("colour", o.colour), ("shape", o.shape),
+      value = getattr(o, attr)
+      return Question(f"what {attr} is the {ref}?", value, attr,
+                      (("answer", value), ("colour", o.colour), ("shape", o.shape),
                        ("size", o.size)))
   return None
+
+
+def q_colour(scene, rng):
+  return _q_attribute(scene, rng, "colour")
 
 
 def q_shape(scene, rng):
-  objs = list(scene.objects)
-  rng.shuffle(objs)
-  for o in objs:
-    ref = unique_ref(scene, o, avoid=("shape",))
-    if ref:
-      return Question(f"what shape is the {ref}?", o.shape, "shape",
-                      (("answer", o.shape), ("colour", o.colour), ("shape", o.shape),
-                       ("size", o.size)))
-  return None
+  return _q_attribute(scene, rng, "shape")
 
 
 def q_counting(scene, rng):

@@ -30,12 +30,14 @@ import json
 import os
 import time
 
+import flax
 import jax
 import numpy as np
 
 from auditdm_jax import models
 from auditdm_jax.data import pipeline, scene_tfds
 from auditdm_jax.models import presets
+from auditdm_jax.models.ckpt import common as ckpt_common
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.stages.init_models import model_dir
@@ -128,23 +130,14 @@ def _loader(config, workdir, task, batch: int, seed: int):
 
 
 def _save_img(path: str, img: dict) -> None:
-  flat = {"/".join(k.key for k in p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(img)[0]}
   tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
+  np.savez(tmp, **ckpt_common.flatten(img))
   os.replace(tmp, path)
 
 
 def _load_img(path: str) -> dict:
-  out: dict = {}
   with np.load(path) as z:
-    for k in z.files:
-      d = out
-      parts = k.split("/")
-      for p in parts[:-1]:
-        d = d.setdefault(p, {})
-      d[parts[-1]] = z[k]
-  return out
+    return flax.traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
 
 
 def run(config, workdir: str) -> dict:
