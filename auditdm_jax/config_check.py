@@ -63,5 +63,44 @@ def check(config) -> None:
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):
           problems.append(f"{where}.{key} is {value!r}; use float32, bfloat16 or float16")
+  if "audit" in config and specs:
+    problems += audit_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def audit_problems(config) -> list[str]:
+  """Problems of the `audit` section (every one, not just the first)."""
+  # Imported here: the audit stage pulls in the samplers and trainers.
+  from auditdm_jax.audit import rollout  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.stages import audit  # pylint: disable=import-outside-toplevel
+  problems = []
+  a = config.audit
+  for key in ("steps", "prompts_per_step", "eval_budget", "max_new_tokens", "seq_len",
+              "checkpoint_every"):
+    v = a.get(key, None)
+    if not isinstance(v, int) or v < 1:
+      problems.append(f"audit.{key} must be an int >= 1, got {v!r}")
+  try:
+    audit.audit_target(config)
+  except ValueError as e:
+    problems.append(str(e))
+  try:
+    rollout.check_mixture(dict(a.get("mixture", {})))
+  except (ValueError, TypeError) as e:
+    problems.append(f"audit.mixture: {e}")
+  try:
+    audit.configs_from(config)
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
+    problems.append(f"audit: {e}")
+  try:
+    from auditdm_jax.audit import editor  # pylint: disable=import-outside-toplevel
+    editor.get_editor(a.get("editor", ""))
+  except ValueError as e:
+    problems.append(f"audit.editor: {e}")
+  seeds = config.get("world", {}).get("seed_images_size", None)
+  budget = a.get("eval_budget", None)
+  if isinstance(seeds, int) and isinstance(budget, int) and budget >= seeds:
+    problems.append(f"audit.eval_budget ({budget}) must be smaller than "
+                    f"world.seed_images_size ({seeds}): the rest trains the auditor")
+  return problems

@@ -3,7 +3,8 @@
 Models use PaliGemma 2 (targets, references) and Gemma 3 (auditor)
 architectures at tiny widths (`scene-*` presets, models/presets.py). The two
 targets carry planted capability gaps (`gaps`, grammar in scenes/gaps.py);
-the references are healthy. Stages after `eval` arrive with later issues.
+the references are healthy. The mine / rectify / report stages arrive with
+issue 6.
 
   python -m auditdm_jax.main --config=configs/tiny.py --workdir=/tmp/auditdm_tiny
 """
@@ -45,6 +46,7 @@ def get_config(arg=None):
       build_workers=1, loader_workers=0))
   c.pretrain = ml_collections.ConfigDict(dict(
       seq_len=24,
+      post_norm_init=0.1,       # gain of the LLM post-norms at init (pretrain.scale_post_norms)
       vision=dict(steps=300, batch=256, lr=3e-3),
       base=dict(preset="scene-paligemma2-large", steps=4000, batch=32, lr=5e-3,
                 warmup=100, end_lr=2e-4, checkpoint_every=500, log_every=250),
@@ -52,6 +54,19 @@ def get_config(arg=None):
                     checkpoint_every=150, log_every=100),
       auditor=dict(steps=400, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=112,
                    checkpoint_every=250, log_every=100),
+  ))
+  # GRPO training of the auditor against one target (audit stage).
+  c.audit = ml_collections.ConfigDict(dict(
+      target="target_small",
+      editor="scene",
+      steps=120, prompts_per_step=8,          # x grpo.num_samples auditor samples a step
+      mixture=dict(question=0.5, edit=0.25, edit_question=0.25),
+      temperature=1.0, max_new_tokens=40, seq_len=112,
+      grpo=dict(num_samples=8, clip_eps=0.2, kl_beta=0.04, loss_agg="token_mean",
+                updates_per_batch=1),
+      optim=dict(lr=1e-3, warmup=0.1, end_lr=1e-4, b2=0.99, grad_clip=1.0, grad_accum=1),
+      reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0),
+      eval_budget=256, eval_batch=64, checkpoint_every=20, log_every=10, log_examples=2,
   ))
   c.eval = ml_collections.ConfigDict(dict(auditor_samples=96))
   if arg == "smoke":
@@ -68,3 +83,6 @@ def _smoke(c):
     r.update(dict(steps=2, batch=batch, warmup=1, checkpoint_every=2, log_every=2,
                   compiler_options={"xla_backend_optimization_level": 0}))
   c.eval.auditor_samples = 8
+  c.audit.update(dict(steps=2, prompts_per_step=2, eval_budget=4, eval_batch=4,
+                      checkpoint_every=1, log_every=1, max_new_tokens=12))
+  c.audit.grpo.num_samples = 2

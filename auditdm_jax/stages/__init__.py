@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from auditdm_jax.stages import evaluate, init_models, pretrain
+from auditdm_jax.stages import audit, evaluate, init_models, pretrain
 
 ORDER = ("init", "pretrain", "audit", "mine", "rectify", "eval", "report")
 
 IMPLEMENTED: dict[str, Callable] = {
     "init": init_models.run,
     "pretrain": pretrain.run,
+    "audit": audit.run,
     "eval": evaluate.run,
 }
 
 PLANNED = {
-    "audit": "issue 5 (GRPO auditor)",
     "mine": "issue 6 (mining and failure types)",
     "rectify": "issue 6 (rectification)",
     "report": "issue 6 (HTML report)",

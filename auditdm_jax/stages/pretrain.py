@@ -107,6 +107,33 @@ def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig) -> dic
   return out
 
 
+def scale_post_norms(params: dict, gain: float) -> dict:
+  """From-scratch init for the scene models: the LLM's post-attention and
+  post-MLP RMSNorms start with gain `gain` (scale = gain - 1, as Gemma norms
+  multiply by 1 + scale) instead of 1.
+
+  With gain 1 every residual branch writes unit-RMS output from step 0 (the
+  post-norm rescales even an uninformative attention average to full size);
+  tiny Gemma-2 stacks trained from scratch then sit for thousands of steps
+  on a plateau where attention does not learn to select one token among
+  several (measured in docs/scene_world.md). A small gain keeps the early
+  branches quiet, as small-init / SkipInit schemes do. Real checkpoints are
+  loaded, never initialised, so this touches only the scene world.
+  """
+  if gain == 1.0:
+    return params
+  layers = params["llm"]["layers"]
+  missing = [k for k in ("post_attention_norm", "post_ffw_norm") if k not in layers]
+  if missing:
+    return params   # a model without post-norms
+  out = dict(params)
+  out["llm"] = dict(params["llm"])
+  out["llm"]["layers"] = dict(layers)
+  for k in ("post_attention_norm", "post_ffw_norm"):
+    out["llm"]["layers"][k] = {"scale": np.asarray(layers[k]["scale"]) + (gain - 1.0)}
+  return out
+
+
 class _Status:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "pretrain.json")
@@ -170,7 +197,7 @@ def run(config, workdir: str) -> dict:
   base_dir = os.path.join(root, "base")
   if not status.done("base"):
     params = models.VLM.random(base_cfg, seed=seed).params
-    params = dict(params, img=img)
+    params = scale_post_norms(dict(params, img=img), float(pc.get("post_norm_init", 1.0)))
     task = tasks.VQATask(base_cfg, tok, int(pc.seq_len))
     it = _loader(config, workdir, task, int(pc.base.batch), seed)
     tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
@@ -212,7 +239,8 @@ def run(config, workdir: str) -> dict:
       continue
     cfg = presets.get_preset(spec.preset)
     params = models.VLM.random(cfg, seed=seed + 7).params
-    params = dict(params, img={k: v for k, v in img.items() if k != "head"})
+    params = scale_post_norms(dict(params, img={k: v for k, v in img.items() if k != "head"}),
+                              float(pc.get("post_norm_init", 1.0)))
     task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed)
     it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
     params, summary = sft.train(cfg, params, it, train_config(pc.auditor, seed + 7),

@@ -302,10 +302,10 @@ def check_batch(cfg: VLMConfig, batch, grad_accum: int = 1) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------
 
 
-def token_stats(cfg: VLMConfig, params, batch, rng=None):
-  """(log p(token | image, earlier tokens), argmax == token), both [B, T]
-  over the text tokens (traceable; as `handle.token_logprobs`, 0 / False
-  where nothing precedes)."""
+def aligned_logits(cfg: VLMConfig, params, batch, rng=None):
+  """(logits float32 [B, T', V], target ids [B, T']) where logits[:, t]
+  predicts target[:, t]. PaliGemma: T' = T (the last image token predicts the
+  first text token); Gemma 3: T' = T - 1 (text token t predicts t + 1)."""
   module = vlm.build(cfg)
   rngs = None if rng is None else {"dropout": rng}
   tokens = batch["tokens"]
@@ -320,14 +320,26 @@ def token_stats(cfg: VLMConfig, params, batch, rng=None):
     pred, target = logits[:, :-1], tokens[:, 1:]                 # [B, T-1, V]
   # Gemma 3 image placeholders lie outside the table; they are never loss
   # tokens, but must not gather out of range (that yields NaN, and 0 * NaN).
-  target = jnp.clip(target, 0, pred.shape[-1] - 1)
-  lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+  return pred.astype(jnp.float32), jnp.clip(target, 0, pred.shape[-1] - 1)
+
+
+def pad_to_tokens(cfg: VLMConfig, x):
+  """[B, T'] per-prediction values -> [B, T] aligned with the tokens they
+  predict (Gemma 3: a leading 0 / False, as nothing predicts token 0)."""
+  if cfg.family == "paligemma":
+    return x
+  return jnp.pad(x, ((0, 0), (1, 0)))
+
+
+def token_stats(cfg: VLMConfig, params, batch, rng=None):
+  """(log p(token | image, earlier tokens), argmax == token), both [B, T]
+  over the text tokens (traceable; as `handle.token_logprobs`, 0 / False
+  where nothing precedes)."""
+  pred, target = aligned_logits(cfg, params, batch, rng)
+  lsm = jax.nn.log_softmax(pred, axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(pred, axis=-1) == target
-  if cfg.family != "paligemma":
-    lp = jnp.pad(lp, ((0, 0), (1, 0)))
-    correct = jnp.pad(correct, ((0, 0), (1, 0)))
-  return lp, correct
+  return pad_to_tokens(cfg, lp), pad_to_tokens(cfg, correct)
 
 
 def loss_mask(batch):
@@ -540,23 +552,35 @@ class Trainer:
   def compiled_step(self, state, dev_batch):
     """The step compiled for this batch signature (cached across Trainers)."""
     sig = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(dev_batch.items()))
-    key = ("step", self.cfg, _step_key_config(self.tcfg), self.mesh, sig)
+    key = ("step", type(self).__name__, self.cfg, self.step_key(), self.mesh, sig)
 
     def build():
       t0 = time.perf_counter()
       batch_sh = {k: v.sharding for k, v in dev_batch.items()}
-      fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mask, self.mesh,
-                           self.state_shardings, batch_sh)
+      fn = self.make_step(batch_sh)
       out = fn.lower(state, dev_batch).compile(self._compiler_options())
       self.compile_s += time.perf_counter() - t0
       return out
 
     return _cached(key, build)
 
+  # Subclasses with another loss (the GRPO trainer) override these three.
+  def step_key(self):
+    """What, besides the model, mesh and batch signature, shapes the step."""
+    return _step_key_config(self.tcfg)
+
+  def make_step(self, batch_shardings):
+    """The jitted (state, batch) -> (state, metrics) function."""
+    return make_train_step(self.cfg, self.tcfg, self.tx, self.mask, self.mesh,
+                           self.state_shardings, batch_shardings)
+
+  def check(self, batch) -> dict[str, np.ndarray]:
+    return check_batch(self.cfg, batch, self.tcfg.grad_accum)
+
   def step(self, state, batch) -> tuple[dict, dict[str, np.ndarray]]:
     """One optimizer step on a host batch; `state` is donated (invalid after).
     Returns the new state and the step's metrics (numpy scalars)."""
-    batch = check_batch(self.cfg, batch, self.tcfg.grad_accum)
+    batch = self.check(batch)
     dev_batch = jax.device_put(batch, self.batch_shardings(batch))
     new_state, metrics = self.compiled_step(state, dev_batch)(state, dev_batch)
     return new_state, jax.device_get(metrics)

@@ -1,0 +1,1 @@
+"""Auditing: the auditor's rollouts, the editor, the disagreement reward and GRPO."""

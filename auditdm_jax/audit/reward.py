@@ -1,0 +1,170 @@
+"""The disagreement reward: does the target differ from the references' consensus?
+
+Answers arrive as text, are normalised VQA-style (`normalise`), encoded with
+one shared tokenizer and padded to token-id arrays; from there the reward is
+a pure jitted function of token ids:
+
+  ref_ids     int32 [R, B, L]   every reference's normalised answer (0 = pad)
+  target_ids  int32 [B, L]      the target's normalised answer
+  valid       bool  [B]         the auditor's output was well-formed and applied
+
+  reward[b] = invalid_reward                    if not valid[b]
+            = 1                                 if a consensus exists and the
+                                                target's answer differs
+            = 0                                 otherwise
+
+An empty reference answer abstains: it never joins a consensus. "unanimous"
+needs every reference to give the same non-empty answer; "majority" needs
+one answer given by more than half of all references (abstentions count
+against it, so ties never form a consensus). An empty target answer differs
+from any consensus (the target failed to answer).
+
+Optional terms (`RewardConfig`): in `judge` mode a reference model decides
+whether the target's answer and the consensus mean the same (the probability
+of "yes" under that model, jitted in its scorer) instead of exact token
+equality; `soft_weight` adds soft_weight * -log p_target(consensus answer),
+a dense signal of how far the target is from the consensus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONSENSUS_RULES = ("unanimous", "majority")
+MODES = ("exact", "judge")
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])}
+_ARTICLES = frozenset(("a", "an", "the"))
+_PUNCT = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~]")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def normalise(text: str) -> str:
+  """VQA-style answer normalisation: lowercase; punctuation (but not a decimal
+  point) becomes space; articles dropped; number words become digits;
+  whitespace collapsed. "The Two." -> "2"."""
+  t = _PERIOD.sub(" ", _PUNCT.sub(" ", str(text).lower()))
+  words = [_NUMBER_WORDS.get(w, w) for w in t.split() if w not in _ARTICLES]
+  return " ".join(words)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  consensus: str = "majority"        # unanimous | majority
+  invalid_reward: float = -1.0       # for malformed / rejected auditor outputs
+  mode: str = "exact"                # exact | judge
+  judge_threshold: float = 0.5       # judge: p(same meaning) below this = disagreement
+  soft_weight: float = 0.0           # weight of -log p_target(consensus answer)
+  max_answer_tokens: int = 8         # answers are padded / cut to this many ids
+
+  def __post_init__(self):
+    problems = []
+    if self.consensus not in CONSENSUS_RULES:
+      problems.append(f"consensus must be one of {CONSENSUS_RULES}, got {self.consensus!r}")
+    if self.mode not in MODES:
+      problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+    for name in ("invalid_reward", "soft_weight", "judge_threshold"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, float)) or not np.isfinite(v):
+        problems.append(f"{name} must be a finite number, got {v!r}")
+    if not 0.0 < float(self.judge_threshold) < 1.0:
+      problems.append(f"judge_threshold must be in (0, 1), got {self.judge_threshold!r}")
+    if self.soft_weight < 0:
+      problems.append(f"soft_weight must be >= 0, got {self.soft_weight!r}")
+    if not isinstance(self.max_answer_tokens, int) or self.max_answer_tokens < 1:
+      problems.append(f"max_answer_tokens must be an int >= 1, got {self.max_answer_tokens!r}")
+    if problems:
+      raise ValueError("invalid RewardConfig: " + "; ".join(problems))
+
+
+def encode_answers(texts: Sequence[str], encode, length: int) -> np.ndarray:
+  """int32 [len(texts), length]: each normalised answer's ids, zero-padded.
+
+  `encode(text) -> list[int]` must not produce id 0 (the pad). An answer
+  longer than `length` ids raises: cutting it could make two different
+  answers equal.
+  """
+  out = np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids = list(encode(normalise(t))) if normalise(t) else []
+    if len(ids) > length:
+      raise ValueError(f"answer {t!r} is {len(ids)} tokens, longer than "
+                       f"max_answer_tokens={length}; raise RewardConfig.max_answer_tokens")
+    if any(int(x) == 0 for x in ids):
+      raise ValueError(f"answer {t!r} encodes to the pad id 0")
+    out[i, :len(ids)] = ids
+  return out
+
+
+def consensus(ref_ids, rule: str):
+  """(consensus ids [B, L], has_consensus bool [B]) from ref_ids [R, B, L]."""
+  ref_ids = jnp.asarray(ref_ids)
+  r = ref_ids.shape[0]
+  nonempty = jnp.any(ref_ids != 0, axis=-1)                               # [R, B]
+  same = jnp.all(ref_ids[:, None] == ref_ids[None, :], axis=-1)           # [R, R, B]
+  votes = jnp.sum(same & nonempty[None, :] & nonempty[:, None], axis=1)   # [R, B]
+  best = jnp.argmax(votes, axis=0)                                        # [B]
+  best_votes = jnp.take_along_axis(votes, best[None], axis=0)[0]
+  if rule == "unanimous":
+    has = best_votes == r
+  elif rule == "majority":
+    has = 2 * best_votes > r
+  else:
+    raise ValueError(f"consensus rule must be one of {CONSENSUS_RULES}, got {rule!r}")
+  cons = jnp.take_along_axis(ref_ids, best[None, :, None], axis=0)[0]     # [B, L]
+  return cons, has
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def disagreement_reward(target_ids, ref_ids, valid, invalid_reward, rule: str = "majority"):
+  """(reward float32 [B], has_consensus [B], disagree [B]); see the module doc."""
+  cons, has = consensus(ref_ids, rule)
+  differs = jnp.any(jnp.asarray(target_ids) != cons, axis=-1)
+  disagree = has & differs & valid
+  reward = jnp.where(valid, disagree.astype(jnp.float32),
+                     jnp.asarray(invalid_reward, jnp.float32))
+  return reward, has & valid, disagree
+
+
+@jax.jit
+def judged_reward(p_same, has_consensus, valid, invalid_reward, threshold):
+  """Judge mode: disagreement where p(same meaning) < threshold."""
+  disagree = has_consensus & valid & (p_same < threshold)
+  reward = jnp.where(valid, disagree.astype(jnp.float32),
+                     jnp.asarray(invalid_reward, jnp.float32))
+  return reward, has_consensus & valid, disagree
+
+
+@jax.jit
+def add_soft_term(reward, target_nll, has_consensus, valid, weight):
+  """reward + weight * -log p_target(consensus) where a consensus exists."""
+  return jnp.where(has_consensus & valid, reward + weight * target_nll, reward)
+
+
+def judge_prompt(answer_a: str, answer_b: str) -> str:
+  return f"do the answers {normalise(answer_a)!r} and {normalise(answer_b)!r} mean the same?"
+
+
+def judge_same_prob(scorer, images, answers_a: Sequence[str], answers_b: Sequence[str],
+                    yes: str = "yes", no: str = "no") -> np.ndarray:
+  """p(yes) / (p(yes) + p(no)) under a reference model asked whether two
+  answers mean the same. `scorer` is a Sampler (or VLM) with a tokenizer;
+  its `score` is the jitted forward pass."""
+  tok = scorer.tokenizer
+  if tok is None:
+    raise ValueError("judge mode needs a reference model with a tokenizer")
+  prompts = [tok.prompt(judge_prompt(a, b)) for a, b in zip(answers_a, answers_b, strict=True)]
+  n = len(prompts)
+  lp = scorer.score(np.concatenate([images, images]), prompts + prompts,
+                    [tok.answer(yes)] * n + [tok.answer(no)] * n)
+  lp_yes = np.array([x.sum() for x in lp[:n]])
+  lp_no = np.array([x.sum() for x in lp[n:]])
+  return 1.0 / (1.0 + np.exp(lp_no - lp_yes))

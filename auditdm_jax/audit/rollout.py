@@ -1,0 +1,266 @@
+"""One round of auditing: the auditor writes, the editor renders, the models
+answer, the reward scores.
+
+Pairings (the paper's (Q*, I), (Q, I*), (Q*, I*)):
+
+  question          Q* = A(I, p_question)                       -> (Q*, I)
+  edit              e = A(I, p_edit), I_e = E(I, e)             -> (Q, I_e)
+  edit_question     e, I_e as above, Q* = A(I_e, p_question)    -> (Q*, I_e)
+  caption           C = A(I, p_caption), I_g = G(C)             -> (Q, I_g)
+  caption_question  C, I_g as above, Q* = A(I_g, p_question)    -> (Q*, I_g)
+
+Q is the seed's own question. Each seed gets one pairing (drawn from the
+mixture) and K auditor samples of its first text (one GRPO group); a
+two-text pairing samples one question per rendered image, and both texts
+share the sample's reward. A sample is invalid when a text is rejected (an
+edit that does not apply, a caption that does not parse, a question the
+editor's world cannot pose) and then gets RewardConfig.invalid_reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from auditdm_jax.audit import reward as reward_lib
+from auditdm_jax.audit.editor import Editor
+from auditdm_jax.eval.benchmark import generate_text, strip_stops
+from auditdm_jax.models.handle import default_stop_ids
+from auditdm_jax.sampling import Sampler, SamplingParams
+from auditdm_jax.scenes.text import AUDITOR_TASKS
+
+PAIRINGS: dict[str, tuple[str, ...]] = {
+    "question": ("question",),
+    "edit": ("edit",),
+    "edit_question": ("edit", "question"),
+    "caption": ("caption",),
+    "caption_question": ("caption", "question"),
+}
+
+
+def check_mixture(mixture: Mapping[str, float]) -> dict[str, float]:
+  """{pairing: probability}, normalised; unknown pairings or bad weights raise."""
+  mixture = dict(mixture)
+  bad = [k for k in mixture if k not in PAIRINGS]
+  if bad:
+    raise ValueError(f"unknown pairings {bad} in the audit mixture; known: {list(PAIRINGS)}")
+  if any(not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0
+         for v in mixture.values()) or sum(mixture.values()) <= 0:
+    raise ValueError(f"audit mixture weights must be finite, >= 0 and not all 0, "
+                     f"got {mixture}")
+  total = float(sum(mixture.values()))
+  return {k: float(v) / total for k, v in mixture.items() if v > 0}
+
+
+def draw_pairings(mixture: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
+  names = sorted(mixture)
+  p = np.array([mixture[k] for k in names])
+  return [names[i] for i in rng.choice(len(names), size=n, p=p)]
+
+
+@dataclasses.dataclass
+class Seed:
+  image: np.ndarray     # uint8 [H, W, 3]
+  context: object       # the editor's context (scene JSON)
+  question: str         # the seed question Q
+
+
+@dataclasses.dataclass
+class Rollout:
+  """B seeds x K samples = N rows (row i belongs to seed i // K)."""
+
+  pairings: list[str]                 # [N]
+  texts: list[list[str]]              # [N] the auditor's texts, in order
+  tokens: list[list[list[int]]]       # [N] completion ids per text (with the stop id)
+  prompts: list[list[list[int]]]      # [N] prompt ids per text
+  images_in: list[list[np.ndarray]]   # [N] the image each text was written for
+  question: list[str]                 # [N] the question finally asked
+  image: np.ndarray                   # [N, H, W, 3] the image finally shown
+  context: list                       # [N] its context
+  valid: np.ndarray                   # bool [N]
+  reason: list[str]                   # [N] why invalid ("" if valid)
+  factor: list[str]                   # [N] the visual factor an edit changed
+  answers: dict[str, list[str]]       # model name -> [N] answers
+  reward: np.ndarray                  # float32 [N]
+  has_consensus: np.ndarray           # bool [N]
+  success: np.ndarray                 # bool [N]: consensus-backed disagreement
+  consensus: list[str]                # [N] the consensus answer ("" if none)
+
+  @property
+  def n(self) -> int:
+    return len(self.pairings)
+
+
+def _decode(tok, rows, stops) -> list[str]:
+  return [tok.decode(strip_stops(r, stops)) for r in rows]
+
+
+def _completion(row: Sequence[int], length: int) -> list[int]:
+  return [int(t) for t in row[:length]]
+
+
+def consensus_text(ref_answers: Sequence[Sequence[str]], rule: str) -> tuple[list[str], np.ndarray]:
+  """Per row, the consensus of the references' answers ("" if none), by the
+  same rule as the jitted reward (on normalised text)."""
+  n = len(ref_answers[0])
+  out, has = [], np.zeros(n, bool)
+  for i in range(n):
+    votes = [reward_lib.normalise(a[i]) for a in ref_answers]
+    counts = {v: votes.count(v) for v in votes if v}
+    best = max(counts, key=counts.get) if counts else ""
+    c = counts.get(best, 0)
+    ok = c == len(votes) if rule == "unanimous" else 2 * c > len(votes)
+    out.append(best if ok else "")
+    has[i] = ok
+  return out, has
+
+
+class Auditing:
+  """The models of an audit and one `run(seeds, pairings, rng)` round.
+
+  auditor: a Sampler over the auditor's policy params (the caller refreshes
+  `auditor.params`); answerers: {name: Sampler} of the target and the
+  references; the reward compares `target` against `references`.
+  """
+
+  def __init__(self, auditor: Sampler, answerers: Mapping[str, Sampler], target: str,
+               references: Sequence[str], editor: Editor, rcfg: reward_lib.RewardConfig,
+               num_samples: int, temperature: float = 1.0, max_new_tokens: int = 40,
+               answer_tokens: int = 4, batch_size: int = 256):
+    if target not in answerers or any(r not in answerers for r in references):
+      raise ValueError(f"target {target!r} and references {list(references)} must be "
+                       f"among the answerers {list(answerers)}")
+    if not references:
+      raise ValueError("an audit needs at least one reference model")
+    self.auditor, self.answerers = auditor, dict(answerers)
+    self.target, self.references = target, list(references)
+    self.editor, self.rcfg = editor, rcfg
+    self.k = int(num_samples)
+    self.sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                             num_samples=self.k)
+    self.sp1 = dataclasses.replace(self.sp, num_samples=1)
+    self.answer_sp = SamplingParams(max_new_tokens=answer_tokens, temperature=0.0)
+    self.batch_size = batch_size
+    tok = auditor.tokenizer
+    if tok is None:
+      raise ValueError("the auditor has no tokenizer")
+    self.tok = tok
+    self.stops = set(default_stop_ids(auditor.cfg, tok))
+    ref_tok = self.answerers[self.references[0]].tokenizer
+    if ref_tok is None:
+      raise ValueError(f"reference {self.references[0]!r} has no tokenizer")
+    self.answer_encode = ref_tok.encode
+
+  # -- pieces ------------------------------------------------------------------
+  def _sample(self, images, prompts, params: SamplingParams, rng):
+    out = self.auditor.sample(images, prompts, params, rng=rng)
+    rows = [_completion(out.tokens[i], out.lengths[i]) for i in range(len(out.lengths))]
+    return rows, _decode(self.tok, rows, self.stops)
+
+  def answer(self, images, questions) -> dict[str, list[str]]:
+    out = {}
+    for name, s in self.answerers.items():
+      prompts = [s.tokenizer.prompt(q if q.strip() else "?") for q in questions]
+      out[name] = generate_text(s, images, prompts, self.answer_sp,
+                                min(self.batch_size, len(prompts)))
+    return out
+
+  def score(self, answers: Mapping[str, Sequence[str]], valid) -> dict[str, np.ndarray]:
+    rc = self.rcfg
+    enc = lambda texts: reward_lib.encode_answers(texts, self.answer_encode,
+                                                  rc.max_answer_tokens)
+    ref_ids = np.stack([enc(answers[r]) for r in self.references])
+    tgt_ids = enc(answers[self.target])
+    reward, has, disagree = reward_lib.disagreement_reward(
+        tgt_ids, ref_ids, np.asarray(valid), rc.invalid_reward, rule=rc.consensus)
+    return {"reward": np.asarray(reward), "has_consensus": np.asarray(has),
+            "success": np.asarray(disagree)}
+
+  # -- one round ---------------------------------------------------------------
+  def run(self, seeds: Sequence[Seed], pairings: Sequence[str], rng, num_samples=None
+          ) -> Rollout:
+    """K (or `num_samples`) samples per seed; pairing i applies to seed i."""
+    k = self.k if num_samples is None else int(num_samples)
+    sp = dataclasses.replace(self.sp, num_samples=k)
+    if len(seeds) != len(pairings):
+      raise ValueError(f"got {len(seeds)} seeds and {len(pairings)} pairings")
+    bad = [p for p in pairings if p not in PAIRINGS]
+    if bad:
+      raise ValueError(f"unknown pairings {sorted(set(bad))}; known: {list(PAIRINGS)}")
+    rng1, rng2 = jax.random.split(rng)
+    seed_images = np.stack([s.image for s in seeds])
+    first = [PAIRINGS[p][0] for p in pairings]
+    prompts1 = [self.tok.prompt(AUDITOR_TASKS[r]) for r in first]
+    rows1, texts1 = self._sample(seed_images, prompts1, sp, rng1)
+    n = len(rows1)
+    seed_of = np.arange(n) // k
+    pair = [pairings[s] for s in seed_of]
+
+    # Render what the first text asks for.
+    image = seed_images[seed_of].copy()
+    context = [seeds[s].context for s in seed_of]
+    question = [seeds[s].question for s in seed_of]
+    valid = np.ones(n, bool)
+    reason, factor = [""] * n, [""] * n
+    for route in ("edit", "caption"):
+      idx = [i for i in range(n) if PAIRINGS[pair[i]][0] == route]
+      if not idx:
+        continue
+      if route == "edit":
+        res = self.editor.edit(image[idx], [texts1[i] for i in idx], [context[i] for i in idx])
+      else:
+        res = self.editor.generate([texts1[i] for i in idx])
+      for i, r in zip(idx, res):
+        if r.ok:
+          image[i], context[i], factor[i] = r.image, r.context, r.factor
+        else:
+          valid[i], reason[i] = False, f"{route}: {r.reason}"
+    for i in range(n):
+      if pair[i] == "question":
+        question[i] = texts1[i]
+
+    # The second text: a question about the rendered image.
+    texts = [[t] for t in texts1]
+    toks = [[r] for r in rows1]
+    prm = [[prompts1[s]] for s in seed_of]
+    imgs_in = [[seed_images[s]] for s in seed_of]
+    two = [i for i in range(n) if len(PAIRINGS[pair[i]]) == 2]
+    if two:
+      qprompt = self.tok.prompt(AUDITOR_TASKS["question"])
+      rows2, texts2 = self._sample(image, [qprompt] * n, self.sp1, rng2)
+      for i in two:
+        texts[i].append(texts2[i])
+        toks[i].append(rows2[i])
+        prm[i].append(qprompt)
+        imgs_in[i].append(image[i])
+        question[i] = texts2[i]
+
+    # Is the final question one the world can pose about the final image?
+    checks = self.editor.check_question(context, question)
+    for i, (ok, why) in enumerate(checks):
+      if valid[i] and not ok:
+        valid[i], reason[i] = False, f"question: {why}"
+
+    answers = self.answer(image, question)
+    scored = self.score(answers, valid)
+    cons, _ = consensus_text([answers[r] for r in self.references], self.rcfg.consensus)
+    return Rollout(pairings=pair, texts=texts, tokens=toks, prompts=prm, images_in=imgs_in,
+                   question=question, image=image, context=context, valid=valid,
+                   reason=reason, factor=factor, answers=answers, reward=scored["reward"],
+                   has_consensus=scored["has_consensus"], success=scored["success"],
+                   consensus=cons)
+
+
+def precision_gt(roll: Rollout, editor: Editor) -> tuple[float, int]:
+  """(fraction of successes whose consensus is the ground truth, #successes
+  with a known ground truth); NaN when there are none."""
+  idx = np.nonzero(roll.success)[0]
+  truth = editor.ground_truth([roll.context[i] for i in idx], [roll.question[i] for i in idx])
+  known = [(roll.consensus[i], t) for i, t in zip(idx, truth) if t is not None]
+  if not known:
+    return float("nan"), 0
+  ok = [c == reward_lib.normalise(t) for c, t in known]
+  return float(np.mean(ok)), len(known)
