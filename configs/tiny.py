@@ -61,7 +61,7 @@ def get_config(arg=None):
       editor="scene",
       steps=120, prompts_per_step=8,          # x grpo.num_samples auditor samples a step
       mixture=dict(question=0.5, edit=0.25, edit_question=0.25),
-      temperature=1.0, max_new_tokens=40, seq_len=112,
+      temperature=1.0, max_new_tokens=40, seq_len=72,   # prompt (~27 ids) + completion
       grpo=dict(num_samples=8, clip_eps=0.2, kl_beta=0.04, loss_agg="token_mean",
                 updates_per_batch=1),
       optim=dict(lr=1e-3, warmup=0.1, end_lr=1e-4, b2=0.99, grad_clip=1.0, grad_accum=1),
