@@ -56,14 +56,14 @@ def test_config_errors_name_every_problem():
 
 
 def test_unimplemented_stage_is_refused():
-  with pytest.raises(stages.StageNotImplemented, match="issue 5"):
-    stages.get("audit")
+  with pytest.raises(stages.StageNotImplemented, match="issue 6"):
+    stages.get("mine")
 
 
 def test_cli_reports_unimplemented_stage(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "auditdm_jax.main", f"--config={ROOT}/configs/tiny.py",
-       f"--workdir={tmp_path}", "--config.stage=audit"],
+       f"--workdir={tmp_path}", "--config.stage=mine"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode == 2
-  assert "stage 'audit' is not implemented yet" in proc.stderr
+  assert "stage 'mine' is not implemented yet" in proc.stderr
