@@ -219,7 +219,10 @@ def test_mixture_validation_and_draws():
 
 
 # ---------------------------------------------------------------------------
-# Models: one rollout, the sharded step, a toy policy that learns
+# Models: one rollout, the sharded step, a toy policy that learns. Each
+# compiles samplers and GRPO steps (~30-70 s apiece on 2 CPU cores), so they
+# are marked slow (`pytest -m slow`); CI's smoke main job runs the audit
+# stage end to end through the same code.
 # ---------------------------------------------------------------------------
 
 
@@ -230,8 +233,10 @@ def tiny_models():
                                 patch_size=16, vision_width=16, vision_depth=1,
                                 sliding_window=None)
   aud = presets.get_preset("scene-gemma3")
-  aud = dataclasses.replace(aud, text=dataclasses.replace(aud.text, width=32, depth=1,
-                                                          head_dim=8, mlp_dim=64))
+  aud = dataclasses.replace(
+      aud, text=dataclasses.replace(aud.text, width=32, depth=1, head_dim=8, mlp_dim=64,
+                                    vision_proj_dim=16, scan_unroll=1),
+      vision=dataclasses.replace(aud.vision, width=16, depth=1, mlp_dim=32, scan_unroll=1))
   answerers = {n: models.VLM.random(pal, seed=i, tokenizer=ptok)
                for i, n in enumerate(["target", "ref_a", "ref_b"])}
   return models.VLM.random(aud, seed=5, tokenizer=atok), answerers
@@ -246,6 +251,7 @@ def _seeds(n):
   return out
 
 
+@pytest.mark.slow
 def test_rollout_with_tiny_random_models(tiny_models):
   auditor, answerers = tiny_models
   k = 2
@@ -281,6 +287,7 @@ def _toy_batch(cfg, tok, images, rows, prompt, adv):
   return grpo.grpo_batch(cfg, images, [prompt] * len(rows), rows, adv, 40, "token_mean")
 
 
+@pytest.mark.slow
 def test_grpo_step_grad_accum_matches_and_clip_path(tiny_models):
   auditor, _ = tiny_models
   cfg, tok = auditor.config, auditor.tokenizer
@@ -319,6 +326,7 @@ def test_grpo_step_grad_accum_matches_and_clip_path(tiny_models):
     tr.step(state, dict(b, advantages=np.array([np.nan, 0, 0, 0], np.float32)))
 
 
+@pytest.mark.slow
 def test_toy_policy_learns_to_raise_its_reward(tiny_models):
   """Reward = share of completion tokens with ids below V/4: GRPO on the
   tiny auditor must raise it well above the random policy's ~1/4."""
