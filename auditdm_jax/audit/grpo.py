@@ -36,11 +36,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from auditdm_jax.models import logical
@@ -157,20 +155,10 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
   ref_logp [N, T] and weights [N, T] (`aggregation_weights` of the whole batch).
   """
   accum = tcfg.grad_accum
-  mask_flat = flax.traverse_util.flatten_dict(mask, sep="/")
-  act_rules = None if tcfg.activation_rules is None else dict(tcfg.activation_rules)
-  param_sh = flax.traverse_util.flatten_dict(state_shardings["params"], sep="/")
-  micro_sh = {k: NamedSharding(mesh, PartitionSpec(None, *s.spec))
-              for k, s in batch_shardings.items()}
+  parts = sft.step_parts(tcfg, mask, mesh, state_shardings, batch_shardings)
+  split, merge = parts.split, parts.merge
+  act_rules, param_sh, micro_sh = parts.act_rules, parts.param_sh, parts.micro_sh
   use_old = gcfg.updates_per_batch > 1
-
-  def split(params):
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    return ({k: v for k, v in flat.items() if mask_flat[k]},
-            {k: v for k, v in flat.items() if not mask_flat[k]})
-
-  def merge(train_p, frozen_p):
-    return flax.traverse_util.unflatten_dict({**train_p, **frozen_p}, sep="/")
 
   def micro_loss(tp, frozen_p, mb):
     logp, ent = policy_stats(cfg, merge(tp, frozen_p), mb)
@@ -205,16 +193,8 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
       s0 = {k: zero for k in ("kl", "entropy", "clipped", "tokens")}
       (g, loss, s), _ = jax.lax.scan(body, (g0, zero, s0), micro)
       g = {k: v.astype(train_p[k].dtype) for k, v in g.items()}
-      grad_norm = optax.global_norm(g)
-      grads = merge(g, {k: jnp.zeros_like(v) for k, v in frozen_p.items()})
-      updates, new_opt = tx.update(grads, state["opt_state"], params)
-      upd_flat = flax.traverse_util.flatten_dict(updates, sep="/")
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      keep = lambda new, old: jnp.where(finite, new, old)
-      new_train = {k: keep(optax.apply_updates(p, upd_flat[k]), p) for k, p in train_p.items()}
-      new_state = {"params": merge(new_train, frozen_p),
-                   "opt_state": jax.tree.map(keep, new_opt, state["opt_state"]),
-                   "rng": state["rng"], "step": state["step"] + 1}
+      new_state, grad_norm, finite = sft.guarded_update(tx, parts, state, g, train_p,
+                                                        frozen_p, loss)
       n = jnp.maximum(s["tokens"], 1.0)
       metrics = {"loss": loss, "kl": s["kl"] / n, "entropy": s["entropy"] / n,
                  "clip_frac": s["clipped"] / n, "completion_tokens": s["tokens"],

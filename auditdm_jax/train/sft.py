@@ -48,7 +48,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -378,15 +378,18 @@ def split_microbatches(x, n: int):
   return x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)
 
 
-def make_train_step(cfg: VLMConfig, tcfg: TrainConfig, tx, mask, mesh: Mesh,
-                    state_shardings, batch_shardings):
-  """The jitted (state, batch) -> (state, metrics) step (state donated)."""
-  accum = tcfg.grad_accum
+class StepParts(NamedTuple):
+  """What every jitted training step (SFT, GRPO) builds the same way."""
+  split: Callable      # params -> (trainable {path: leaf}, frozen {path: leaf})
+  merge: Callable      # (trainable, frozen) -> params tree
+  act_rules: dict | None
+  param_sh: dict       # {path: NamedSharding} of the params
+  micro_sh: dict       # batch key -> sharding of its [A, B/A, ...] microbatches
+
+
+def step_parts(tcfg: TrainConfig, mask, mesh: Mesh, state_shardings, batch_shardings
+               ) -> StepParts:
   mask_flat = flax.traverse_util.flatten_dict(mask, sep="/")
-  act_rules = None if tcfg.activation_rules is None else dict(tcfg.activation_rules)
-  param_sh = flax.traverse_util.flatten_dict(state_shardings["params"], sep="/")
-  micro_sh = {k: NamedSharding(mesh, PartitionSpec(None, *s.spec))
-              for k, s in batch_shardings.items()}
 
   def split(params):
     flat = flax.traverse_util.flatten_dict(params, sep="/")
@@ -395,6 +398,37 @@ def make_train_step(cfg: VLMConfig, tcfg: TrainConfig, tx, mask, mesh: Mesh,
 
   def merge(train_p, frozen_p):
     return flax.traverse_util.unflatten_dict({**train_p, **frozen_p}, sep="/")
+
+  return StepParts(
+      split, merge, None if tcfg.activation_rules is None else dict(tcfg.activation_rules),
+      flax.traverse_util.flatten_dict(state_shardings["params"], sep="/"),
+      {k: NamedSharding(mesh, PartitionSpec(None, *s.spec)) for k, s in batch_shardings.items()})
+
+
+def guarded_update(tx, parts: StepParts, state, g, train_p, frozen_p, loss):
+  """Applies gradients g {path: leaf} of the trainable params unless the loss
+  or the gradient norm is non-finite (then params and optimizer state stay).
+  Returns (new state, grad_norm, finite)."""
+  grad_norm = optax.global_norm(g)
+  grads = parts.merge(g, {k: jnp.zeros_like(v) for k, v in frozen_p.items()})
+  updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+  upd_flat = flax.traverse_util.flatten_dict(updates, sep="/")
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new_train = {k: keep(optax.apply_updates(p, upd_flat[k]), p) for k, p in train_p.items()}
+  new_state = {"params": parts.merge(new_train, frozen_p),
+               "opt_state": jax.tree.map(keep, new_opt, state["opt_state"]),
+               "rng": state["rng"], "step": state["step"] + 1}
+  return new_state, grad_norm, finite
+
+
+def make_train_step(cfg: VLMConfig, tcfg: TrainConfig, tx, mask, mesh: Mesh,
+                    state_shardings, batch_shardings):
+  """The jitted (state, batch) -> (state, metrics) step (state donated)."""
+  accum = tcfg.grad_accum
+  parts = step_parts(tcfg, mask, mesh, state_shardings, batch_shardings)
+  split, merge = parts.split, parts.merge
+  act_rules, param_sh, micro_sh = parts.act_rules, parts.param_sh, parts.micro_sh
 
   def step_fn(state, batch):
     with logical.activation_sharding(mesh, act_rules):
@@ -425,19 +459,8 @@ def make_train_step(cfg: VLMConfig, tcfg: TrainConfig, tx, mask, mesh: Mesh,
       denom = jnp.maximum(n, 1.0)
       g = {k: (v / denom).astype(train_p[k].dtype) for k, v in g.items()}
       loss = nll / denom
-      grad_norm = optax.global_norm(g)
-      grads = merge(g, {k: jnp.zeros_like(v) for k, v in frozen_p.items()})
-      updates, new_opt = tx.update(grads, state["opt_state"], params)
-      upd_flat = flax.traverse_util.flatten_dict(updates, sep="/")
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      keep = lambda new, old: jnp.where(finite, new, old)
-      new_train = {k: keep(optax.apply_updates(p, upd_flat[k]), p) for k, p in train_p.items()}
-      new_state = {
-          "params": merge(new_train, frozen_p),
-          "opt_state": jax.tree.map(keep, new_opt, state["opt_state"]),
-          "rng": state["rng"],
-          "step": state["step"] + 1,
-      }
+      new_state, grad_norm, finite = guarded_update(tx, parts, state, g, train_p, frozen_p,
+                                                    loss)
       metrics = {"loss": loss, "accuracy": correct / denom, "answer_tokens": n,
                  "text_tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32),
                  "grad_norm": grad_norm, "finite": finite}
