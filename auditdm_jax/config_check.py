@@ -90,7 +90,10 @@ def audit_problems(config) -> list[str]:
   except (ValueError, TypeError) as e:
     problems.append(f"audit.mixture: {e}")
   try:
-    audit.configs_from(config)
+    _, _, rcfg = audit.configs_from(config)
+    if rcfg.mode != "exact" or rcfg.soft_weight:
+      problems.append("audit.reward: the audit stage uses the exact reward only (mode "
+                      "'exact', soft_weight 0); judge and soft terms are not wired in yet")
   except (ValueError, TypeError, AttributeError, KeyError) as e:
     problems.append(f"audit: {e}")
   try:

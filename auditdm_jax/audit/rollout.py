@@ -135,6 +135,13 @@ class Auditing:
                        f"among the answerers {list(answerers)}")
     if not references:
       raise ValueError("an audit needs at least one reference model")
+    if rcfg.mode != "exact" or rcfg.soft_weight:
+      # reward.judged_reward / judge_same_prob / add_soft_term exist and are
+      # tested, but the rollout does not call them yet: refuse, rather than
+      # silently train on the exact reward.
+      raise NotImplementedError(
+          f"the audit rollout uses the exact reward only; RewardConfig(mode="
+          f"{rcfg.mode!r}, soft_weight={rcfg.soft_weight}) is not wired in yet")
     self.auditor, self.answerers = auditor, dict(answerers)
     self.target, self.references = target, list(references)
     self.editor, self.rcfg = editor, rcfg
