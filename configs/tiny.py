@@ -68,6 +68,16 @@ def get_config(arg=None):
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0),
       eval_budget=256, eval_batch=64, checkpoint_every=20, log_every=10, log_examples=2,
   ))
+  # One pass of the trained auditor over the seed images (mine stage).
+  c.mine = ml_collections.ConfigDict(dict(
+      auditors=("auditor_trained",), seeds=0,   # 0: every seed image
+      samples_per_seed=8, chunk_seeds=32, temperature=1.0,
+      top_k=5, purity=0.5, merge_rate=0.5, min_probes=3))
+  # Fine-tuning the audited target on its exemplars (rectify stage).
+  c.rectify = ml_collections.ConfigDict(dict(
+      target="", strategy="augment", mix_ratio=0.5, freeze_vision=True, seq_len=32,
+      steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5,
+      checkpoint_every=100, log_every=50))
   c.eval = ml_collections.ConfigDict(dict(auditor_samples=96))
   if arg == "smoke":
     _smoke(c)
@@ -83,6 +93,8 @@ def _smoke(c):
     r.update(dict(steps=2, batch=batch, warmup=1, checkpoint_every=2, log_every=2,
                   compiler_options={"xla_backend_optimization_level": 0}))
   c.eval.auditor_samples = 8
+  c.mine.update(dict(samples_per_seed=2, chunk_seeds=4))
+  c.rectify.update(dict(steps=2, batch=4, checkpoint_every=1, log_every=1))
   c.audit.update(dict(steps=2, prompts_per_step=2, eval_budget=4, eval_batch=4,
                       checkpoint_every=1, log_every=1, max_new_tokens=12))
   c.audit.grpo.num_samples = 2

@@ -368,3 +368,70 @@ def eval_batches(source: Sequence[Any], batch_size: int,
       batch = jax.tree.map(
           lambda x, pad=pad: np.concatenate([x, np.repeat(x[:1], pad, axis=0)]), batch)
     yield batch, valid
+
+
+class MixedSource:
+  """Several random-access sources mixed at fixed weights, as one source.
+
+  The stream is cut into periods of `period` slots; in every period source k
+  owns round(w_k * period) slots (largest remainder), in one pattern
+  shuffled once from `seed`. The j-th slot of source k in the stream reads
+  its record j mod len(source k), so each source is cycled in order (the
+  train loader shuffles positions on top). Every record gets
+  `record[tag] = k` (which source it came from) so one transform can treat
+  the sources differently. Length: `length`, or by default the smallest
+  stream in which every source with weight > 0 is read whole at least once.
+  Picklable when the sources are.
+  """
+
+  def __init__(self, sources: Sequence[Sequence[Any]], weights: Sequence[float], *,
+               length: int | None = None, seed: int = 0, period: int = 1000,
+               tag: str = "mix_source"):
+    if len(sources) != len(weights) or not sources:
+      raise ValueError(f"MixedSource needs one weight per source, got {len(sources)} "
+                       f"sources and {len(weights)} weights")
+    w = np.asarray(weights, np.float64)
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+      raise ValueError(f"mixture weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    w = w / w.sum()
+    empty = [i for i, (s, x) in enumerate(zip(sources, w)) if x > 0 and len(s) == 0]
+    if empty:
+      raise ValueError(f"sources {empty} have weight > 0 but no records")
+    if period < len(sources):
+      raise ValueError(f"period ({period}) must be >= the number of sources")
+    counts = np.floor(w * period).astype(int)
+    rest = period - counts.sum()
+    counts[np.argsort(-(w * period - counts), kind="stable")[:rest]] += 1
+    counts[w == 0] = 0
+    if counts.sum() != period:   # all rounding went to zero-weight sources
+      counts[np.argmax(w)] += period - counts.sum()
+    slots = np.repeat(np.arange(len(sources)), counts)
+    np.random.default_rng(seed).shuffle(slots)
+    self.sources, self.weights, self.tag = list(sources), w, tag
+    self._slots, self._counts, self._period = slots, counts, period
+    self._rank = np.zeros(period, np.int64)
+    seen = np.zeros(len(sources), np.int64)
+    for i, k in enumerate(slots):
+      self._rank[i], seen[k] = seen[k], seen[k] + 1
+    if length is None:
+      need = [int(np.ceil(len(s) / c)) for s, c in zip(sources, counts) if c > 0]
+      length = max(need) * period
+    if length < 1:
+      raise ValueError(f"length must be >= 1, got {length}")
+    self._len = int(length)
+
+  def locate(self, index: int) -> tuple[int, int]:
+    """(source, record index) of stream position `index`."""
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of range for a MixedSource of {self._len}")
+    p, r = divmod(int(index), self._period)
+    k = int(self._slots[r])
+    j = p * int(self._counts[k]) + int(self._rank[r])
+    return k, j % len(self.sources[k])
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict:
+    k, j = self.locate(index)
+    return {**self.sources[k][j], self.tag: k}

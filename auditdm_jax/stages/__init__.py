@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from auditdm_jax.stages import audit, evaluate, init_models, pretrain
+from auditdm_jax.stages import audit, evaluate, init_models, mine, pretrain, rectify
 
 ORDER = ("init", "pretrain", "audit", "mine", "rectify", "eval", "report")
 
@@ -18,12 +18,12 @@ IMPLEMENTED: dict[str, Callable] = {
     "init": init_models.run,
     "pretrain": pretrain.run,
     "audit": audit.run,
+    "mine": mine.run,
+    "rectify": rectify.run,
     "eval": evaluate.run,
 }
 
 PLANNED = {
-    "mine": "issue 6 (mining and failure types)",
-    "rectify": "issue 6 (rectification)",
     "report": "issue 6 (HTML report)",
 }
 

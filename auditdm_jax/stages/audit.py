@@ -44,12 +44,12 @@ from auditdm_jax.train.metrics import MetricsWriter, read_metrics
 from auditdm_jax.utils.fileio import atomic_write_text
 
 
-def _roles(config, role: str) -> list[str]:
+def roles(config, role: str) -> list[str]:
   return sorted(n for n, s in config.models.items() if s.role == role)
 
 
 def audit_target(config) -> str:
-  targets = _roles(config, "target")
+  targets = roles(config, "target")
   name = config.audit.get("target", "") or (targets[0] if targets else "")
   if name not in targets:
     raise ValueError(f"audit.target {name!r} is not a model with role 'target' "
@@ -184,8 +184,8 @@ def run(config, workdir: str) -> dict:
   a = config.audit
   seed = int(config.seed)
   target = audit_target(config)
-  refs = _roles(config, "reference")
-  auditors = _roles(config, "auditor")
+  refs = roles(config, "reference")
+  auditors = roles(config, "auditor")
   if len(auditors) != 1 or not refs:
     raise ValueError(f"the audit needs exactly one auditor and at least one reference; "
                      f"the config has auditors {auditors} and references {refs}")

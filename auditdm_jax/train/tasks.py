@@ -125,3 +125,15 @@ def cell_label_task(record: dict) -> dict:
 
 def facets(record: dict) -> dict:
   return json.loads(record["facets"])
+
+
+class RectifyTask(VQATask):
+  """Rectification rows from a mixed source: a mined exemplar (a record with
+  `pseudo_label`) trains its question -> the reference consensus on the image
+  the models saw; any other record is the model's original labelled data,
+  with its planted gaps applied as in its own training."""
+
+  def __call__(self, record: dict) -> dict | None:
+    if "pseudo_label" in record:
+      return self.row(record["image"], record["question"], record["pseudo_label"])
+    return super().__call__(record)

@@ -1,0 +1,1 @@
+"""Mining: the trained auditor's probes -> exemplars and named failure types."""

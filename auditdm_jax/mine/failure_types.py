@@ -1,0 +1,172 @@
+"""Failure types: naming, grouping and ranking the mined probes.
+
+Every consensus-backed probe (references agree; see `stages.mine`) is one
+`Probe`: its question's skill, the pseudo-label (the normalised consensus),
+the visual factor its edit or caption changed, and which targets disagreed.
+A probe's *category* is what a person would call it: "colour: purple" (the
+skill of the question and the answer the references give). Categories are
+then grouped: within a skill whose answers are ordered numbers (counting),
+adjacent answers on which the target fails at the same high rate merge into
+one range ("counting: 4-6"); the rest stay one group per answer.
+
+Per failure type and target: `probes` (consensus-backed probes of the type),
+`failures` (probes where the target differs from the consensus), `rate`
+(failures / probes) and `share` (the target's rate normalised over the
+targets, the paper's 3B-vs-28B comparison: shares of one type sum to 1).
+Types are ranked by the focus target's failures.
+
+Nothing here reads the ground truth; `gap_recall` / `exemplar_precision`
+measure the result against the scene world's truth (planted gaps, exact
+answers), which the auditor and the grouping never see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from auditdm_jax.audit.reward import normalise
+from auditdm_jax.scenes import gaps as gaps_lib
+
+UNKNOWN_SKILL = "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  id: str
+  skill: str                 # the question's skill ("" if the world cannot tell)
+  label: str                 # the normalised consensus answer
+  factor: str                # the visual factor changed ("" for a plain question)
+  failed: tuple[str, ...]    # targets whose answer differs from the consensus
+
+
+@dataclasses.dataclass
+class FailureType:
+  name: str
+  skill: str
+  labels: tuple[str, ...]
+  probes: int
+  failures: dict[str, int]
+  rate: dict[str, float]
+  share: dict[str, float]
+  factors: dict[str, int]    # visual factor -> failures of the focus target
+  ids: list[str]             # the focus target's failure exemplars, in mining order
+
+  def count(self, target: str) -> int:
+    return self.failures.get(target, 0)
+
+  def to_json(self, focus: str) -> dict:
+    return {"name": self.name, "skill": self.skill, "labels": list(self.labels),
+            "count": self.count(focus), "probes": self.probes, "failures": self.failures,
+            "rate": self.rate, "share": self.share, "factors": self.factors,
+            "examples": self.ids[:8]}
+
+
+def category(skill: str, label: str) -> str:
+  return f"{skill or UNKNOWN_SKILL}: {label}"
+
+
+def _is_num(label: str) -> bool:
+  return label.isdigit()
+
+
+def _make(skill: str, labels: Sequence[str], members: Sequence[Probe],
+          targets: Sequence[str], focus: str) -> FailureType:
+  fails = {t: sum(t in p.failed for p in members) for t in targets}
+  n = len(members)
+  rate = {t: fails[t] / n if n else float("nan") for t in targets}
+  total = sum(rate.values())
+  share = {t: (rate[t] / total if total > 0 else 0.0) for t in targets}
+  factors: dict[str, int] = {}
+  for p in members:
+    if focus in p.failed:
+      factors[p.factor or "none"] = factors.get(p.factor or "none", 0) + 1
+  if len(labels) == 1:
+    name = category(skill, labels[0])
+  else:
+    name = f"{skill or UNKNOWN_SKILL}: {labels[0]}-{labels[-1]}"
+  return FailureType(name=name, skill=skill or UNKNOWN_SKILL, labels=tuple(labels),
+                     probes=n, failures=fails, rate=rate, share=share, factors=factors,
+                     ids=[p.id for p in members if focus in p.failed])
+
+
+def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
+          merge_rate: float = 0.5, min_probes: int = 3) -> list[FailureType]:
+  """Failure types of `probes`, ranked by the focus target's failures (then
+  its rate). Adjacent numeric answers of one skill merge when the focus
+  target fails on each at >= merge_rate (each with >= min_probes probes)."""
+  if focus not in targets:
+    raise ValueError(f"focus target {focus!r} is not among the targets {list(targets)}")
+  by_cat: dict[tuple[str, str], list[Probe]] = {}
+  for p in probes:
+    by_cat.setdefault((p.skill, p.label), []).append(p)
+  out = []
+  for skill in sorted({s for s, _ in by_cat}):
+    labels = sorted((lab for s, lab in by_cat if s == skill),
+                    key=lambda x: (not _is_num(x), int(x) if _is_num(x) else 0, x))
+    groups: list[list[str]] = []
+    last_hot = False
+    for lab in labels:
+      members = by_cat[(skill, lab)]
+      hot = (_is_num(lab) and len(members) >= min_probes and
+             sum(focus in p.failed for p in members) / len(members) >= merge_rate)
+      if hot and last_hot and int(lab) == int(groups[-1][-1]) + 1:
+        groups[-1].append(lab)
+      else:
+        groups.append([lab])
+      last_hot = hot
+    for labs in groups:
+      members = [p for lab in labs for p in by_cat[(skill, lab)]]
+      out.append(_make(skill, labs, members, targets, focus))
+  out.sort(key=lambda t: (-t.count(focus), -np.nan_to_num(t.rate[focus]), t.name))
+  return out
+
+
+# -- measured against the truth ------------------------------------------------------
+
+TruthFn = Callable[[str], "tuple[str, object, str] | None"]   # id -> (skill, facets, answer)
+
+
+def gap_recall(types: Sequence[FailureType], target: str, gaps: Sequence[str],
+               truth: TruthFn, top_k: int, purity: float = 0.5) -> dict[str, dict]:
+  """For each planted gap of `target`: found when one of the target's top_k
+  failure types (ranked by its failures) holds mostly (>= purity) exemplars
+  that lie in the gap's slice by the ground truth."""
+  ranked = sorted(types, key=lambda t: (-t.count(target), t.name))[:top_k]
+  out = {}
+  for spec in gaps_lib.parse_gaps(list(gaps)):
+    hit = None
+    for rank, t in enumerate(ranked, 1):
+      known = [truth(i) for i in t.ids]
+      known = [k for k in known if k is not None]
+      if not known or t.count(target) == 0:
+        continue
+      inside = np.mean([spec.matches(k[0], k[1]) for k in known])
+      if inside >= purity:
+        hit = {"found": True, "rank": rank, "type": t.name, "purity": float(inside)}
+        break
+    out[str(spec)] = hit or {"found": False, "rank": None, "type": None, "purity": None}
+  return out
+
+
+def exemplar_precision(exemplars: Sequence[Mapping], target: str, truth: TruthFn
+                       ) -> dict[str, float | int]:
+  """Among the exemplars where `target` failed (by the consensus): the
+  fraction where it is wrong by the ground truth ("precision"), and the
+  fraction whose pseudo-label is the ground truth ("label_precision")."""
+  wrong, label_ok, n = 0, 0, 0
+  for e in exemplars:
+    if target not in e["failed"]:
+      continue
+    t = truth(e["id"])
+    if t is None:
+      continue
+    answer = normalise(t[2])
+    n += 1
+    wrong += normalise(e["answers"][target]) != answer
+    label_ok += normalise(e["pseudo_label"]) == answer
+  nan = float("nan")
+  return {"precision": wrong / n if n else nan, "label_precision": label_ok / n if n else nan,
+          "exemplars_with_truth": n}

@@ -1,0 +1,1 @@
+"""Static, self-contained HTML report of an audit run."""

@@ -1,0 +1,218 @@
+"""`rectify` stage: fine-tune the target on its mined exemplars, then measure it.
+
+Training data, by `rectify.strategy` (the paper's two uses of the auditor):
+
+  augment    the target's own labelled training data (the scene `train`
+             split, with its planted gaps applied as in its training) mixed
+             with its failure exemplars (question -> reference consensus on
+             the image it failed on) at `mix_ratio` exemplar rows per row;
+  bootstrap  no labelled data: every consensus-backed probe of the store
+             (failure exemplars and pseudo-labelled probes) is the training
+             set, labelled by the references alone.
+
+No human or ground-truth label enters either set. The mix is a Grain pipeline
+(`data.pipeline.MixedSource` under `train_loader`) feeding the sharded
+trainer (`train.sft`: Orbax checkpoints in `<workdir>/rectify/<target>/`,
+resumed on restart; `freeze_vision` freezes the SigLIP tower). The rectified
+target is saved as `<workdir>/models/<target>_rectified` and every answering
+model is measured on the benchmark, before and after, into
+`<workdir>/rectify.json`:
+
+  {"target", "rectified", "strategy", "accuracy_before": {MODEL: {SKILL, "overall"}},
+   "accuracy_after": {...}, "gap_accuracy_before" / "_after", "checks", "wall_s", ...}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from auditdm_jax import models
+from auditdm_jax.data import exemplars_tfds as store
+from auditdm_jax.data import pipeline
+from auditdm_jax.eval import benchmark
+from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.scenes.questions import SKILLS
+from auditdm_jax.stages import pretrain
+from auditdm_jax.stages.audit import audit_target, roles
+from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.stages.mine import published_path
+from auditdm_jax.train import sft, tasks
+from auditdm_jax.utils.fileio import atomic_write_text
+
+STRATEGIES = ("augment", "bootstrap")
+DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, freeze_vision=True, seq_len=32,
+                steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
+                checkpoint_every=100, log_every=50)
+GAIN, HEALTHY_COST = 0.20, 0.02    # issue targets: gapped skills +20 points, healthy -2 at most
+
+
+def settings(config) -> dict:
+  r = dict(DEFAULTS)
+  r.update(dict(config.get("rectify", {})))
+  if r["strategy"] not in STRATEGIES:
+    raise ValueError(f"rectify.strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
+  if not 0.0 < float(r["mix_ratio"]) <= 1.0:
+    raise ValueError(f"rectify.mix_ratio must be in (0, 1], got {r['mix_ratio']!r}")
+  return r
+
+
+def rectified_name(target: str) -> str:
+  return f"{target}_rectified"
+
+
+class Subset:
+  """Records `indices` of a random-access source (picklable)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[int(self.indices[i])]
+
+
+def pseudo_sources(path: str, target: str, strategy: str) -> list[Subset]:
+  """The consensus-labelled records to train on: the target's failure
+  exemplars (augment), or every consensus-backed probe (bootstrap)."""
+  out = []
+  for split in ("exemplars",) + (("pseudo_labelled",) if strategy == "bootstrap" else ()):
+    src = store.data_source(path, split)
+    keep = [i for i in range(len(src))
+            if strategy == "bootstrap" or target in src[i]["failed"]]
+    out.append(Subset(src, keep))
+  return out
+
+
+def _fits(task: tasks.RectifyTask, src: Subset) -> Subset:
+  """Drops records whose question + pseudo-label exceed the task's seq_len."""
+  keep = []
+  for i in range(len(src)):
+    try:
+      task(src[i])
+      keep.append(i)
+    except ValueError:
+      pass
+  return Subset(src.source, src.indices[keep])
+
+
+def accuracy(model, bench, gaps) -> dict:
+  rep = benchmark.evaluate_answerer(model, bench, gaps)
+  return {"accuracy": rep["accuracy"], "gap_accuracy": rep["gap_accuracy"]}
+
+
+def checks(target: str, gaps: list[str], before: dict, after: dict, others: list[str]) -> list:
+  gapped = sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps})
+  out = []
+  a0, a1 = before[target], after[target]
+  for s in gapped:
+    gain = a1[s] - a0[s]
+    out.append({"check": f"gapped skill {s} gain", "value": gain, "target": f">= {GAIN}",
+                "ok": bool(gain >= GAIN)})
+  for s in SKILLS:
+    if s in gapped:
+      continue
+    cost = a0[s] - a1[s]
+    out.append({"check": f"healthy skill {s} cost", "value": cost,
+                "target": f"<= {HEALTHY_COST}", "ok": bool(cost <= HEALTHY_COST)})
+  for o in others:
+    out.append({"check": f"overall vs {o}", "value": a1["overall"] - after[o]["overall"],
+                "target": "> 0", "ok": bool(a1["overall"] > after[o]["overall"])})
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  if "audit" not in config or "world" not in config:
+    print("rectify: this config has no `audit` / `world` section; nothing to rectify",
+          flush=True)
+    return {}
+  r = settings(config)
+  target = r["target"] or audit_target(config)
+  if config.models.get(target, None) is None or config.models[target].role != "target":
+    raise ValueError(f"rectify.target {target!r} is not a model with role 'target'")
+  spec = config.models[target]
+  path = published_path(workdir)
+  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    raise FileNotFoundError(f"rectify: no exemplar store at {path}; run the mine stage first")
+  seed = int(config.seed)
+  model = models.load(model_dir(workdir, target))
+  cfg = model.config
+  gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
+  task = tasks.RectifyTask(cfg, model.tokenizer, int(r["seq_len"]), gaps=gaps,
+                           gap_mode=str(spec.get("gap_mode", "corrupt")))
+  pseudo = [_fits(task, s) for s in pseudo_sources(path, target, r["strategy"])]
+  n_pseudo = sum(len(s) for s in pseudo)
+  if n_pseudo == 0:
+    raise ValueError(f"rectify: the exemplar store at {path} holds no usable exemplar of "
+                     f"{target} (strategy {r['strategy']!r}); nothing to train on")
+  pseudo = [s for s in pseudo if len(s)]
+  if r["strategy"] == "augment":
+    orig = pretrain.source(config, workdir, "train")
+    ratio = float(r["mix_ratio"])
+    sources = [orig] + pseudo
+    weights = [1.0 - ratio] + [ratio * len(s) / n_pseudo for s in pseudo]
+    if ratio == 1.0:
+      sources, weights = pseudo, weights[1:]
+  else:
+    sources, weights = pseudo, [len(s) / n_pseudo for s in pseudo]
+  mixed = pipeline.MixedSource(sources, weights, seed=seed)
+  it = pipeline.train_loader(mixed, batch_size=int(r["batch"]), seed=seed + 4242,
+                             transforms=[task],
+                             worker_count=int(config.world.get("loader_workers", 0)))
+  rc = dict(r, frozen=("^img/",) if r["freeze_vision"] else ())
+  tcfg = pretrain.train_config(_Recipe(rc), seed + 4242)
+  params, summary = sft.train(cfg, jax.tree.map(np.asarray, model.params), it, tcfg,
+                              os.path.join(workdir, "rectify", target),
+                              tokenizer=model.tokenizer)
+  rect = models.VLM(cfg, jax.tree.map(np.asarray, params), model.tokenizer)
+  out_name = rectified_name(target)
+  rect.save(model_dir(workdir, out_name))
+
+  t_eval = time.time()
+  bench_src = pretrain.source(config, workdir, "benchmark")
+  bench = [bench_src[i] for i in range(len(bench_src))]
+  answerers = roles(config, "target") + roles(config, "reference")
+  before, after, gap_before, gap_after = {}, {}, {}, {}
+  for name in answerers:
+    g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
+    m = model if name == target else models.load(model_dir(workdir, name))
+    rep = accuracy(m, bench, g)
+    before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
+    if name == target:
+      rep = accuracy(rect, bench, g)
+    after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
+  others = [t for t in roles(config, "target") if t != target]
+  out = {"target": target, "rectified": out_name, "strategy": r["strategy"],
+         "mix_ratio": float(r["mix_ratio"]), "freeze_vision": bool(r["freeze_vision"]),
+         "pseudo_labelled_rows": n_pseudo, "gaps": gaps,
+         "gapped_skills": sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps}),
+         "accuracy_before": before, "accuracy_after": after,
+         "gap_accuracy_before": gap_before, "gap_accuracy_after": gap_after,
+         "checks": checks(target, gaps, before, after, others),
+         "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
+         "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
+  atomic_write_text(os.path.join(workdir, "rectify.json"), benchmark.dumps(out))
+  a0, a1 = before[target], after[target]
+  print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
+        f"{summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
+        + ", ".join(f"{s} {a0[s]:.3f} -> {a1[s]:.3f}" for s in out["gapped_skills"])
+        + f"; {sum(c['ok'] for c in out['checks'])}/{len(out['checks'])} checks met; "
+        f"{out['wall_s']:.0f}s", flush=True)
+  return out
+
+
+class _Recipe(dict):
+  """A dict with attribute access, as pretrain.train_config reads recipes."""
+
+  def __getattr__(self, k):
+    try:
+      return self[k]
+    except KeyError:
+      raise AttributeError(k) from None
+
