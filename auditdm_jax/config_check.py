@@ -63,8 +63,13 @@ def check(config) -> None:
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):
           problems.append(f"{where}.{key} is {value!r}; use float32, bfloat16 or float16")
+  rounds = config.get("rounds", 1)
+  if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    problems.append(f"rounds must be an int >= 1, got {rounds!r}")
   if "audit" in config and specs:
     problems += audit_problems(config)
+    problems += mine_problems(config)
+    problems += rectify_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -106,4 +111,58 @@ def audit_problems(config) -> list[str]:
   if isinstance(seeds, int) and isinstance(budget, int) and budget >= seeds:
     problems.append(f"audit.eval_budget ({budget}) must be smaller than "
                     f"world.seed_images_size ({seeds}): the rest trains the auditor")
+  return problems
+
+
+def _known_keys(section: str, given, defaults: dict) -> list[str]:
+  bad = sorted(set(given) - set(defaults))
+  return [f"{section}: unknown keys {bad}; known: {sorted(defaults)}"] if bad else []
+
+
+def mine_problems(config) -> list[str]:
+  from auditdm_jax.audit import rollout  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.stages import mine  # pylint: disable=import-outside-toplevel
+  given = dict(config.get("mine", {}))
+  problems = _known_keys("mine", given, mine.DEFAULTS)
+  m = mine.settings(config)
+  for key in ("samples_per_seed", "chunk_seeds", "top_k", "min_probes"):
+    v = m[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      problems.append(f"mine.{key} must be an int >= 1, got {v!r}")
+  if isinstance(m["seeds"], bool) or not isinstance(m["seeds"], int) or m["seeds"] < 0:
+    problems.append(f"mine.seeds must be an int >= 0 (0: every seed image), got {m['seeds']!r}")
+  for key in ("purity", "merge_rate"):
+    v = m[key]
+    if not isinstance(v, (int, float)) or not 0 < v <= 1:
+      problems.append(f"mine.{key} must be in (0, 1], got {v!r}")
+  names = set(config.models) | {f"{n}_trained" for n, s in config.models.items()
+                                if s.get("role", "") == "auditor"}
+  bad = [a for a in m["auditors"] if a not in names]
+  if bad:
+    problems.append(f"mine.auditors: {bad} are not auditor checkpoints of this config "
+                    f"(known: {sorted(names)})")
+  try:
+    rollout.check_mixture(dict(m["mixture"]))
+  except (ValueError, TypeError) as e:
+    problems.append(f"mine.mixture: {e}")
+  return problems
+
+
+def rectify_problems(config) -> list[str]:
+  from auditdm_jax.stages import rectify  # pylint: disable=import-outside-toplevel
+  given = dict(config.get("rectify", {}))
+  problems = _known_keys("rectify", given, rectify.DEFAULTS)
+  try:
+    r = rectify.settings(config)
+  except ValueError as e:
+    return problems + [str(e)]
+  t = r["target"]
+  if t and (t not in config.models or config.models[t].get("role", "") != "target"):
+    problems.append(f"rectify.target {t!r} is not a model with role 'target'")
+  for key in ("steps", "batch", "seq_len", "checkpoint_every", "log_every"):
+    v = r[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      problems.append(f"rectify.{key} must be an int >= 1, got {v!r}")
+  if not isinstance(r["lr"], (int, float)) or not r["lr"] > 0:
+    problems.append(f"rectify.lr must be > 0, got {r['lr']!r}")
   return problems

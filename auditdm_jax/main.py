@@ -28,33 +28,82 @@ _WORKDIR = flags.DEFINE_string(
     "(default: the config's `workdir`).")
 
 
-def run(config, workdir: str) -> dict:
-  """Runs config.stage ('all' or one stage); returns {stage: wall seconds}."""
-  config_check.check(config)
-  os.makedirs(workdir, exist_ok=True)
-  if config.stage != "all":
-    todo = [config.stage]
-    stages.get(config.stage)  # raises StageNotImplemented / ValueError early
-  else:
-    todo = [s for s in stages.ORDER if s in stages.IMPLEMENTED]
-  walls = {}
-  for name in todo:
-    t0 = time.time()
-    print(f"== stage {name} ==", flush=True)
-    stages.get(name)(config, workdir)
-    walls[name] = round(time.time() - t0, 2)
-  missing = [s for s in stages.ORDER if s not in stages.IMPLEMENTED]
-  if config.stage == "all" and missing:
-    print("Not implemented yet (skipped): " + "; ".join(
-        f"{s} [{stages.PLANNED[s]}]" for s in missing), flush=True)
+LOOP = ("audit", "mine", "rectify")   # the stages a later round repeats
+
+
+def _record_wall(workdir: str, key: str, seconds: float) -> None:
   path = os.path.join(workdir, "stages.json")
-  previous = {}
+  walls = {}
   if os.path.exists(path):
     with open(path) as f:
-      previous = json.load(f)
-  atomic_write_text(path, json.dumps({**previous, **walls}, indent=2))
+      walls = json.load(f)
+  walls[key] = round(seconds, 2)
+  atomic_write_text(path, json.dumps(walls, indent=2))
+
+
+def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
+  t0 = time.time()
+  print(f"== stage {key} ==", flush=True)
+  stages.get(name)(config, workdir)
+  walls[key] = round(time.time() - t0, 2)
+  _record_wall(workdir, key, walls[key])   # after each stage: survives a later crash
+
+
+def prepare_round(config, workdir: str, r: int) -> str:
+  """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
+  data/ link to the main workdir's, except that the audited target is the
+  previous round's rectified target and the auditor starts from the
+  previous round's trained auditor."""
+  from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.stages.rectify import rectified_name  # pylint: disable=import-outside-toplevel
+  prev = workdir if r == 2 else os.path.join(workdir, "rounds", f"r{r - 1}")
+  rdir = os.path.join(workdir, "rounds", f"r{r}")
+  os.makedirs(os.path.join(rdir, "models"), exist_ok=True)
+  target = audit_target(config)
+  links = {"data": os.path.join(workdir, "data")}
+  for name in config.models:
+    links[os.path.join("models", name)] = os.path.join(workdir, "models", name)
+  links[os.path.join("models", target)] = os.path.join(prev, "models", rectified_name(target))
+  for aud in roles(config, "auditor"):
+    links[os.path.join("models", aud)] = os.path.join(prev, "models", f"{aud}_trained")
+  for rel, dest in links.items():
+    if not os.path.exists(dest):
+      raise FileNotFoundError(f"round {r} needs {dest}, which round {r - 1} did not write")
+    link = os.path.join(rdir, rel)
+    if os.path.islink(link) and os.readlink(link) != dest:
+      os.unlink(link)
+    if not os.path.lexists(link):
+      os.symlink(dest, link)
+  return rdir
+
+
+def run(config, workdir: str) -> dict:
+  """Runs config.stage ('all' or one stage); returns {stage: wall seconds}.
+
+  `all` runs every stage in order; with `config.rounds` = N > 1 the audit ->
+  mine -> rectify loop then repeats N - 1 times against the improved target
+  (in `<workdir>/rounds/r2`, ...) before eval and report."""
+  config_check.check(config)
+  os.makedirs(workdir, exist_ok=True)
+  walls: dict[str, float] = {}
+  if config.stage != "all":
+    stages.get(config.stage)  # raises StageNotImplemented / ValueError early
+    _run_stage(config, config.stage, workdir, config.stage, walls)
+  else:
+    rounds = int(config.get("rounds", 1))
+    for name in stages.ORDER:
+      _run_stage(config, name, workdir, name, walls)
+      if name == LOOP[-1]:
+        for r in range(2, rounds + 1):
+          rdir = prepare_round(config, workdir, r)
+          for loop_name in LOOP:
+            _run_stage(config, loop_name, rdir, f"{loop_name}_r{r}", walls)
+            _record_wall(workdir, f"{loop_name}_r{r}", walls[f"{loop_name}_r{r}"])
   print(f"done: {', '.join(f'{k} {v:.1f}s' for k, v in walls.items())}; "
         f"outputs in {workdir}", flush=True)
+  report = os.path.join(workdir, "report.html")
+  if "report" in walls and os.path.exists(report):
+    print(f"report: file://{report}", flush=True)
   return walls
 
 
@@ -72,7 +121,8 @@ def main(argv):
     raise app.UsageError("no workdir: pass --workdir or set config.workdir")
   try:
     run(config, os.path.abspath(workdir))
-  except (config_check.ConfigError, stages.StageNotImplemented, ValueError) as e:
+  except (config_check.ConfigError, stages.StageNotImplemented, ValueError,
+          FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

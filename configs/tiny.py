@@ -26,6 +26,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.stage = "all"
   c.seed = 0
+  c.rounds = 1          # > 1: repeat audit -> mine -> rectify against the rectified target
   c.workdir = "workdir/tiny"
   c.models = ml_collections.ConfigDict({
       # The paper's comparison of a small and a large target, in miniature:

@@ -80,7 +80,8 @@ def render(facts: Mapping | None, gallery: Sequence[Mapping] = ()) -> str:
     notes: [str]
   `gallery`: exemplars {"id", "seed_image", "image" (uint8 [H, W, 3]), "route",
     "auditor_text", "question", "pseudo_label", "truth", "category",
-    "answers": {MODEL: str}}.
+    "answers": {MODEL: str}, optional "failed": [MODEL] (which answers to mark
+    as differing from the pseudo-label; by default a plain text comparison)}.
 
   Raises ValueError on malformed input (a bad image names the gallery item and
   field; a bad failure-type entry names its index).

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from auditdm_jax.stages import audit, evaluate, init_models, mine, pretrain, rectify
+from auditdm_jax.stages import (
+  audit,
+  evaluate,
+  init_models,
+  mine,
+  pretrain,
+  rectify,
+  report,
+)
 
 ORDER = ("init", "pretrain", "audit", "mine", "rectify", "eval", "report")
 
@@ -21,11 +29,11 @@ IMPLEMENTED: dict[str, Callable] = {
     "mine": mine.run,
     "rectify": rectify.run,
     "eval": evaluate.run,
+    "report": report.run,
 }
 
-PLANNED = {
-    "report": "issue 6 (HTML report)",
-}
+# Stages that are designed but not built yet: {name: the issue that builds it}.
+PLANNED: dict[str, str] = {}
 
 
 class StageNotImplemented(RuntimeError):

@@ -131,6 +131,7 @@ def analyse(config, records: list[dict], targets: list[str], focus: str, m: dict
   probes = [ft.Probe(r["id"], r["skill"], reward_lib.normalise(r["pseudo_label"]),
                      r["factor"], tuple(r["failed"])) for r in records]
   types = ft.group(probes, targets, focus, float(m["merge_rate"]), int(m["min_probes"]))
+  types = [t for t in types if sum(t.failures.values())]   # no target fails: not a failure type
   by_id = {r["id"]: r for r in records}
   truth = scene_truth(by_id)
   planted, found, total = {}, 0, 0

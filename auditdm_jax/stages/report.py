@@ -1,0 +1,161 @@
+"""`report` stage: the audit's findings as `report.html` and `report.json`.
+
+Collects what the earlier stages wrote (`audit.json`, `mine.json`, the
+exemplar store, `rectify.json`, later rounds under `rounds/`, `stages.json`)
+into the facts of `report.html.render` and writes, atomically:
+
+  report.json  {"planted_gap_recall", "exemplar_precision", "label_precision",
+                "failure_types": [{"name", "count", "share": {MODEL: f}, ...}],
+                "accuracy_before": {MODEL: {SKILL: f, "overall": f}},
+                "accuracy_after": {...}, "checks", "rounds", "wall_s": {STAGE: s}}
+  report.html  one self-contained page (inline PNG images, SVG charts, no
+               script), which opens from disk.
+
+A missing input (a stage not run) leaves its figures out rather than failing.
+`accuracy_after` is the last round's rectified target next to the other models.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from auditdm_jax.data import exemplars_tfds as store
+from auditdm_jax.eval.benchmark import dumps
+from auditdm_jax.report import html
+from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.stages.mine import published_path, scene_truth
+from auditdm_jax.utils.fileio import atomic_write_text
+
+GALLERY_TYPES, PER_TYPE = 6, 4
+
+
+def _load(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def round_dirs(workdir: str) -> list[str]:
+  """Workdirs of rounds 2.. (`rounds/r2`, ...), in order."""
+  dirs = glob.glob(os.path.join(workdir, "rounds", "r*"))
+  return sorted((d for d in dirs if os.path.basename(d)[1:].isdigit()),
+                key=lambda d: int(os.path.basename(d)[1:]))
+
+
+def gallery(workdir: str, mine: dict, limit_types: int = GALLERY_TYPES,
+            per_type: int = PER_TYPE) -> list[dict]:
+  """Exemplars of the top failure types, with the scene world's truth."""
+  path = published_path(workdir)
+  if not mine or not os.path.exists(os.path.join(path, "dataset_info.json")):
+    return []
+  want = []
+  for t in mine["failure_types"][:limit_types]:
+    want += [(i, t["name"]) for i in t.get("examples", [])[:per_type]]
+  if not want:
+    return []
+  src = store.data_source(path, "exemplars")
+  by_id = {}
+  ids = {i for i, _ in want}
+  for j in range(len(src)):
+    r = src[j]
+    if r["id"] in ids:
+      by_id[r["id"]] = r
+  truth = scene_truth(by_id)
+  out = []
+  for i, name in want:
+    r = by_id.get(i)
+    if r is None:
+      continue
+    t = truth(i)
+    texts = [x for x in (r["auditor_text"], r["auditor_text2"]) if x]
+    out.append({"id": i, "seed_image": r["seed_image"], "image": r["image"],
+                "route": r["pairing"], "auditor_text": " | ".join(texts),
+                "question": r["question"], "pseudo_label": r["pseudo_label"],
+                "truth": None if t is None else t[2], "category": name,
+                "answers": r["answers"], "failed": r["failed"]})
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  audit = _load(os.path.join(workdir, "audit.json")) or {}
+  mine = _load(os.path.join(workdir, "mine.json")) or {}
+  rect = _load(os.path.join(workdir, "rectify.json")) or {}
+  ev = _load(os.path.join(workdir, "eval.json")) or {}
+  walls = _load(os.path.join(workdir, "stages.json")) or {}
+  rounds = []
+  for d in [workdir] + round_dirs(workdir):
+    r = _load(os.path.join(d, "rectify.json"))
+    m = _load(os.path.join(d, "mine.json")) or {}
+    a = _load(os.path.join(d, "audit.json")) or {}
+    if r is None:
+      continue
+    t = r["target"]
+    rounds.append({"workdir": d, "target": t,
+                   "success_rate": a.get("success_rate"),
+                   "planted_gap_recall": m.get("planted_gap_recall"),
+                   "exemplars": m.get("exemplars_of", {}).get(t),
+                   "accuracy_before": r["accuracy_before"][t],
+                   "accuracy_after": r["accuracy_after"][t], "checks": r["checks"]})
+  before = rect.get("accuracy_before") or {
+      n: e["accuracy"] for n, e in ev.get("models", {}).items() if e.get("role") != "auditor"}
+  after = None
+  if rect:
+    last = _load(os.path.join(rounds[-1]["workdir"], "rectify.json")) if rounds else rect
+    after = dict(rect["accuracy_after"])
+    after[rect["target"]] = last["accuracy_after"][last["target"]]
+  gapped = {n: sorted({gaps_lib.GapSpec.parse(g).skill for g in s.get("gaps", ())})
+            for n, s in config.models.items() if s.role == "target"}
+  failure_types = [{k: t[k] for k in ("name", "count", "share", "rate", "probes")}
+                   for t in mine.get("failure_types", [])]
+  facts = {
+      "title": f"AuditDM report: {mine.get('target') or audit.get('target') or 'audit'}",
+      "workdir": workdir,
+      "planted_gap_recall": mine.get("planted_gap_recall"),
+      "exemplar_precision": mine.get("exemplar_precision"),
+      "planted_gaps": mine.get("planted_gaps"),
+      "failure_types": failure_types,
+      "accuracy_before": before, "accuracy_after": after, "gapped_skills": gapped,
+      "learning_curve": audit.get("learning_curve", []),
+      "wall_s": walls,
+      "notes": _notes(audit, mine, rect, rounds),
+  }
+  items = gallery(workdir, mine)
+  html_path = os.path.join(workdir, "report.html")
+  html.write(html_path, facts, items)
+  out = {"planted_gap_recall": mine.get("planted_gap_recall"),
+         "exemplar_precision": mine.get("exemplar_precision"),
+         "label_precision": mine.get("label_precision"),
+         "failure_types": failure_types, "accuracy_before": before,
+         "accuracy_after": after, "checks": rect.get("checks", []),
+         "rounds": [{k: v for k, v in r.items() if k != "workdir"} for r in rounds],
+         "search_success_rate": audit.get("success_rate"),
+         "gallery": [{k: v for k, v in g.items() if k not in ("seed_image", "image")}
+                     for g in items],
+         "wall_s": dict(walls, report=time.time() - t0), "html": html_path}
+  atomic_write_text(os.path.join(workdir, "report.json"), dumps(out))
+  print(f"report: {html_path} ({len(failure_types)} failure types, {len(items)} exemplars "
+        "in the gallery)", flush=True)
+  return out
+
+
+def _notes(audit: dict, mine: dict, rect: dict, rounds: list) -> list[str]:
+  notes = []
+  if audit:
+    sr = audit.get("success_rate", {})
+    notes.append(f"Search success at a budget of {audit.get('budget')} samples: trained "
+                 f"{sr.get('trained')}, warm start {sr.get('warm_start')}.")
+  if mine:
+    notes.append(f"{mine.get('probes')} consensus-backed probes, {mine.get('exemplars')} "
+                 f"failure exemplars; pseudo-labels equal the ground truth in "
+                 f"{mine.get('label_precision')} of the audited target's exemplars.")
+  if rect:
+    met = sum(c["ok"] for c in rect.get("checks", []))
+    notes.append(f"Rectification ({rect.get('strategy')}, {rect.get('pseudo_labelled_rows')} "
+                 f"pseudo-labelled rows): {met}/{len(rect.get('checks', []))} checks met "
+                 f"in round 1; {len(rounds)} round(s) in all.")
+  return notes
