@@ -52,8 +52,9 @@ def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
 def prepare_round(config, workdir: str, r: int) -> str:
   """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
   data/ link to the main workdir's, except that the audited target is the
-  previous round's rectified target and the auditor starts from the
-  previous round's trained auditor."""
+  previous round's rectified target (its unchanged target when that round
+  found nothing to train on) and the auditor starts from the previous
+  round's trained auditor."""
   from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
   from auditdm_jax.stages.rectify import rectified_name  # pylint: disable=import-outside-toplevel
   prev = workdir if r == 2 else os.path.join(workdir, "rounds", f"r{r - 1}")
@@ -63,7 +64,10 @@ def prepare_round(config, workdir: str, r: int) -> str:
   links = {"data": os.path.join(workdir, "data")}
   for name in config.models:
     links[os.path.join("models", name)] = os.path.join(workdir, "models", name)
-  links[os.path.join("models", target)] = os.path.join(prev, "models", rectified_name(target))
+  rect = os.path.join(prev, "models", rectified_name(target))
+  if not os.path.exists(rect):   # the previous round found nothing to train on
+    rect = os.path.realpath(os.path.join(prev, "models", target))
+  links[os.path.join("models", target)] = rect
   for aud in roles(config, "auditor"):
     links[os.path.join("models", aud)] = os.path.join(prev, "models", f"{aud}_trained")
   for rel, dest in links.items():

@@ -3,8 +3,8 @@
 Models use PaliGemma 2 (targets, references) and Gemma 3 (auditor)
 architectures at tiny widths (`scene-*` presets, models/presets.py). The two
 targets carry planted capability gaps (`gaps`, grammar in scenes/gaps.py);
-the references are healthy. The mine / rectify / report stages arrive with
-issue 6.
+the references are healthy. `main` runs init -> pretrain -> audit -> mine ->
+rectify -> eval -> report and prints where report.html is.
 
   python -m auditdm_jax.main --config=configs/tiny.py --workdir=/tmp/auditdm_tiny
 """
@@ -71,7 +71,7 @@ def get_config(arg=None):
   ))
   # One pass of the trained auditor over the seed images (mine stage).
   c.mine = ml_collections.ConfigDict(dict(
-      auditors=("auditor_trained",), seeds=0,   # 0: every seed image
+      auditors=("auditor_trained",), seeds=256,   # 0: every seed image
       samples_per_seed=8, chunk_seeds=32, temperature=1.0,
       top_k=5, purity=0.5, merge_rate=0.5, min_probes=3))
   # Fine-tuning the audited target on its exemplars (rectify stage).
@@ -94,7 +94,8 @@ def _smoke(c):
     r.update(dict(steps=2, batch=batch, warmup=1, checkpoint_every=2, log_every=2,
                   compiler_options={"xla_backend_optimization_level": 0}))
   c.eval.auditor_samples = 8
-  c.mine.update(dict(samples_per_seed=2, chunk_seeds=4))
+  c.mine.update(dict(seeds=8, samples_per_seed=2, chunk_seeds=4))
+  c.rounds = 2          # exercises the re-audit wiring
   c.rectify.update(dict(steps=2, batch=4, checkpoint_every=1, log_every=1))
   c.audit.update(dict(steps=2, prompts_per_step=2, eval_budget=4, eval_batch=4,
                       checkpoint_every=1, log_every=1, max_new_tokens=12))

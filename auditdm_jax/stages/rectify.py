@@ -126,31 +126,10 @@ def checks(target: str, gaps: list[str], before: dict, after: dict, others: list
   return out
 
 
-def run(config, workdir: str) -> dict:
-  t0 = time.time()
-  if "audit" not in config or "world" not in config:
-    print("rectify: this config has no `audit` / `world` section; nothing to rectify",
-          flush=True)
-    return {}
-  r = settings(config)
-  target = r["target"] or audit_target(config)
-  if config.models.get(target, None) is None or config.models[target].role != "target":
-    raise ValueError(f"rectify.target {target!r} is not a model with role 'target'")
-  spec = config.models[target]
-  path = published_path(workdir)
-  if not os.path.exists(os.path.join(path, "dataset_info.json")):
-    raise FileNotFoundError(f"rectify: no exemplar store at {path}; run the mine stage first")
+def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_pseudo: int):
+  """Fine-tunes `model` on the mix; returns (rectified VLM, training summary)."""
   seed = int(config.seed)
-  model = models.load(model_dir(workdir, target))
   cfg = model.config
-  gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
-  task = tasks.RectifyTask(cfg, model.tokenizer, int(r["seq_len"]), gaps=gaps,
-                           gap_mode=str(spec.get("gap_mode", "corrupt")))
-  pseudo = [_fits(task, s) for s in pseudo_sources(path, target, r["strategy"])]
-  n_pseudo = sum(len(s) for s in pseudo)
-  if n_pseudo == 0:
-    raise ValueError(f"rectify: the exemplar store at {path} holds no usable exemplar of "
-                     f"{target} (strategy {r['strategy']!r}); nothing to train on")
   pseudo = [s for s in pseudo if len(s)]
   if r["strategy"] == "augment":
     orig = pretrain.source(config, workdir, "train")
@@ -170,9 +149,43 @@ def run(config, workdir: str) -> dict:
   params, summary = sft.train(cfg, jax.tree.map(np.asarray, model.params), it, tcfg,
                               os.path.join(workdir, "rectify", target),
                               tokenizer=model.tokenizer)
-  rect = models.VLM(cfg, jax.tree.map(np.asarray, params), model.tokenizer)
+  return models.VLM(cfg, jax.tree.map(np.asarray, params), model.tokenizer), summary
+
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  if "audit" not in config or "world" not in config:
+    print("rectify: this config has no `audit` / `world` section; nothing to rectify",
+          flush=True)
+    return {}
+  r = settings(config)
+  target = r["target"] or audit_target(config)
+  if config.models.get(target, None) is None or config.models[target].role != "target":
+    raise ValueError(f"rectify.target {target!r} is not a model with role 'target'")
+  spec = config.models[target]
+  path = published_path(workdir)
+  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    raise FileNotFoundError(f"rectify: no exemplar store at {path}; run the mine stage first")
+  model = models.load(model_dir(workdir, target))
+  gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
+  task = tasks.RectifyTask(model.config, model.tokenizer, int(r["seq_len"]), gaps=gaps,
+                           gap_mode=str(spec.get("gap_mode", "corrupt")))
+  pseudo = [_fits(task, s) for s in pseudo_sources(path, target, r["strategy"])]
+  n_pseudo = sum(len(s) for s in pseudo)
+  skipped = ""
+  if n_pseudo == 0:
+    # Nothing was found (or nothing fits seq_len): the target stays as it is.
+    # Not an error: a weak auditor can find nothing, and a later round may.
+    skipped = (f"the exemplar store at {path} holds no usable exemplar of {target} "
+               f"(strategy {r['strategy']!r}); {target} is not rectified")
+    print(f"rectify: {skipped}", flush=True)
+    rect, summary = model, {"steps": 0, "resumed": False, "final": {}, "wall_s": 0.0}
+  else:
+    rect, summary = _train(config, workdir, r, target, model, task, pseudo, n_pseudo)
   out_name = rectified_name(target)
-  rect.save(model_dir(workdir, out_name))
+  if not skipped:
+    rect.save(model_dir(workdir, out_name))
 
   t_eval = time.time()
   bench_src = pretrain.source(config, workdir, "benchmark")
@@ -188,13 +201,14 @@ def run(config, workdir: str) -> dict:
       rep = accuracy(rect, bench, g)
     after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
   others = [t for t in roles(config, "target") if t != target]
-  out = {"target": target, "rectified": out_name, "strategy": r["strategy"],
+  out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
+         "strategy": r["strategy"],
          "mix_ratio": float(r["mix_ratio"]), "freeze_vision": bool(r["freeze_vision"]),
          "pseudo_labelled_rows": n_pseudo, "gaps": gaps,
          "gapped_skills": sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps}),
          "accuracy_before": before, "accuracy_after": after,
          "gap_accuracy_before": gap_before, "gap_accuracy_after": gap_after,
-         "checks": checks(target, gaps, before, after, others),
+         "checks": [] if skipped else checks(target, gaps, before, after, others),
          "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   atomic_write_text(os.path.join(workdir, "rectify.json"), benchmark.dumps(out))

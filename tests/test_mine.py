@@ -1,0 +1,280 @@
+"""Mining, failure types, the rectification data mix and the report stage, on
+hand-built inputs (no models): the exemplar store's journal and TFDS
+publication, grouping and ranking of failure types, ground-truth recall and
+precision, MixedSource proportions, RectifyTask rows, report.json."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+
+from auditdm_jax.data import exemplars_tfds as store
+from auditdm_jax.data import pipeline
+from auditdm_jax.mine import failure_types as ft
+from auditdm_jax.scenes import examples, questions
+from auditdm_jax.scenes.world import Obj, Scene, render
+from auditdm_jax.stages import mine as mine_stage
+from auditdm_jax.stages import report as report_stage
+from auditdm_jax.stages.rectify import Subset, checks
+
+flags.FLAGS.mark_as_parsed()
+
+
+def _record(i: int, failed=("t_small",), question="what colour is the circle?", label="red",
+            skill="colour", context=""):
+  img = np.full((48, 48, 3), i % 256, np.uint8)
+  return {"id": f"id{i:04d}", "pairing": "edit", "route": "edit",
+          "auditor_text": f"add a red circle at the top left <{i}>", "auditor_text2": "",
+          "question": question, "pseudo_label": label,
+          "answers": {"ref_a": label, "ref_b": label, "t_small": "blue", "t_large": label},
+          "failed": list(failed), "skill": skill, "factor": "added", "category": f"{skill}: {label}",
+          "context": context, "auditor": "auditor_trained", "auditor_step": 7,
+          "seed_index": i, "seed_image": img, "image": 255 - img}
+
+
+# -- the store ---------------------------------------------------------------------
+
+def test_chunks_round_trip_and_publish(tmp_path):
+  chunks = str(tmp_path / "chunks")
+  recs = [_record(0), _record(1, failed=()), _record(2, failed=("t_small", "t_large"))]
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), recs[:2])
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 1), recs[2:])
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 2), [])   # a done, empty chunk
+  back = list(store.iter_chunks(chunks))
+  assert [r["id"] for r in back] == ["id0000", "id0001", "id0002"]
+  np.testing.assert_array_equal(back[1]["image"], recs[1]["image"])
+  assert not [p for p in os.listdir(chunks) if p.endswith(".tmp")]
+
+  path = store.publish(chunks, str(tmp_path / "tfds"))
+  ex = store.data_source(path, "exemplars")
+  pl = store.data_source(path, "pseudo_labelled")
+  assert len(ex) == 2 and len(pl) == 1
+  r = ex[1]
+  assert r["id"] == "id0002" and r["failed"] == ["t_small", "t_large"]
+  assert r["answers"]["t_small"] == "blue" and r["auditor_step"] == 7
+  np.testing.assert_array_equal(r["seed_image"], recs[2]["seed_image"])
+  np.testing.assert_array_equal(r["image"], recs[2]["image"])
+  # Republishing (more chunks) replaces the dataset; no build directory is left over.
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 3), [_record(3)])
+  path = store.publish(chunks, str(tmp_path / "tfds"))
+  assert len(store.data_source(path, "exemplars")) == 3
+  assert sorted(os.listdir(tmp_path)) == ["chunks", "tfds"]
+
+
+def test_store_rejects_bad_records_and_names_corrupt_chunks(tmp_path):
+  bad = _record(0)
+  bad["image"] = np.zeros((10, 10, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"record 0: image must be uint8 \[48, 48, 3\]"):
+    store.write_chunk(str(tmp_path / "c.jsonl"), [bad])
+  assert not os.path.exists(tmp_path / "c.jsonl")
+  missing = {k: v for k, v in _record(0).items() if k != "question"}
+  with pytest.raises(ValueError, match="missing fields"):
+    store.write_chunk(str(tmp_path / "c.jsonl"), [missing])
+  store.write_chunk(str(tmp_path / "c.jsonl"), [_record(0)])
+  with open(tmp_path / "c.jsonl", "a") as f:
+    f.write('{"id": "half a line\n')
+  with pytest.raises(ValueError, match=r"corrupt exemplar chunk .*c.jsonl, line 2"):
+    store.read_chunk(str(tmp_path / "c.jsonl"))
+  with pytest.raises(FileNotFoundError, match="run the mine stage"):
+    store.data_source(str(tmp_path / "nothing"), "exemplars")
+
+
+def test_dedup_key_is_question_normalised_and_image_exact():
+  img = np.zeros((48, 48, 3), np.uint8)
+  k = mine_stage.dedup_key("What colour is the circle?", img)
+  assert k == mine_stage.dedup_key("what colour is  the circle", img)
+  other = img.copy()
+  other[0, 0, 0] = 1
+  assert k != mine_stage.dedup_key("what colour is the circle?", other)
+  assert k != mine_stage.dedup_key("what shape is the circle?", img)
+
+
+# -- failure types -------------------------------------------------------------------
+
+def _probe(i, skill, label, failed, factor=""):
+  return ft.Probe(f"p{i}", skill, label, factor, tuple(failed))
+
+
+def test_grouping_ranks_merges_counts_and_normalises_shares():
+  probes = []
+  i = 0
+  def add(n, skill, label, failed):
+    nonlocal i
+    for _ in range(n):
+      probes.append(_probe(i, skill, label, failed))
+      i += 1
+  add(4, "counting", "4", ["s"])            # hot: rate 1.0
+  add(3, "counting", "5", ["s", "l"])       # hot and adjacent: merges with 4
+  add(1, "counting", "5", [])               # 5: rate 3/4
+  add(4, "counting", "2", [])               # cold: its own type
+  add(2, "colour", "purple", ["s"])
+  add(3, "spatial", "left", ["l"])
+  types = ft.group(probes, ["s", "l"], "s")
+  names = [t.name for t in types]
+  assert names[0] == "counting: 4-5" and types[0].count("s") == 7 and types[0].probes == 8
+  assert types[0].rate == {"s": 7 / 8, "l": 3 / 8}
+  assert types[0].share["s"] == pytest.approx(0.7) and sum(types[0].share.values()) == 1
+  assert names[1] == "colour: purple"
+  assert "counting: 2" in names and "spatial: left" in names
+  spatial = types[names.index("spatial: left")]
+  assert spatial.share == {"s": 0.0, "l": 1.0} and spatial.ids == []
+  # The merged type lists the focus target's exemplars, in order.
+  assert types[0].ids == [f"p{j}" for j in range(7)]
+  with pytest.raises(ValueError, match="focus target 'x'"):
+    ft.group(probes, ["s", "l"], "x")
+
+
+def test_gap_recall_and_precision_against_the_truth():
+  # Truth: p0-p3 are purple-colour questions (the gap), p4-p5 red ones.
+  facets = {f"p{i}": ("colour", {"answer": "purple"}, "purple") for i in range(4)}
+  facets.update({f"p{i}": ("colour", {"answer": "red"}, "red") for i in (4, 5)})
+  truth = facets.get
+  probes = [_probe(i, "colour", "purple", ["s"]) for i in range(4)]
+  probes += [_probe(i, "colour", "red", ["s"]) for i in (4, 5)]
+  types = ft.group(probes, ["s"], "s")
+  res = ft.gap_recall(types, "s", ["colour:purple", "counting:n>=4"], truth, top_k=5)
+  assert res["colour:purple"]["found"] and res["colour:purple"]["rank"] == 1
+  assert res["colour:purple"]["type"] == "colour: purple"
+  assert not res["counting:n>=4"]["found"]
+  # top_k=1 with the red type ranked first would miss purple: rank by failures.
+  probes += [_probe(i, "colour", "red", ["s"]) for i in range(6, 12)]
+  facets.update({f"p{i}": ("colour", {"answer": "red"}, "red") for i in range(6, 12)})
+  types = ft.group(probes, ["s"], "s")
+  assert not ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=1)["colour:purple"]["found"]
+  assert ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=2)["colour:purple"]["found"]
+
+  ex = [{"id": "p0", "failed": ["s"], "answers": {"s": "blue"}, "pseudo_label": "purple"},
+        {"id": "p4", "failed": ["s"], "answers": {"s": "red"}, "pseudo_label": "green"},
+        {"id": "p5", "failed": [], "answers": {"s": "red"}, "pseudo_label": "red"}]
+  p = ft.exemplar_precision(ex, "s", truth)
+  assert p == {"precision": 0.5, "label_precision": 0.5, "exemplars_with_truth": 2}
+
+
+def test_scene_truth_reads_the_world():
+  scene = Scene((Obj(0, 0, "circle", "purple", "large"), Obj(2, 2, "square", "red", "small")))
+  rec = {"context": scene.to_json(), "question": "what colour is the circle?"}
+  skill, fac, answer = mine_stage.scene_truth({"a": rec})("a")
+  assert (skill, answer) == ("colour", "purple") and dict(fac)["answer"] == "purple"
+  assert mine_stage.scene_truth({"a": dict(rec, context="")})("a") is None
+
+
+# -- the rectification mix -------------------------------------------------------------
+
+def test_mixed_source_proportions_order_and_errors():
+  a = [{"x": i} for i in range(10)]
+  b = [{"x": 100 + i} for i in range(3)]
+  m = pipeline.MixedSource([a, b], [0.75, 0.25], seed=3, period=100)
+  assert len(m) == 100 * max(-(-10 // 75), -(-3 // 25))   # every source read whole once
+  m = pipeline.MixedSource([a, b], [0.75, 0.25], seed=3, period=100, length=400)
+  picks = [m[i] for i in range(400)]
+  assert sum(p["mix_source"] == 1 for p in picks) == 100   # exactly 25 per period
+  # Each source is cycled in order.
+  bs = [p["x"] for p in picks if p["mix_source"] == 1]
+  assert bs[:7] == [100, 101, 102, 100, 101, 102, 100]
+  assert [m[i] for i in range(50)] == [pipeline.MixedSource([a, b], [3, 1], seed=3,
+                                                            period=100)[i] for i in range(50)]
+  only_b = pipeline.MixedSource([a, b], [0.0, 1.0], period=10)
+  assert all(only_b[i]["mix_source"] == 1 for i in range(len(only_b)))
+  with pytest.raises(ValueError, match="one weight per source"):
+    pipeline.MixedSource([a, b], [1.0])
+  with pytest.raises(ValueError, match="finite, >= 0"):
+    pipeline.MixedSource([a, b], [1.0, -1.0])
+  with pytest.raises(ValueError, match=r"sources \[1\] have weight > 0 but no records"):
+    pipeline.MixedSource([a, []], [1.0, 1.0])
+  with pytest.raises(IndexError):
+    m[len(m)]
+  # It feeds the Grain train loader like any source.
+  it = pipeline.train_loader(m, batch_size=8, seed=0)
+  batch = next(it)
+  assert batch["x"].shape == (8,)
+  it.close()
+
+
+def test_rectify_task_trains_pseudo_labels_and_keeps_gaps_on_original_data():
+  from auditdm_jax.models import presets  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes.text import world_tokenizer  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.train import tasks  # pylint: disable=import-outside-toplevel
+  cfg = presets.get_preset("scene-paligemma2-small")
+  tok = world_tokenizer("paligemma")
+  task = tasks.RectifyTask(cfg, tok, 32, gaps=["colour:purple"])
+  ex = _record(0, question="what colour is the circle?", label="purple")
+  row = task(ex)
+  answer_ids = row["tokens"][row["mask_ar"].astype(bool)].tolist()
+  assert tok.decode([t for t in answer_ids if t != tok.eos_id]).strip() == "purple"
+  np.testing.assert_array_equal(row["images"].shape[:2], (cfg.vision.image_size,) * 2)
+  # An original record in the gap keeps its planted (corrupted) answer.
+  for i in range(400):
+    rec = examples.example(examples.SPLIT_SEEDS["train"], i)
+    if rec["skill"] == "colour" and rec["answer"] == "purple":
+      break
+  else:
+    pytest.skip("no purple colour question in the first 400 records")
+  row = task(rec)
+  answer_ids = row["tokens"][row["mask_ar"].astype(bool)].tolist()
+  assert tok.decode([t for t in answer_ids if t != tok.eos_id]).strip() != "purple"
+
+
+def test_rectify_checks():
+  skills = {s: 0.8 for s in questions.SKILLS}
+  before = {"t": dict(skills, colour=0.1, counting=0.2, overall=0.6), "l": {"overall": 0.7}}
+  after = {"t": dict(skills, colour=0.35, counting=0.3, shape=0.77, overall=0.72),
+           "l": {"overall": 0.7}}
+  out = {c["check"]: c["ok"] for c in checks("t", ["colour:purple", "counting:n>=4"],
+                                                before, after, ["l"])}
+  assert out["gapped skill colour gain"] and not out["gapped skill counting gain"]
+  assert not out["healthy skill shape cost"] and out["healthy skill size cost"]
+  assert out["overall vs l"]
+
+
+def test_subset():
+  s = Subset([10, 11, 12, 13], [3, 1])
+  assert len(s) == 2 and [s[0], s[1]] == [13, 11]
+
+
+# -- the report stage ------------------------------------------------------------------
+
+def test_report_stage_collects_every_figure(tmp_path):
+  wd = str(tmp_path)
+  chunks, tfds_dir = mine_stage.store_paths(wd)
+  scene = Scene((Obj(0, 0, "circle", "purple", "large"),))
+  rec = _record(0, label="red", context=scene.to_json())
+  rec["image"] = render(scene)
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [rec])
+  store.publish(chunks, tfds_dir)
+  acc = {s: 0.5 for s in questions.SKILLS}
+  dump = lambda name, obj: open(os.path.join(wd, name), "w").write(json.dumps(obj))
+  dump("mine.json", {"target": "t_small", "planted_gap_recall": 0.5,
+                     "exemplar_precision": 1.0, "label_precision": 0.0,
+                     "planted_gaps": {"t_small": {"colour:purple": {"found": True, "rank": 1,
+                                                                    "type": "colour: red"}}},
+                     "failure_types": [{"name": "colour: red", "count": 1, "probes": 1,
+                                        "share": {"t_small": 1.0, "t_large": 0.0},
+                                        "rate": {"t_small": 1.0, "t_large": 0.0},
+                                        "examples": ["id0000"]}]})
+  dump("rectify.json", {"target": "t_small", "strategy": "augment", "checks": [],
+                        "accuracy_before": {"t_small": dict(acc, overall=0.5)},
+                        "accuracy_after": {"t_small": dict(acc, overall=0.6)}})
+  dump("audit.json", {"target": "t_small", "learning_curve": [
+      {"step": 1, "reward": 0.1, "success_rate": 0.0}, {"step": 2, "reward": 0.3,
+                                                         "success_rate": 0.2}]})
+  dump("stages.json", {"audit": 3.0, "mine": 2.0})
+  config = ml_collections.ConfigDict({"models": {
+      "t_small": {"role": "target", "gaps": ("colour:purple",)},
+      "ref_a": {"role": "reference", "gaps": ()}}})
+  out = report_stage.run(config, wd)
+  rep = json.load(open(os.path.join(wd, "report.json")))
+  for key in ("planted_gap_recall", "exemplar_precision", "failure_types", "accuracy_before",
+              "accuracy_after", "wall_s"):
+    assert key in rep, key
+  assert rep["failure_types"][0] == {"name": "colour: red", "count": 1, "probes": 1,
+                                     "share": {"t_small": 1.0, "t_large": 0.0},
+                                     "rate": {"t_small": 1.0, "t_large": 0.0}}
+  assert rep["accuracy_after"]["t_small"]["overall"] == 0.6
+  assert rep["wall_s"]["mine"] == 2.0 and "report" in rep["wall_s"]
+  assert rep["gallery"][0]["truth"] == "purple" and rep["gallery"][0]["failed"] == ["t_small"]
+  page = open(out["html"]).read()
+  assert "colour: red" in page and "data:image/png;base64," in page
+  assert "&lt;0&gt;" in page and "<0>" not in page     # the auditor's text, escaped
