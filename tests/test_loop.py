@@ -130,6 +130,20 @@ def test_rectify_trains_saves_and_resumes(workdir, scripted):
   assert saved["accuracy_after"]["target_small"] == out["accuracy_after"]["target_small"]
 
 
+def test_rectify_bootstrap_trains_on_every_probe(workdir, tmp_path):
+  """Bootstrap: no labelled data, every consensus-backed probe (exemplars and
+  pseudo-labelled ones) is a training row."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  wd = str(tmp_path / "boot")
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("rectify", "*_rectified"))
+  c = tiny.get_config("smoke")
+  c.rectify.update(dict(strategy="bootstrap", steps=1))
+  probes = json.load(open(os.path.join(wd, "mine.json")))["probes"]
+  out = rectify.run(c, wd)
+  assert out["strategy"] == "bootstrap" and out["pseudo_labelled_rows"] == probes
+  assert out["train"]["steps"] == 1
+
+
 def test_rectify_without_exemplars_keeps_the_target(workdir, tmp_path):
   """A round that found nothing does not fail the pipeline: the target is
   measured and left as it is."""

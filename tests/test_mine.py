@@ -278,3 +278,20 @@ def test_report_stage_collects_every_figure(tmp_path):
   page = open(out["html"]).read()
   assert "colour: red" in page and "data:image/png;base64," in page
   assert "&lt;0&gt;" in page and "<0>" not in page     # the auditor's text, escaped
+
+
+def test_journal_is_kept_only_for_the_same_settings_and_models(tmp_path, capsys):
+  chunks = str(tmp_path / "chunks")
+  ident = {"seeds": 8, "params": {"auditor_trained": "abc"}}
+  mine_stage.check_journal(chunks, ident)
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [_record(0)])
+  mine_stage.check_journal(chunks, dict(ident))           # same: kept
+  assert len(store.chunk_files(chunks)) == 1
+  mine_stage.check_journal(chunks, dict(ident, params={"auditor_trained": "xyz"}))
+  assert store.chunk_files(chunks) == []                  # another auditor: mined again
+  assert len(store.chunk_files(chunks + ".previous")) == 1
+  assert "mined with other ['params']" in capsys.readouterr().out
+  os.remove(os.path.join(chunks, "manifest.json"))
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [_record(0)])
+  with pytest.raises(ValueError, match="holds chunks but no manifest.json"):
+    mine_stage.check_journal(chunks, ident)

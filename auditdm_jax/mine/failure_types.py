@@ -3,11 +3,14 @@
 Every consensus-backed probe (references agree; see `stages.mine`) is one
 `Probe`: its question's skill, the pseudo-label (the normalised consensus),
 the visual factor its edit or caption changed, and which targets disagreed.
-A probe's *category* is what a person would call it: "colour: purple" (the
-skill of the question and the answer the references give). Categories are
-then grouped: within a skill whose answers are ordered numbers (counting),
+A probe's *category* is what a person would call it: "colour: purple, after
+a recolour edit" (the skill of the question, the answer the references give,
+and the visual factor the auditor's edit or caption changed, if any).
+Similar categories are then grouped into failure types: the visual factors of
+one skill and answer form one type ("colour: purple"; the factors are kept as
+counts), and within a skill whose answers are ordered numbers (counting),
 adjacent answers on which the target fails at the same high rate merge into
-one range ("counting: 4-6"); the rest stay one group per answer.
+one range ("counting: 4-6").
 
 Per failure type and target: `probes` (consensus-backed probes of the type),
 `failures` (probes where the target differs from the consensus), `rate`
@@ -64,8 +67,16 @@ class FailureType:
             "examples": self.ids[:8]}
 
 
-def category(skill: str, label: str) -> str:
-  return f"{skill or UNKNOWN_SKILL}: {label}"
+FACTOR_WORDS = {"scene": "a regenerated scene"}
+
+
+def category(skill: str, label: str, factor: str = "") -> str:
+  """"colour: purple" or, with the factor an edit changed, "colour: purple,
+  after a colour edit"."""
+  name = f"{skill or UNKNOWN_SKILL}: {label}"
+  if factor:
+    name += f", after {FACTOR_WORDS.get(factor, f'a {factor} edit')}"
+  return name
 
 
 def _is_num(label: str) -> bool:

@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from auditdm_jax import models, sharding
@@ -100,11 +102,46 @@ def probe_records(roll: rollout_lib.Rollout, seeds, seed_index, k: int, targets,
         "question": roll.question[i], "pseudo_label": pseudo,
         "answers": {m: roll.answers[m][i] for m in list(targets) + list(refs)},
         "failed": failed, "skill": skill, "factor": roll.factor[i],
-        "category": ft.category(skill, cons[i]),
+        "category": ft.category(skill, cons[i], roll.factor[i]),
         "context": roll.context[i] if isinstance(roll.context[i], str) else "",
         "auditor": auditor, "auditor_step": int(step), "seed_index": int(seed_index[s]),
         "seed_image": seeds[s].image, "image": roll.image[i]})
   return out
+
+
+def params_fingerprint(params) -> str:
+  """A digest of parameter values (per-leaf sum and sum of squares, reduced
+  where the arrays live): equal for a re-saved copy of the same weights,
+  different after any training step."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  stats = [jax.device_get((jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))))
+           for _, x in leaves]
+  names = "|".join(jax.tree_util.keystr(p) for p, _ in leaves)
+  return hashlib.sha1(names.encode() + np.asarray(stats, np.float64).tobytes()).hexdigest()[:16]
+
+
+def check_journal(chunks_dir: str, identity: dict) -> None:
+  """Keeps the chunk journal only if it was mined with the same settings and
+  models; otherwise moves it aside to `chunks.previous` (one generation) and
+  starts a new one."""
+  path = os.path.join(chunks_dir, "manifest.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old == identity:
+      return
+    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    previous = chunks_dir + ".previous"
+    if os.path.exists(previous):
+      shutil.rmtree(previous)
+    os.replace(chunks_dir, previous)
+    print(f"mine: the journal in {chunks_dir} was mined with other {changed}; moved it to "
+          f"{previous} and mining again", flush=True)
+  elif store.chunk_files(chunks_dir):
+    raise ValueError(f"mine: {chunks_dir} holds chunks but no manifest.json; move them away "
+                     "or delete them")
+  os.makedirs(chunks_dir, exist_ok=True)
+  atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
 def _auditor_step(workdir: str, name: str) -> int:
@@ -180,15 +217,23 @@ def run(config, workdir: str) -> dict:
   pool = SeedPool(src, 0, n_seeds)
   n_seeds = len(pool)
   chunks_dir, tfds_dir = store_paths(workdir)
-  os.makedirs(chunks_dir, exist_ok=True)
 
   mesh = sharding.make_mesh(dict(config.audit.get("mesh", {"data": 1, "fsdp": -1,
                                                              "model": 1})))
-  answerers = {n: Sampler(models.load(model_dir(workdir, n)), mesh) for n in targets + refs}
+  loaded = {n: models.load(model_dir(workdir, n)) for n in targets + refs}
+  answerers = {n: Sampler(loaded[n], mesh) for n in targets + refs}
   editor = editor_lib.get_editor(config.audit.editor)
   auditing = None
   seed = int(config.seed)
   n_chunks = -(-n_seeds // chunk)
+  auditor_models = {a: models.load(model_dir(workdir, a)) for a in m["auditors"]}
+  check_journal(chunks_dir, {
+      "seed": seed, "seeds": n_seeds, "samples_per_seed": k, "chunk_seeds": chunk,
+      "mixture": mixture, "temperature": float(m["temperature"]),
+      "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
+      "targets": targets, "references": refs, "auditors": list(m["auditors"]),
+      "params": {n: params_fingerprint(v.params)
+                 for n, v in {**loaded, **auditor_models}.items()}})
   seen = {r["id"] for r in store.iter_chunks(chunks_dir)}
   mined = 0
   for a_i, aud_name in enumerate(m["auditors"]):
@@ -196,7 +241,7 @@ def run(config, workdir: str) -> dict:
             if not os.path.exists(store.chunk_path(chunks_dir, aud_name, c))]
     if not todo:
       continue
-    aud = models.load(model_dir(workdir, aud_name))
+    aud = auditor_models[aud_name]
     if auditing is None:
       auditing = rollout_lib.Auditing(
           Sampler(aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
