@@ -143,19 +143,24 @@ def run(config, workdir: str) -> dict:
   return out
 
 
+def _f(x) -> str:
+  return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
 def _notes(audit: dict, mine: dict, rect: dict, rounds: list) -> list[str]:
   notes = []
   if audit:
     sr = audit.get("success_rate", {})
     notes.append(f"Search success at a budget of {audit.get('budget')} samples: trained "
-                 f"{sr.get('trained')}, warm start {sr.get('warm_start')}.")
+                 f"{_f(sr.get('trained'))}, warm start {_f(sr.get('warm_start'))}.")
   if mine:
     notes.append(f"{mine.get('probes')} consensus-backed probes, {mine.get('exemplars')} "
                  f"failure exemplars; pseudo-labels equal the ground truth in "
-                 f"{mine.get('label_precision')} of the audited target's exemplars.")
+                 f"{_f(mine.get('label_precision'))} of the audited target's exemplars.")
   if rect:
     met = sum(c["ok"] for c in rect.get("checks", []))
+    what = (f"skipped ({rect['skipped']})" if rect.get("skipped") else
+            f"{met}/{len(rect.get('checks', []))} checks met")
     notes.append(f"Rectification ({rect.get('strategy')}, {rect.get('pseudo_labelled_rows')} "
-                 f"pseudo-labelled rows): {met}/{len(rect.get('checks', []))} checks met "
-                 f"in round 1; {len(rounds)} round(s) in all.")
+                 f"pseudo-labelled rows) in round 1: {what}; {len(rounds)} round(s) in all.")
   return notes
