@@ -254,7 +254,7 @@ def _require_chromium() -> None:
     return
   if os.environ.get("AUDITDM_NO_BROWSER") == "1":
     pytest.skip("AUDITDM_NO_BROWSER=1: browser test skipped")
-  pytest.fail(f"{CHROMIUM} not found: run `bash tests/install_browser.sh` (installs Debian's "
+  pytest.fail(f"{CHROMIUM} not found: run `bash tests/install_system_deps.sh` (installs Debian's "
               "chromium), or set AUDITDM_NO_BROWSER=1 to skip the browser test")
 
 
