@@ -1,6 +1,7 @@
 """Supervised fine-tuning (auditdm_jax.train): learning, token-weighted
 gradient accumulation, frozen towers, non-finite losses, exact resumption
-after SIGKILL, 8-device sharding and TrainConfig validation.
+after SIGKILL and after SIGTERM (saved at the step), 8-device sharding and
+TrainConfig validation.
 
 Everything uses one tiny PaliGemma 2 and a toy task (the answer token names
 the brightness class of the image). Runs that need their own process (the
@@ -352,6 +353,42 @@ def test_resume_after_sigkill_matches_uninterrupted_run(baseline, cache_dir, tmp
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   base_rows = read_metrics(base_dir / "metrics.jsonl")
   assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
+
+
+def test_sigterm_saves_the_step_and_exits_cleanly(baseline, cache_dir, tmp_path):
+  """SIGTERM (spot preemption) mid-run: the run saves a checkpoint at the step
+  it is at, exits with status 143 and no traceback; a restart resumes there
+  and ends where an uninterrupted run does."""
+  base_params, _, _ = baseline
+  workdir, out = tmp_path / "run", tmp_path / "final.npz"
+  env = subprocess_env(cache_dir)
+  proc = subprocess.Popen(script("run", workdir, out, 0.5), env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics = workdir / "metrics.jsonl"
+  try:
+    deadline = time.time() + 240
+    while (not metrics.exists() or not read_metrics(metrics)) and proc.poll() is None \
+        and time.time() < deadline:
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 143, output[-3000:]
+  assert "Traceback" not in output and "stopped by SIGTERM at step" in output, output[-3000:]
+  stopped_at = ckpt_steps(workdir)[-1]
+  assert 1 <= stopped_at < STEPS and not out.exists()
+  assert read_metrics(metrics)[-1]["step"] == stopped_at
+  done = subprocess.run(script("run", workdir, out), env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["resumed"] and summary["start_step"] == stopped_at
+  final = dict(np.load(out))
+  for k, v in base_params.items():
+    assert np.array_equal(final[k], v), k
 
 
 class ListIterator:

@@ -39,6 +39,7 @@ from auditdm_jax.sampling import Sampler
 from auditdm_jax.stages import pretrain
 from auditdm_jax.stages.init_models import model_dir
 from auditdm_jax.train import ckpt as ckpt_lib
+from auditdm_jax.train import preemption
 from auditdm_jax.train import sft
 from auditdm_jax.train.metrics import MetricsWriter, read_metrics
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -241,6 +242,7 @@ def run(config, workdir: str) -> dict:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=steps, initial=start, desc="audit", dynamic_ncols=True)
   t_train = time.time()
+  stop = preemption.StopOnSignal().__enter__()   # SIGTERM: save at the step, then exit
   try:
     for step in range(start, steps):
       t0 = time.perf_counter()
@@ -277,13 +279,18 @@ def run(config, workdir: str) -> dict:
           print(f"audit: find [{r['pairing']}] {r['texts']} -> Q {r['question']!r}: "
                 f"{target} says {r['answers'][target]!r}, references say "
                 f"{r['consensus']!r}", flush=True)
-      if (step + 1) % int(a.checkpoint_every) == 0 or step + 1 == steps:
+      stopping = stop.requested()
+      if (step + 1) % int(a.checkpoint_every) == 0 or step + 1 == steps or stopping:
         checkpointer.save(int(state["step"]), state, dict(meta, step=int(state["step"])))
       if bar is not None:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success_rate']:.2f}",
                         refresh=False)
+      if stopping and step + 1 < steps:
+        raise stop.stop(f"at audit step {step + 1} of {steps}; checkpoint saved in "
+                        f"{checkpointer.directory}")
   finally:
+    stop.__exit__(None, None, None)
     writer.close()
     checkpointer.close()
     if bar is not None:

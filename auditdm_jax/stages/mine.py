@@ -47,6 +47,7 @@ from auditdm_jax.scenes.world import Scene
 from auditdm_jax.stages import pretrain
 from auditdm_jax.stages.audit import SeedPool, audit_target, configs_from, roles
 from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.train import preemption
 from auditdm_jax.utils.fileio import atomic_write_text
 
 DEFAULTS = dict(auditors=(), seeds=0, samples_per_seed=8, chunk_seeds=32, mixture={},
@@ -236,39 +237,43 @@ def run(config, workdir: str) -> dict:
                  for n, v in {**loaded, **auditor_models}.items()}})
   seen = {r["id"] for r in store.iter_chunks(chunks_dir)}
   mined = 0
-  for a_i, aud_name in enumerate(m["auditors"]):
-    todo = [c for c in range(n_chunks)
-            if not os.path.exists(store.chunk_path(chunks_dir, aud_name, c))]
-    if not todo:
-      continue
-    aud = auditor_models[aud_name]
-    if auditing is None:
-      auditing = rollout_lib.Auditing(
-          Sampler(aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
-          temperature=float(m["temperature"]),
-          max_new_tokens=int(config.audit.max_new_tokens))
-    else:
-      auditing.auditor.params = jax.device_put(aud.params, auditing.auditor.param_shardings)
-    step = _auditor_step(workdir, aud_name)
-    for c in todo:
-      rng = np.random.default_rng([seed, 31337, a_i, c])
-      idx = [(c * chunk + j) % n_seeds for j in range(chunk)]   # fixed shape
-      seeds = pool.get(idx)
-      pairings = rollout_lib.draw_pairings(mixture, chunk, rng)
-      roll = auditing.run(seeds, pairings, jax.random.key(seed * 7_919 + 1_000 * a_i + c),
-                          num_samples=k)
-      recs = probe_records(roll, seeds, idx, k, targets, refs, rcfg.consensus, editor,
-                           aud_name, step)
-      keep = []
-      for r in recs:
-        if r["id"] not in seen:
-          seen.add(r["id"])
-          keep.append(r)
-      store.write_chunk(store.chunk_path(chunks_dir, aud_name, c), keep)
-      mined += 1
-      n_fail = sum(focus in r["failed"] for r in keep)
-      print(f"mine: {aud_name} chunk {c + 1}/{n_chunks}: {len(keep)} new probes, "
-            f"{n_fail} failures of {focus}", flush=True)
+  with preemption.StopOnSignal() as stop:   # SIGTERM: stop after the chunk in progress
+    for a_i, aud_name in enumerate(m["auditors"]):
+      todo = [c for c in range(n_chunks)
+              if not os.path.exists(store.chunk_path(chunks_dir, aud_name, c))]
+      if not todo:
+        continue
+      aud = auditor_models[aud_name]
+      if auditing is None:
+        auditing = rollout_lib.Auditing(
+            Sampler(aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
+            temperature=float(m["temperature"]),
+            max_new_tokens=int(config.audit.max_new_tokens))
+      else:
+        auditing.auditor.params = jax.device_put(aud.params, auditing.auditor.param_shardings)
+      step = _auditor_step(workdir, aud_name)
+      for c in todo:
+        rng = np.random.default_rng([seed, 31337, a_i, c])
+        idx = [(c * chunk + j) % n_seeds for j in range(chunk)]   # fixed shape
+        seeds = pool.get(idx)
+        pairings = rollout_lib.draw_pairings(mixture, chunk, rng)
+        roll = auditing.run(seeds, pairings, jax.random.key(seed * 7_919 + 1_000 * a_i + c),
+                            num_samples=k)
+        recs = probe_records(roll, seeds, idx, k, targets, refs, rcfg.consensus, editor,
+                             aud_name, step)
+        keep = []
+        for r in recs:
+          if r["id"] not in seen:
+            seen.add(r["id"])
+            keep.append(r)
+        store.write_chunk(store.chunk_path(chunks_dir, aud_name, c), keep)
+        mined += 1
+        n_fail = sum(focus in r["failed"] for r in keep)
+        print(f"mine: {aud_name} chunk {c + 1}/{n_chunks}: {len(keep)} new probes, "
+              f"{n_fail} failures of {focus}", flush=True)
+        if stop.requested():
+          raise stop.stop(f"after mining chunk {c + 1} of {n_chunks} ({aud_name}); the "
+                          f"chunks so far are in {chunks_dir}")
   t_pub = time.time()
   path = store.publish(chunks_dir, tfds_dir)
   records = list(store.iter_chunks(chunks_dir))

@@ -62,6 +62,7 @@ from auditdm_jax.models import logical, vlm
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.models.handle import check_images, check_rows, prompt_heads
 from auditdm_jax.train import ckpt as ckpt_lib
+from auditdm_jax.train import preemption
 from auditdm_jax.train.metrics import MetricsWriter
 from auditdm_jax.train.optim import make_optimizer, opt_state_shardings
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -671,6 +672,7 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
   last_saved = latest
   last: dict[str, Any] = {}
   step = start
+  stop = preemption.StopOnSignal().__enter__()   # SIGTERM: save at the step, then exit
   try:
     while step < tcfg.steps:
       t0 = time.perf_counter()
@@ -701,14 +703,19 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
         row.update({f"eval/{k}": v for k, v in dict(eval_fn(state["params"], step)).items()})
       if row:
         writer.write(step, row)
-      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+      stopping = stop.requested()
+      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping:
         checkpointer.save(step, state, dict(meta, step=step))
         last_saved = step
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+      if stopping and step < tcfg.steps:
+        raise stop.stop(f"at step {step} of {tcfg.steps}; checkpoint saved in "
+                        f"{checkpointer.directory}")
     saved = sorted(checkpointer.all_steps())
   finally:
+    stop.__exit__(None, None, None)
     writer.close()
     if bar is not None:
       bar.close()
