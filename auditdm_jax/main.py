@@ -23,6 +23,10 @@ from auditdm_jax.utils.fileio import atomic_write_text
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pipeline config file (get_config(arg) style).", lock_config=True)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: one process per host "
+    "(on TPU VMs the hosts are found from the TPU metadata; elsewhere set "
+    "AUDITDM_COORDINATOR=host:port, AUDITDM_NUM_PROCESSES and AUDITDM_PROCESS_ID).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, data and reports "
     "(default: the config's `workdir`).")
@@ -31,7 +35,29 @@ _WORKDIR = flags.DEFINE_string(
 LOOP = ("audit", "mine", "rectify")   # the stages a later round repeats
 
 
+def initialize_distributed() -> None:
+  """jax.distributed.initialize(), from AUDITDM_* variables when they are set
+  (CPU collectives then use gloo), else by the platform's auto-detection."""
+  import jax  # pylint: disable=import-outside-toplevel
+  coord = os.environ.get("AUDITDM_COORDINATOR", "")
+  if coord:
+    missing = [v for v in ("AUDITDM_NUM_PROCESSES", "AUDITDM_PROCESS_ID") if v not in os.environ]
+    if missing:
+      raise ValueError(f"AUDITDM_COORDINATOR is set but {missing} are not")
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coord, num_processes=int(os.environ["AUDITDM_NUM_PROCESSES"]),
+                               process_id=int(os.environ["AUDITDM_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+  print(f"distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
+
+
 def _record_wall(workdir: str, key: str, seconds: float) -> None:
+  from auditdm_jax.sharding import is_primary  # pylint: disable=import-outside-toplevel
+  if not is_primary():
+    return
   path = os.path.join(workdir, "stages.json")
   walls = {}
   if os.path.exists(path):
@@ -120,6 +146,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  if _DISTRIBUTED.value:
+    initialize_distributed()
   workdir = _WORKDIR.value or config.get("workdir", None)
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir or set config.workdir")

@@ -169,3 +169,33 @@ def bytes_per_device(shape: Sequence[int], dtype, spec: PartitionSpec,
     if entry is not None:
       n //= _axes_size(mesh_shape, entry)
   return n
+
+
+# -- several JAX processes (multi-host) ---------------------------------------------
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, metrics and reports."""
+  return jax.process_index() == 0
+
+
+def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]
+              ) -> dict[str, jax.Array]:
+  """Host rows -> global arrays placed by `shardings`. One process: its rows
+  are the batch. Several: every process passes its own rows (its share, in
+  process order) and the global batch is their concatenation, so the global
+  row count is process_count times the local one."""
+  if jax.process_count() == 1:
+    return jax.device_put(dict(batch), dict(shardings))
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in batch.items()}
+
+
+def to_host(tree):
+  """numpy copies of a tree of arrays, gathering the ones sharded over
+  several processes (a collective: every process must call it)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)

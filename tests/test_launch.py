@@ -63,7 +63,7 @@ def test_run_starts_main_on_all_workers_with_the_config():
   job = shlex.split(f["command"])
   assert "python3" in job and job[job.index("python3") + 1:job.index("python3") + 3] == [
       "-m", "auditdm_jax.main"]
-  assert "--config=configs/audit_gemma3.py:size=4b" in job
+  assert "--config=configs/audit_gemma3.py:size=4b" in job and "--distributed" in job
   assert "--workdir=$HOME/auditdm_work" in job and "XLA_FLAGS=--x" in job
   assert job[-1] == "&"         # detached: the ssh session may end
 

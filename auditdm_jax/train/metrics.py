@@ -69,19 +69,26 @@ class MetricsWriter:
   """Writes metric rows to stdout, a JSON-lines file and TensorBoard."""
 
   def __init__(self, workdir: str, start_step: int, *, tensorboard: bool = True,
-               echo: bool = True, write_fn=None):
+               echo: bool = True, write_fn=None, enabled: bool = True):
+    # enabled=False (JAX processes other than 0): writes nothing anywhere.
+    self.enabled = enabled
+    self.echo = echo
+    self._tb = None
+    self._file = None
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     truncate_metrics(self.path, start_step)
     self._file = open(self.path, "a")  # noqa: SIM115  (closed by close())
-    self.echo = echo
     self._write = write_fn or (lambda s: print(s, file=sys.stdout, flush=True))
-    self._tb = None
     if tensorboard:
       self._tb = summary_writer_cls()(logdir=os.path.join(workdir, "tb"),
                                purge_step=start_step + 1 if start_step > 0 else None)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     row = {"step": int(step)}
     for k, v in metrics.items():
       v = v.item() if hasattr(v, "item") else v
@@ -98,6 +105,7 @@ class MetricsWriter:
                                               if k != "step"))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()

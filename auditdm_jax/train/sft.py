@@ -554,7 +554,9 @@ class Trainer:
     """Step-0 state from `params` (copied: the step donates its state)."""
     _check_params(params, self.abstract_params)
     params = jax.tree.map(
-        lambda x, a, s: jax.device_put(jnp.asarray(x, a.dtype), s, may_alias=False),
+        lambda x, a, s: jax.device_put(
+            x.astype(a.dtype) if isinstance(x, jax.Array) else np.asarray(x, a.dtype), s,
+            may_alias=False),
         params, self.abstract_params, self.param_shardings)
     key = ("init", self.cfg, _step_key_config(self.tcfg), self.mesh)
     opt_init = _cached(key, lambda: jax.jit(self.tx.init, out_shardings=self.opt_shardings)
@@ -565,8 +567,10 @@ class Trainer:
             "step": jax.device_put(jnp.int32(0), self.replicated)}
 
   def batch_shardings(self, batch: Mapping[str, np.ndarray]) -> dict[str, NamedSharding]:
-    """Batch rows over data x fsdp when each microbatch divides evenly."""
-    micro = next(iter(batch.values())).shape[0] // self.tcfg.grad_accum
+    """Batch rows over data x fsdp when each microbatch divides evenly (`batch`
+    is this process's share of the global batch)."""
+    rows = next(iter(batch.values())).shape[0] * jax.process_count()   # global rows
+    micro = rows // self.tcfg.grad_accum
     return {k: NamedSharding(self.mesh, sharding.batch_spec(micro, self.mesh, np.ndim(v)))
             for k, v in batch.items()}
 
@@ -605,7 +609,7 @@ class Trainer:
     """One optimizer step on a host batch; `state` is donated (invalid after).
     Returns the new state and the step's metrics (numpy scalars)."""
     batch = self.check(batch)
-    dev_batch = jax.device_put(batch, self.batch_shardings(batch))
+    dev_batch = sharding.put_batch(batch, self.batch_shardings(batch))
     new_state, metrics = self.compiled_step(state, dev_batch)(state, dev_batch)
     return new_state, jax.device_get(metrics)
 
@@ -668,7 +672,8 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
           "variant": cfg.variant, "family": cfg.family, "train_config": repr(tcfg)}
   bar = _progress_bar(tcfg, start)
   writer = MetricsWriter(workdir, start, tensorboard=tcfg.tensorboard,
-                         write_fn=None if bar is None else bar.write)
+                         write_fn=None if bar is None else bar.write,
+                         enabled=sharding.is_primary())
   last_saved = latest
   last: dict[str, Any] = {}
   step = start
@@ -728,5 +733,6 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
   summary = {"start_step": start, "steps": step, "resumed": latest is not None,
              "final": last, "compile_s": trainer.compile_s,
              "wall_s": time.perf_counter() - t_begin, "checkpoints": saved}
-  atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  if sharding.is_primary():
+    atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return params, summary
