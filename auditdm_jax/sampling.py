@@ -289,12 +289,16 @@ class Sampler:
     rng = jax.random.key(0) if rng is None else rng
     prefill = self._prefill_fn(len(heads), text_len, params.max_new_tokens,
                                params.num_samples)
+    # Explicit placement: on several processes a jit refuses host arrays for
+    # sharded inputs (every process passes the same rows).
+    images, tokens, lengths = (jax.device_put(np.asarray(x), self._batch(np.shape(x)))
+                               for x in (images, tokens, lengths))
     caches, logits, total = prefill(self.params, images, tokens, lengths)
     decode = self._decode_fn(len(heads) * params.num_samples, self._prefix_len(text_len),
                              params)
     toks, n, lps, lpm, _ = decode(self.params, caches, logits, total, rng, stops)
-    return SampleOutput(np.asarray(toks), np.asarray(n), np.asarray(lps), np.asarray(lpm),
-                        params.num_samples)
+    toks, n, lps, lpm = sharding.to_host((toks, n, lps, lpm))
+    return SampleOutput(toks, n, lps, lpm, params.num_samples)
 
   @functools.lru_cache(maxsize=16)
   def _score_fn(self, batch: int, length: int):
@@ -314,6 +318,7 @@ class Sampler:
     tokens, input_mask, mask_ar, spans = score_batch(self.cfg, prompts, answers,
                                                      self.length_bucket)
     images = check_images(self.cfg, images, len(spans))
-    lp = np.asarray(self._score_fn(*tokens.shape)(self.params, images, tokens,
-                                                  input_mask, mask_ar))
+    args = (jax.device_put(np.asarray(x), self._batch(np.shape(x)))
+            for x in (images, tokens, input_mask, mask_ar))
+    lp = sharding.to_host(self._score_fn(*tokens.shape)(self.params, *args))
     return [lp[i, a:a + n] for i, (a, n) in enumerate(spans)]

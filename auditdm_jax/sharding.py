@@ -199,3 +199,16 @@ def to_host(tree):
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(get, tree)
+
+
+def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's share of a global host batch that every process holds
+  whole (rows [p * n, (p + 1) * n) of process p), for `put_batch`."""
+  count, p = jax.process_count(), jax.process_index()
+  if count == 1:
+    return dict(batch)
+  rows = len(next(iter(batch.values())))
+  if rows % count:
+    raise ValueError(f"a global batch of {rows} rows does not split over {count} processes")
+  n = rows // count
+  return {k: np.asarray(v)[p * n:(p + 1) * n] for k, v in batch.items()}

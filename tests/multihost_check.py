@@ -6,7 +6,10 @@ process x 8 devices, for tests/test_multihost.py to compare:
 
 Both train the same global batches (process p feeds rows [4p, 4p + 4) of
 each 8-row batch), save and restore Orbax checkpoints, and write the final
-parameters (gathered across processes) from process 0.
+parameters (gathered across processes) from process 0. Then, as the audit
+stage does: sharded sampling (every process passes the same rows and gets
+all the samples back), the log-probs of a GRPO batch, and one GRPO step
+(each process feeds its share of the batch).
 """
 
 import dataclasses
@@ -45,6 +48,34 @@ def data():
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
+def grpo_round(params) -> dict[str, np.ndarray]:
+  """Samples 2 continuations of 8 prompts, scores them and takes a GRPO step."""
+  from auditdm_jax.audit import grpo  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.models.handle import VLM  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.sampling import Sampler, SamplingParams  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(dict(TCFG.mesh))
+  rows = [tt.example(i) for i in range(8)]
+  images = np.stack([r["images"] for r in rows])
+  prompts = [[2, 5 + i, 108] for i in range(8)]
+  sampler = Sampler(VLM(tt.CFG, params, None), mesh)
+  out = sampler.sample(images, prompts, SamplingParams(max_new_tokens=5, temperature=1.0,
+                                                       num_samples=2),
+                       rng=jax.random.key(7), stop_ids=[1])
+  comps = [list(r) + [1] for r in out.rows()]
+  adv = np.linspace(-1.0, 1.0, len(comps)).astype(np.float32)
+  batch = grpo.grpo_batch(tt.CFG, np.repeat(images, 2, axis=0), [p for p in prompts for _ in (0, 1)],
+                          comps, adv, 12, "token_mean")
+  tcfg = dataclasses.replace(TCFG, steps=1, checkpoint_every=1, warmup_steps=0)
+  trainer = grpo.GRPOTrainer(tt.CFG, tcfg, grpo.GRPOConfig(num_samples=2), mesh)
+  batch["ref_logp"] = trainer.logprobs(jax.device_put(params, trainer.param_shardings), batch)
+  state = trainer.init_state(params)
+  state, m = trainer.step(state, sharding.local_rows(batch))
+  new = sharding.to_host(state["params"])
+  return {"tokens": np.asarray(out.tokens), "ref_logp": batch["ref_logp"],
+          "loss": np.asarray(m["loss"]), "kl": np.asarray(m["kl"]),
+          "embedding": np.asarray(new["llm"]["embedder"]["input_embedding"])}
+
+
 def main():
   workdir, out = sys.argv[2], sys.argv[3]
   assert jax.device_count() == 8, jax.device_count()
@@ -55,8 +86,9 @@ def main():
   restored = sharding.to_host(again)
   same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final),
                                                    jax.tree.leaves(restored)))
+  rl = grpo_round(final)
   if sharding.is_primary():
-    np.savez(out, **tt.flat_np(final))
+    np.savez(out, **tt.flat_np(final), **{f"rl/{k}": v for k, v in rl.items()})
     losses = [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
     print("RESULT " + json.dumps({
         "processes": jax.process_count(), "steps": summary["steps"],

@@ -1,7 +1,7 @@
-"""Multi-host on one machine: the sharded trainer as 2 JAX processes x 4 CPU
-devices (jax.distributed with a local coordinator, gloo collectives) against
-1 process x 8 devices, with Orbax checkpoint save and restore
-(tests/multihost_check.py)."""
+"""Multi-host on one machine: 2 JAX processes x 4 CPU devices (jax.distributed
+with a local coordinator, gloo collectives) against 1 process x 8 devices:
+sharded fine-tuning with Orbax checkpoint save and restore, sharded sampling,
+GRPO log-probs and one GRPO step (tests/multihost_check.py)."""
 
 import json
 import os
@@ -59,8 +59,14 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(r2["losses"], r1["losses"], rtol=1e-5)
   a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
   assert set(a.files) == set(b.files)
+  np.testing.assert_array_equal(b["rl/tokens"], a["rl/tokens"])   # the same samples
   for k in a.files:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    if k == "rl/embedding":
+      # After one Adam step from fresh moments (update ~ lr * g / |g|), float
+      # noise in near-zero gradients shows up at ~1e-4..1e-3 of lr = 3e-2.
+      np.testing.assert_allclose(b[k], a[k], atol=2e-3, err_msg=k)
+    elif k != "rl/tokens":
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4, err_msg=k)
   # Only process 0 wrote the metrics: one row per step.
   with open(tmp_path / "two" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]

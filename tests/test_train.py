@@ -355,6 +355,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(baseline, cache_dir, tmp
   assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_exits_cleanly(baseline, cache_dir, tmp_path):
   """SIGTERM (spot preemption) mid-run: the run saves a checkpoint at the step
   it is at, exits with status 143 and no traceback; a restart resumes there

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from auditdm_jax import sharding
 from auditdm_jax.models import logical
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.train import sft
@@ -255,7 +256,9 @@ class GRPOTrainer(sft.Trainer):
         with logical.activation_sharding(self.mesh, act_rules):
           return policy_stats(self.cfg, p, b)[0]
       self._logprob_fns[sig] = jax.jit(fn, in_shardings=(self.param_shardings, sh))
-    return np.asarray(self._logprob_fns[sig](params, inputs))
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    inputs = jax.device_put(inputs, {k: rep for k in inputs})
+    return sharding.to_host(self._logprob_fns[sig](params, inputs))
 
 
 def grpo_batch(cfg: VLMConfig, images, prompts: Sequence[Sequence[int]],

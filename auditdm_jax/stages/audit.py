@@ -257,8 +257,9 @@ def run(config, workdir: str) -> dict:
       batch["ref_logp"] = trainer.logprobs(warm_params, batch)
       if mu > 1:
         batch["old_logp"] = trainer.logprobs(state["params"], batch)
+      local = sharding.local_rows(batch)   # every process holds the same rollouts
       for _ in range(mu):
-        state, m = trainer.step(state, batch)
+        state, m = trainer.step(state, local)
         if not m["finite"]:
           raise sft.NonFiniteLossError(
               f"audit: non-finite GRPO loss at step {step + 1}: loss={float(m['loss'])}, "
