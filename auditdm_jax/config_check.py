@@ -6,6 +6,8 @@ stage after minutes of compilation.
 
 from __future__ import annotations
 
+import os
+
 from auditdm_jax import models, stages
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.stages.init_models import ROLES
@@ -40,6 +42,10 @@ def check(config) -> None:
           models.get_preset(preset)
         except ValueError as e:
           problems.append(f"{where}.preset: {e}")
+      if ckpt and "://" not in str(ckpt) and not os.path.exists(os.path.expanduser(str(ckpt))):
+        # Local paths are checked here, before any model is built or compiled;
+        # remote ones (gs://) when they are read.
+        problems.append(f"{where}.checkpoint: {ckpt!r} does not exist")
       gaps = spec.get("gaps", ())
       if isinstance(gaps, str):
         problems.append(f"{where}.gaps must be a list of 'SKILL:FILTER' specs, got the "

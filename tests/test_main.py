@@ -47,11 +47,14 @@ def test_config_errors_name_every_problem():
   config.models.ref_a.role = "judge"
   config.models.ref_b.preset = "gpt-9"
   config.models.auditor.preset = ""
+  config.models.target_large.checkpoint = "/nonexistent/paligemma2-3b-pt-448.npz"
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
   for part in ("stage is 'bogus'", "models.ref_a.role is 'judge'", "unknown preset 'gpt-9'",
-               "models.auditor: give a 'checkpoint', a 'preset', or both"):
+               "models.auditor: give a 'checkpoint', a 'preset', or both",
+               "models.target_large.checkpoint: '/nonexistent/paligemma2-3b-pt-448.npz' "
+               "does not exist"):
     assert part in msg
 
 
