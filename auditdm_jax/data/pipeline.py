@@ -12,10 +12,17 @@ Training (`train_loader`), built from grain.MapDataset / IterDataset:
            .to_iter_dataset(read_options).mp_prefetch(worker_count)
     TrainIterator: re-batches pre-batches into exact `batch_size` batches.
 
-  * every process reads its own contiguous shard of the records (JAX process
-    index / count, or explicit grain ShardOptions; drop_remainder=True gives
-    all processes the same number of records per epoch), and reshuffles it
-    every epoch (grain's ShuffleMapDataset: seed + epoch);
+  * shard_mode="records" (the default): every process reads its own
+    contiguous shard of the records (JAX process index / count, or explicit
+    grain ShardOptions; drop_remainder=True gives all processes the same
+    number of records per epoch), and reshuffles it every epoch (grain's
+    ShuffleMapDataset: seed + epoch);
+  * shard_mode="batch_rows": every process walks the same shuffled order of
+    all the records, cut into global batches of batch_size x process_count
+    records, and reads only its rows of each (process p: rows
+    [p * batch_size, (p + 1) * batch_size)). The global batches, and the
+    RandomMap draws, are then those of a 1-process run with the global batch
+    size, whatever the number of processes (without Filter transforms);
   * a record is identified by its position in this stream, which also seeds
     its RNG for RandomMap transforms; Filter transforms drop records, which is
     why a pre-batch may be short and TrainIterator re-batches;
@@ -116,24 +123,57 @@ def process_shard_options(drop_remainder: bool = True) -> grain.sharding.ShardOp
                                      drop_remainder=drop_remainder)
 
 
-class _Positioned:
-  """(stream position, record key): map_with_index of the shuffled keys."""
+def process_batch(global_batch: int) -> int:
+  """This process's rows of a global batch (global_batch / process_count)."""
+  count = jax.process_count()
+  if global_batch < 1 or global_batch % count:
+    raise ValueError(f"a global batch of {global_batch} records does not split evenly "
+                     f"over {count} processes")
+  return global_batch // count
 
-  def __call__(self, position: int, key: int) -> tuple[int, int]:
-    return position, int(key)
+
+class _Positioned:
+  """(stream position, rng position, record key): map_with_index of the
+  shuffled keys; both positions are the same in shard_mode="records"."""
+
+  def __call__(self, position: int, key: int) -> tuple[int, int, int]:
+    return position, position, int(key)
+
+
+class _BatchRow:
+  """shard_mode="batch_rows": this process's j-th record is row
+  `index * rows + j % rows` of global batch `j // rows` of the global order
+  (`glob`, (position, position, key) items): (j, global position, key)."""
+
+  def __init__(self, glob: grain.MapDataset, rows: int, count: int, index: int):
+    self.glob, self.rows, self.count, self.index = glob, rows, count, index
+
+  def global_position(self, j: int) -> int:
+    return (j // self.rows) * self.rows * self.count + self.index * self.rows + j % self.rows
+
+  def __call__(self, j: int) -> tuple[int, int, int]:
+    _, position, key = self.glob[self.global_position(j)]
+    return int(j), position, key
+
+
+def _local_length(total: int, rows: int, count: int, index: int) -> int:
+  """How many of `total` global positions fall in this process's rows."""
+  block = rows * count
+  full, rest = divmod(total, block)
+  return full * rows + min(max(rest - index * rows, 0), rows)
 
 
 class _LoadChunk:
-  """Reads a chunk of (position, key), applies the transforms record by record
+  """Reads a chunk of (position, rng position, key), applies the transforms record by record
   (dropping what a Filter rejects or a map turns into None) and stacks what is
   left: a pre-batch
   {"positions": int64 [n], "batch": stacked records or None}."""
 
-  def __init__(self, source, transforms: tuple, seed: int, shard_index: int):
+  def __init__(self, source, transforms: tuple, seed: int, rng_shard: int):
     self.source = source
     self.transforms = transforms
     self.seed = seed
-    self.shard_index = shard_index
+    self.rng_shard = rng_shard
 
   def _read(self, keys: list[int]) -> list:
     getitems = getattr(self.source, "__getitems__", None)
@@ -143,12 +183,13 @@ class _LoadChunk:
 
   def __call__(self, chunk: list[tuple[int, int]]) -> dict:
     positions, kept = [], []
-    for (position, _), record in zip(chunk, self._read([k for _, k in chunk]), strict=True):
+    for (position, rng_position, _), record in zip(chunk, self._read([k for *_, k in chunk]),
+                                                   strict=True):
       for t in self.transforms:
         if isinstance(t, grain.transforms.Filter):
           record = record if t.filter(record) else None
         elif isinstance(t, grain.transforms.RandomMap):
-          rng = np.random.default_rng([self.seed, self.shard_index, position])
+          rng = np.random.default_rng([self.seed, self.rng_shard, rng_position])
           record = t.random_map(record, rng)
         elif isinstance(t, grain.transforms.Map):
           record = t.map(record)
@@ -227,8 +268,9 @@ class TrainIterator:
 
   def set_state(self, state: bytes) -> None:
     state = json.loads(state.decode() if isinstance(state, bytes) else state)
-    mismatched = {k: (state.get(k), v) for k, v in self._identity.items()
-                  if state.get(k) != v}
+    keys = (set(self._identity) | set(state)) - {"position"}
+    mismatched = {k: (state.get(k), self._identity.get(k)) for k in sorted(keys)
+                  if state.get(k) != self._identity.get(k)}
     if mismatched:
       raise ValueError("the saved data iterator does not match this loader "
                        f"(field: (saved, now)): {mismatched}")
@@ -258,7 +300,7 @@ class TrainIterator:
 def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
                  transforms: Sequence[Transform] = (), num_epochs: int | None = None,
                  worker_count: int = 0, shard_by_process: bool = True,
-                 drop_remainder: bool = True,
+                 shard_mode: str = "records", drop_remainder: bool = True,
                  shard_options: grain.sharding.ShardOptions | None = None,
                  worker_buffer_size: int = 2,
                  read_options: grain.ReadOptions | None = None) -> TrainIterator:
@@ -277,8 +319,14 @@ def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
     worker_count: Grain worker processes reading and transforming chunks of
       batch_size records (0: threads of this process). Batches and
       checkpoints do not depend on it.
-    shard_by_process: shard the records over JAX processes (each process gets
-      len // process_count records per epoch); False: every process reads all.
+    shard_by_process: shard over JAX processes; False: every process reads
+      everything (as one process would).
+    shard_mode: "records": each process gets its own contiguous shard
+      (len // process_count records per epoch, reshuffled per epoch).
+      "batch_rows": all processes walk one global order and each reads its
+      batch_size rows of every global batch of batch_size x process_count
+      records, so the global batches do not depend on the process count
+      (see the module docstring).
     drop_remainder: drop a last batch smaller than batch_size (finite epochs).
     shard_options: explicit sharding, overrides shard_by_process (tests
       simulate processes with it).
@@ -299,16 +347,28 @@ def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
   if shard_options is None:
     shard_options = (process_shard_options() if shard_by_process
                      else grain.sharding.NoSharding())
-  start, stop = shard_range(len(source), shard_options)
-  if stop <= start:
-    raise ValueError(f"shard {shard_options.shard_index} of {shard_options.shard_count} "
-                     f"of a source of {len(source)} records is empty")
+  if shard_mode not in ("records", "batch_rows"):
+    raise ValueError(f"shard_mode must be 'records' or 'batch_rows', got {shard_mode!r}")
   if worker_count > 0:
     ensure_flags_parsed()
   seed = int(seed)
-  keys = grain.MapDataset.range(start, stop).shuffle(seed=seed).repeat(num_epochs)
-  stream = keys.map_with_index(_Positioned())
-  load = _LoadChunk(source, transforms, seed, shard_options.shard_index)
+  index, count = shard_options.shard_index, shard_options.shard_count
+  if shard_mode == "records":
+    start, stop = shard_range(len(source), shard_options)
+    if stop <= start:
+      raise ValueError(f"shard {index} of {count} of a source of {len(source)} "
+                       "records is empty")
+    keys = grain.MapDataset.range(start, stop).shuffle(seed=seed).repeat(num_epochs)
+    stream = keys.map_with_index(_Positioned())
+    load = _LoadChunk(source, transforms, seed, index)
+  else:
+    if len(source) < 1:
+      raise ValueError("the source is empty")
+    glob = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
+            .map_with_index(_Positioned()))
+    stream = grain.MapDataset.range(_local_length(len(glob), batch_size, count, index)).map(
+        _BatchRow(glob, batch_size, count, index))
+    load = _LoadChunk(source, transforms, seed, 0)
 
   def chunks(position: int) -> grain.MapDataset:
     return stream[position:].batch(batch_size, batch_fn=list).map(load)
@@ -318,6 +378,8 @@ def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
               "shard_count": shard_options.shard_count,
               "shard_drop_remainder": shard_options.drop_remainder,
               "num_epochs": num_epochs}
+  if shard_mode != "records":   # (older states have no such field)
+    identity.update(shard_mode=shard_mode, batch_size=batch_size)
   return TrainIterator(
       chunks=chunks, identity=identity, batch_size=batch_size,
       drop_remainder=drop_remainder,
