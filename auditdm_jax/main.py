@@ -54,6 +54,38 @@ def initialize_distributed() -> None:
         f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
 
 
+def check_shared_workdir(workdir: str) -> None:
+  """With several processes, every one must see the files process 0 writes
+  (Orbax checkpoints, the exemplar store, each stage's outputs): a shared
+  filesystem such as a gcsfuse mount of a bucket. Checked once, up front."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return
+  nonce = int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(1, 2**31 - 1))))
+  path = os.path.join(workdir, f".shared_check_{jax.process_count()}")
+  if jax.process_index() == 0:
+    atomic_write_text(path, str(nonce))
+  multihost_utils.sync_global_devices("auditdm shared workdir written")
+  try:
+    with open(path) as f:
+      ok = f.read().strip() == str(nonce)
+  except OSError:
+    ok = False
+  seen = multihost_utils.process_allgather(np.int32(ok))
+  multihost_utils.sync_global_devices("auditdm shared workdir read")
+  if jax.process_index() == 0:
+    os.unlink(path)
+  blind = [int(i) for i in np.flatnonzero(np.asarray(seen) == 0)]
+  if blind:
+    raise ValueError(f"the workdir {workdir} is not shared between the hosts: processes "
+                     f"{blind} do not see what process 0 writes there. Use a filesystem "
+                     "every host mounts, e.g. a Cloud Storage bucket through gcsfuse "
+                     "(launch/: BUCKET=my-bucket mounts it at /gcs/my-bucket)")
+
+
 def _record_wall(workdir: str, key: str, seconds: float) -> None:
   from auditdm_jax.sharding import is_primary  # pylint: disable=import-outside-toplevel
   if not is_primary():
@@ -71,6 +103,8 @@ def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
   t0 = time.time()
   print(f"== stage {key} ==", flush=True)
   stages.get(name)(config, workdir)
+  from auditdm_jax.sharding import barrier  # pylint: disable=import-outside-toplevel
+  barrier(f"auditdm stage {key} done")   # the next stage may read what process 0 wrote
   walls[key] = round(time.time() - t0, 2)
   _record_wall(workdir, key, walls[key])   # after each stage: survives a later crash
 
@@ -83,9 +117,9 @@ def prepare_round(config, workdir: str, r: int) -> str:
   round's trained auditor."""
   from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
   from auditdm_jax.stages.rectify import rectified_name  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.sharding import barrier, is_primary  # pylint: disable=import-outside-toplevel
   prev = workdir if r == 2 else os.path.join(workdir, "rounds", f"r{r - 1}")
   rdir = os.path.join(workdir, "rounds", f"r{r}")
-  os.makedirs(os.path.join(rdir, "models"), exist_ok=True)
   target = audit_target(config)
   links = {"data": os.path.join(workdir, "data")}
   for name in config.models:
@@ -96,14 +130,18 @@ def prepare_round(config, workdir: str, r: int) -> str:
   links[os.path.join("models", target)] = rect
   for aud in roles(config, "auditor"):
     links[os.path.join("models", aud)] = os.path.join(prev, "models", f"{aud}_trained")
-  for rel, dest in links.items():
+  for dest in links.values():
     if not os.path.exists(dest):
       raise FileNotFoundError(f"round {r} needs {dest}, which round {r - 1} did not write")
-    link = os.path.join(rdir, rel)
-    if os.path.islink(link) and os.readlink(link) != dest:
-      os.unlink(link)
-    if not os.path.lexists(link):
-      os.symlink(dest, link)
+  if is_primary():   # one process links, the others wait
+    os.makedirs(os.path.join(rdir, "models"), exist_ok=True)
+    for rel, dest in links.items():
+      link = os.path.join(rdir, rel)
+      if os.path.islink(link) and os.readlink(link) != dest:
+        os.unlink(link)
+      if not os.path.lexists(link):
+        os.symlink(dest, link)
+  barrier(f"auditdm round {r} links")
   return rdir
 
 
@@ -114,7 +152,12 @@ def run(config, workdir: str) -> dict:
   mine -> rectify loop then repeats N - 1 times against the improved target
   (in `<workdir>/rounds/r2`, ...) before eval and report."""
   config_check.check(config)
+  if "://" in workdir:
+    raise ValueError(f"workdir {workdir!r}: a URL is not a workdir; mount the bucket with "
+                     "gcsfuse and pass the mount point (launch/: BUCKET=... mounts it at "
+                     "/gcs/<bucket>)")
   os.makedirs(workdir, exist_ok=True)
+  check_shared_workdir(workdir)
   walls: dict[str, float] = {}
   if config.stage != "all":
     stages.get(config.stage)  # raises StageNotImplemented / ValueError early
@@ -152,7 +195,7 @@ def main(argv):
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir or set config.workdir")
   try:
-    run(config, os.path.abspath(workdir))
+    run(config, workdir if "://" in workdir else os.path.abspath(workdir))
   except (config_check.ConfigError, stages.StageNotImplemented, ValueError,
           FileNotFoundError) as e:
     logging.error("%s", e)

@@ -178,6 +178,14 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits for every process to get here (no-op on one process): after
+  process 0 writes files that the others read next."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]
               ) -> dict[str, jax.Array]:
   """Host rows -> global arrays placed by `shardings`. One process: its rows

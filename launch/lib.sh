@@ -12,7 +12,11 @@
 #   CONFIG        config inside the repo, with its argument
 #                 (default configs/audit_paligemma2.py:size=3b,res=448)
 #   LOCAL_CONFIG  a config file on this machine to copy to every worker's configs/
-#   WORKDIR       the run's workdir on the workers (default $HOME/auditdm_work)
+#   BUCKET        a Cloud Storage bucket (name, no gs://) that install.sh mounts with
+#                 gcsfuse at /gcs/$BUCKET on every worker: the shared workdir a
+#                 multi-host slice needs (every host reads what process 0 writes)
+#   WORKDIR       the run's workdir on the workers (default /gcs/$BUCKET/auditdm/$TPU_NAME
+#                 with BUCKET, else $HOME/auditdm_work: enough for a one-host slice only)
 #   EXTRA_ENV     extra VAR=value words for the job's environment
 #   DRY_RUN=1     print every gcloud command (shell-quoted, one per line) instead of running it
 set -euo pipefail
@@ -26,8 +30,15 @@ SPOT="${SPOT:-0}"
 CONFIG="${CONFIG:-configs/audit_paligemma2.py:size=3b,res=448}"
 LOCAL_CONFIG="${LOCAL_CONFIG:-}"
 # Expanded on the workers (single quotes keep $HOME for their shell).
+BUCKET="${BUCKET:-}"
+BUCKET="${BUCKET#gs://}"
+BUCKET="${BUCKET%%/*}"
+# shellcheck disable=SC2034
+MOUNT="/gcs/$BUCKET"
 WORKDIR="${WORKDIR:-}"
-if [[ -z "$WORKDIR" ]]; then
+if [[ -z "$WORKDIR" && -n "$BUCKET" ]]; then
+  WORKDIR="$MOUNT/auditdm/$TPU_NAME"
+elif [[ -z "$WORKDIR" ]]; then
   # shellcheck disable=SC2016
   WORKDIR='$HOME/auditdm_work'
 fi

@@ -55,7 +55,29 @@ def main():
         "emb_spec": specs["llm"]["embedder"]["input_embedding"],
         "gating_spec": specs["llm"]["layers"]["mlp"]["gating_einsum"],
     }
+  out["donation"] = donation_check(pg)
   json.dump(out, sys.stdout)
+
+
+def donation_check(model) -> dict:
+  """A trainer's state must not share buffers with other arrays placed from
+  the same parameters (the GRPO KL reference): its step donates the state.
+  Checked for device-resident (VLM.random) and host (numpy) parameters."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from auditdm_jax.train import sft  # pylint: disable=import-outside-toplevel
+  tcfg = dataclasses.replace(sft.TrainConfig(steps=1, lr=1e-3),
+                             mesh=(("data", 1), ("fsdp", 8), ("model", 1)))
+  out = {}
+  for kind, params in (("device", model.params),
+                       ("host", jax.tree.map(np.asarray, model.params))):
+    trainer = sft.Trainer(model.config, tcfg)
+    other = jax.device_put(params, trainer.param_shardings)
+    state = trainer.init_state(params)
+    ptrs = lambda a: {sh.data.unsafe_buffer_pointer() for sh in a.addressable_shards}  # noqa: E731
+    out[kind] = sum(bool(ptrs(a) & ptrs(b)) for a, b in
+                    zip(jax.tree.leaves(other), jax.tree.leaves(state["params"])))
+  return out
 
 
 if __name__ == "__main__":

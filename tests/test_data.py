@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -191,6 +192,44 @@ def test_epoch_is_split_over_processes():
   assert sorted(seen) == list(range(TRAIN))
 
 
+def test_batch_rows_sharding_rebuilds_the_one_process_batches():
+  """shard_mode="batch_rows": the rows of processes 0 and 1, side by side, are
+  the batches (and RandomMap draws) of one process with twice the batch size,
+  across epochs, and each process's state restores its own stream."""
+  src = _list_source()
+  kw = {"seed": 7, "transforms": [double_x, AddNoise()], "shard_mode": "batch_rows"}
+  one = _take(pipeline.train_loader(src, batch_size=8, shard_by_process=False, **kw), 9)
+  parts = []
+  for p in range(2):
+    opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2)
+    parts.append(_take(pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw), 9))
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)]
+  _assert_batches_equal(joined, one)
+  assert not np.array_equal(parts[0][0]["index"], parts[1][0]["index"])
+  # One finite epoch of 50 records in global batches of 8: 6 full batches, and
+  # the last 2 records belong to process 0's rows of the 7th.
+  ends = []
+  for p in range(2):
+    opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2)
+    it = pipeline.train_loader(_list_source(50), batch_size=4, shard_options=opts, num_epochs=1,
+                               drop_remainder=False, **kw)
+    ends.append([len(b["index"]) for b in it])
+  assert ends == [[4] * 6 + [2], [4] * 6]
+  opts = grain.sharding.ShardOptions(shard_index=1, shard_count=2)
+  it = pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw)
+  _take(it, 3)
+  state = it.get_state()
+  fresh = pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw)
+  fresh.set_state(state)
+  _assert_batches_equal(_take(fresh, 6), parts[1][3:])
+  other = pipeline.train_loader(src, batch_size=4, seed=7, shard_options=opts,
+                                transforms=kw["transforms"])          # shard_mode="records"
+  with pytest.raises(ValueError, match="does not match"):
+    other.set_state(state)
+  with pytest.raises(ValueError, match="shard_mode"):
+    pipeline.train_loader(src, batch_size=4, seed=0, shard_mode="rows")
+
+
 def test_transforms_can_drop_records():
   src = _list_source()
   it = pipeline.train_loader(src, batch_size=5, seed=0, num_epochs=1, drop_remainder=False,
@@ -273,3 +312,88 @@ def test_eval_batches_pad_the_last_batch():
   np.testing.assert_array_equal(kept, np.arange(10))
   with pytest.raises(TypeError, match="1:1 maps only"):
     list(pipeline.eval_batches(src, 4, transforms=[KeepNotMultipleOf3()]))
+
+
+# ------------------------------------------ named datasets (data/named.py)
+
+
+def _png(image) -> bytes:
+  import io  # pylint: disable=import-outside-toplevel
+
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _write_jsonl(root, records, put):
+  """records -> a big_vision-style jsonl at root/vqa/val.jsonl with images in
+  root/vqa/images/ (written through `put(path, bytes)`)."""
+  lines = []
+  for i, r in enumerate(records):
+    put(f"{root}/vqa/images/{i:03d}.png", _png(r["image"]))
+    lines.append(json.dumps({"image": f"images/{i:03d}.png", "prefix": r["question"],
+                             "suffix": r["answer"]}))
+  put(f"{root}/vqa/val.jsonl", ("\n".join(lines) + "\n").encode())
+  return f"{root}/vqa/val.jsonl"
+
+
+def _put_local(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def test_named_tfds_and_jsonl_datasets_read_the_same_records(data_dir, tmp_path):
+  """A TFDS array_record build, a local jsonl and a jsonl behind a URL
+  (memory://, standing in for gs://) give the same images, questions and answers;
+  images are resized to the model's resolution on read."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  from auditdm_jax.data import named  # pylint: disable=import-outside-toplevel
+  bench = scene_tfds.data_source(data_dir, "benchmark", TRAIN, BENCH)
+  records = [bench[i] for i in range(6)]
+  cfg_name = scene_tfds.config_name(TRAIN, BENCH)
+  tf_spec = {"kind": "tfds", "name": f"{scene_tfds.NAME}/{cfg_name}", "split": "benchmark",
+             "data_dir": str(data_dir)}
+  local = {"kind": "jsonl", "path": _write_jsonl(str(tmp_path), records, _put_local)}
+  mem = fsspec.filesystem("memory")
+  remote = {"kind": "jsonl", "path": _write_jsonl("memory://named_test", records,
+                                                  lambda p, d: mem.pipe(p[len("memory:/"):], d))}
+  for spec in (tf_spec, local, remote):
+    assert named.problems(spec, "data.x") == []
+    src = named.open_source(spec)
+    for i, want in enumerate(records):
+      got = src[i]
+      np.testing.assert_array_equal(got["image"], want["image"])
+      assert (got["question"], got["answer"]) == (want["question"], want["answer"])
+  assert len(named.open_source(local)) == 6 and len(named.open_source(tf_spec)) == BENCH
+  big = named.open_source(local, image_size=96)[0]["image"]
+  assert big.shape == (96, 96, 3) and big.dtype == np.uint8
+
+
+def test_named_dataset_problems_are_named(tmp_path):
+  from auditdm_jax.data import named  # pylint: disable=import-outside-toplevel
+  p = named.problems
+  assert "kind is 'csv'" in p({"kind": "csv"}, "data.seed_images")[0]
+  assert "unknown keys ['split']" in p({"kind": "jsonl", "path": "x", "split": "a"}, "d")[0]
+  assert "need ['name', 'split']" in p({"kind": "tfds", "name": "x"}, "d")[0]
+  missing = str(tmp_path / "nope.jsonl")
+  assert f"{missing} does not exist" in p({"kind": "jsonl", "path": missing}, "d")[0]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"image": "a.png", "prefix": "q"}\nnot json\n')
+  assert "a.png does not exist" in p({"kind": "jsonl", "path": str(bad)}, "d")[0]
+  with pytest.raises(ValueError, match="line 2 is not JSON"):
+    named.open_source({"kind": "jsonl", "path": str(bad)})
+  nokey = tmp_path / "nokey.jsonl"
+  nokey.write_text('{"img": "a.png", "prefix": "q"}\n')
+  assert "no string 'image'" in p({"kind": "jsonl", "path": str(nokey)}, "d")[0]
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "a.png").write_bytes(b"not a png")
+  (broken / "b.jsonl").write_text('{"image": "a.png", "prefix": "q", "suffix": "x"}\n')
+  with pytest.raises(ValueError, match="a.png: not a readable image"):
+    named.open_source({"kind": "jsonl", "path": str(broken / "b.jsonl")})[0]
+  got = p({"kind": "tfds", "name": "no_such_dataset_xyz", "split": "val",
+           "data_dir": str(tmp_path)}, "data.benchmarks.x")
+  assert got and got[0].startswith("data.benchmarks.x: TFDS 'no_such_dataset_xyz'"), got

@@ -17,7 +17,8 @@ BASE = {"DRY_RUN": "1", "TPU_NAME": "audit-v5p", "ZONE": "us-east5-a", "PROJECT"
 def dry(script: str, **env) -> list[list[str]]:
   full = {k: v for k, v in os.environ.items()
           if k not in ("TPU_NAME", "ZONE", "PROJECT", "QUEUED", "SPOT", "ACCELERATOR",
-                       "RUNTIME", "CONFIG", "WORKDIR", "LOCAL_CONFIG", "EXTRA_ENV")}
+                       "RUNTIME", "CONFIG", "WORKDIR", "LOCAL_CONFIG", "EXTRA_ENV",
+                       "BUCKET")}
   full.update(BASE)
   full.update(env)
   proc = subprocess.run(["bash", os.path.join(LAUNCH, script)], env=full, capture_output=True,
@@ -54,6 +55,17 @@ def test_install_copies_head_and_installs_tpu_extras_on_every_worker(tmp_path):
   assert ssh[3:5] == ["tpu-vm", "ssh"] and _flags(ssh)["worker"] == "all"
   assert "pip install -q -e '.[tpu]'" in _flags(ssh)["command"]
   assert scp_cfg[5] == str(cfg) and scp_cfg[6] == "audit-v5p:auditdm_jax/configs/mine.py"
+
+
+def test_bucket_is_mounted_on_every_worker_and_is_the_default_workdir():
+  *_, mount = dry("install.sh", BUCKET="gs://my-bucket")
+  assert mount[3:5] == ["tpu-vm", "ssh"] and _flags(mount)["worker"] == "all"
+  cmd = _flags(mount)["command"]
+  assert "gcsfuse --implicit-dirs my-bucket /gcs/my-bucket" in cmd
+  assert "mountpoint -q /gcs/my-bucket" in cmd
+  (ssh,) = dry("run.sh", BUCKET="my-bucket")
+  assert "--workdir=/gcs/my-bucket/auditdm/audit-v5p" in _flags(ssh)["command"]
+  assert len(dry("install.sh")) == 3          # no bucket: no mount step
 
 
 def test_run_starts_main_on_all_workers_with_the_config():

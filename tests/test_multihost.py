@@ -70,3 +70,122 @@ def test_two_processes_match_one(tmp_path):
   # Only process 0 wrote the metrics: one row per step.
   with open(tmp_path / "two" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+# -- the tiny config's stages through `main --distributed` ---------------------------
+
+SMOKE = ["--config=configs/tiny.py:smoke", "--config.rounds=1", "--config.audit.steps=1",
+         "--config.rectify.steps=2"]
+
+
+def _main(workdir, stage, devices=8, distributed=None, timeout=900, extra=()):
+  """Runs `main` for one stage: one process with `devices` CPU devices, or
+  `distributed=(port, n)`: n processes with `devices` each. Returns outputs."""
+  env = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, "-m", "auditdm_jax.main", *SMOKE, f"--workdir={workdir}",
+         f"--config.stage={stage}", *extra]
+  if distributed is None:
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return [out.stdout + out.stderr]
+  port, n = distributed
+  procs = [subprocess.Popen(cmd + ["--distributed"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(env, AUDITDM_COORDINATOR=f"127.0.0.1:{port}",
+                                     AUDITDM_NUM_PROCESSES=str(n), AUDITDM_PROCESS_ID=str(p)))
+           for p in range(n)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+      p.kill()
+  assert [p.returncode for p in procs] == [0] * n, "\n----\n".join(o[-4000:] for o in outs)
+  return outs
+
+
+def _params(path):
+  from auditdm_jax import models  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.models.ckpt.common import flatten  # pylint: disable=import-outside-toplevel
+  return {k: np.asarray(v, np.float32) for k, v in flatten(models.load(path).params).items()}
+
+
+def _assert_close(a, b, atol, what):
+  assert set(a) == set(b), what
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=atol, rtol=0, err_msg=f"{what}: {k}")
+
+
+def _rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_tiny_config_stages_on_two_processes(tmp_path):
+  """configs/tiny.py:smoke through `main --distributed` as 2 processes x 4 CPU
+  devices against 1 process x 8: one GRPO step of the audit stage (sharded
+  sampling, Orbax checkpoint), the mine stage (one TFDS store, written once)
+  and two rectification steps (Grain rows per process); then a rerun of the
+  audit stage with a second step restores the 2-process checkpoint."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  prep = tmp_path / "prep"
+  for stage in ("init", "pretrain"):
+    _main(prep, stage)
+  one, two = tmp_path / "one", tmp_path / "two"
+  shutil.copytree(prep, one, symlinks=True)
+  shutil.copytree(prep, two, symlinks=True)
+  port = _free_port()
+
+  # audit: one GRPO step.
+  _main(one, "audit")
+  outs = _main(two, "audit", devices=4, distributed=(port, 2))
+  assert "process 1 of 2, 4 of 8 devices" in outs[1]
+  m1, m2 = _rows(one / "audit" / "metrics.jsonl"), _rows(two / "audit" / "metrics.jsonl")
+  assert [r["step"] for r in m2] == [1]           # one writer: no duplicate rows
+  for key in ("reward", "success_rate", "consensus_rate", "invalid_rate"):
+    assert m2[0][key] == m1[0][key], key          # the same rollouts
+  for key in ("loss", "kl"):
+    np.testing.assert_allclose(m2[0][key], m1[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+  # One Adam step from fresh moments: near-zero gradients show float noise
+  # at ~1e-4 of the update (see test_two_processes_match_one).
+  _assert_close(_params(one / "models" / "auditor_trained"),
+                _params(two / "models" / "auditor_trained"), 2e-3, "trained auditor")
+  steps = lambda w: sorted(d for d in os.listdir(w / "audit" / "ckpt") if d.isdigit())  # noqa: E731
+  assert steps(two) == steps(one) == ["1"]
+
+  # mine, from the same auditor, so that both runs mine the same probes.
+  shutil.rmtree(two / "models" / "auditor_trained")
+  shutil.copytree(one / "models" / "auditor_trained", two / "models" / "auditor_trained")
+  _main(one, "mine")
+  _main(two, "mine", devices=4, distributed=(port, 2))
+  j1 = json.loads((one / "mine.json").read_text())
+  j2 = json.loads((two / "mine.json").read_text())
+  for key in ("probes", "exemplars", "exemplars_of", "failure_types"):
+    assert j2[key] == j1[key], key
+  chunks = sorted(os.listdir(two / "mine" / "chunks"))
+  assert chunks == sorted(os.listdir(one / "mine" / "chunks"))
+  for name in chunks:
+    if name.endswith(".jsonl"):
+      assert [r["id"] for r in _rows(two / "mine" / "chunks" / name)] == \
+          [r["id"] for r in _rows(one / "mine" / "chunks" / name)]
+
+  # rectify: two steps on the same global batches.
+  _main(one, "rectify")
+  _main(two, "rectify", devices=4, distributed=(port, 2))
+  r1, r2 = json.loads((one / "rectify.json").read_text()), json.loads(
+      (two / "rectify.json").read_text())
+  assert r1.get("skipped") == r2.get("skipped")
+  target = r1["target"]
+  rdir = lambda w: w / "rectify" / target  # noqa: E731
+  l1 = [r["loss"] for r in _rows(rdir(one) / "metrics.jsonl")]
+  l2 = [r["loss"] for r in _rows(rdir(two) / "metrics.jsonl")]
+  assert len(l1) == 2
+  np.testing.assert_allclose(l2, l1, rtol=1e-4)
+  _assert_close(_params(one / "models" / f"{target}_rectified"),
+                _params(two / "models" / f"{target}_rectified"), 1e-4, "rectified target")
+
+  # resume: a second GRPO step restores the 2-process checkpoint of step 1.
+  _main(two, "audit", devices=4, distributed=(port, 2), extra=["--config.audit.steps=2"])
+  assert [r["step"] for r in _rows(two / "audit" / "metrics.jsonl")] == [1, 2]
+  assert steps(two) == ["1", "2"]

@@ -180,5 +180,7 @@ def test_sharded_equals_single_device():
     assert r["logprob_diff"] < 1e-4 and r["score_diff"] < 1e-4, r
     assert "model" in r["q_spec"] and "fsdp" in r["q_spec"], r   # TP + FSDP both used
     assert "model" in r["gating_spec"] and "fsdp" in r["gating_spec"], r
+  # The trainer's (donated) state shares no buffer with other placed copies.
+  assert res["donation"] == {"device": 0, "host": 0}, res["donation"]
   # Two models on one mesh, partitioned by different rules.
   assert res["paligemma"]["emb_spec"] != res["gemma3"]["emb_spec"]

@@ -76,6 +76,17 @@ def check_images(cfg: VLMConfig, images, batch: int) -> np.ndarray:
   return images
 
 
+def fit_images(images, size: int) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> [B, size, size, 3] (bilinear; unchanged when it
+  already fits): one image shown to models of different resolutions."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[1:3] == (size, size):
+    return images
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+                   for im in images.astype(np.uint8)])
+
+
 def check_rows(cfg: VLMConfig, rows, name: str, allow_empty: bool) -> list[list[int]]:
   if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
     raise TypeError(f"{name} must be a list of token-id lists")
@@ -193,7 +204,10 @@ class VLM:
 
   def __init__(self, config: VLMConfig, params, tokenizer: Tokenizer | None = None):
     self.config = config
-    self.params = jax.tree.map(jnp.asarray, params)
+    # Host arrays stay on the host (a loaded 28B checkpoint must not land on
+    # one device); samplers and trainers place them with their shardings.
+    self.params = jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
     self.tokenizer = tokenizer
 
   @classmethod

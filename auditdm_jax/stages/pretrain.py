@@ -34,7 +34,7 @@ import flax
 import jax
 import numpy as np
 
-from auditdm_jax import models
+from auditdm_jax import models, sharding
 from auditdm_jax.data import pipeline, scene_tfds
 from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import common as ckpt_common
@@ -65,11 +65,12 @@ def data_dir(config, workdir: str) -> str:
 def ensure_data(config, workdir: str):
   d = data_dir(config, workdir)
   sizes = data_sizes(config)
-  if not scene_tfds.is_built(d, **sizes):
+  if sharding.is_primary() and not scene_tfds.is_built(d, **sizes):
     t0 = time.time()
     scene_tfds.build(d, **sizes, num_workers=int(config.world.get("build_workers", 1)))
     print(f"pretrain: built the scene dataset in {d} ({sizes['train_size']} train, "
           f"{sizes['benchmark_size']} benchmark) in {time.time() - t0:.0f}s", flush=True)
+  sharding.barrier(f"auditdm scene data {d}")   # process 0 built it; the others read it
   return d
 
 
@@ -147,19 +148,25 @@ class _Status:
 
   def mark(self, key: str, value: dict) -> None:
     self.data[key] = value
-    atomic_write_text(self.path, json.dumps(self.data, indent=2))
+    if sharding.is_primary():
+      atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
 def _loader(config, workdir, task, batch: int, seed: int):
-  return pipeline.train_loader(source(config, workdir, "train"), batch_size=batch,
-                               seed=seed, transforms=[task],
+  # `batch` is global: each process reads its rows of every global batch.
+  return pipeline.train_loader(source(config, workdir, "train"),
+                               batch_size=pipeline.process_batch(batch), seed=seed,
+                               transforms=[task], shard_mode="batch_rows",
                                worker_count=int(config.world.get("loader_workers", 0)))
 
 
 def _save_img(path: str, img: dict) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **ckpt_common.flatten(img))
-  os.replace(tmp, path)
+  img = sharding.to_host(img)
+  if sharding.is_primary():
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **ckpt_common.flatten(img))
+    os.replace(tmp, path)
+  sharding.barrier(f"auditdm vision tower {path}")
 
 
 def _load_img(path: str) -> dict:
@@ -222,7 +229,7 @@ def run(config, workdir: str) -> dict:
     it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
     params, summary = sft.train(cfg, params, it, train_config(pc.finetune, mseed),
                                 os.path.join(root, name), tokenizer=tok)
-    models.VLM(cfg, jax.tree.map(np.asarray, params), tok).save(model_dir(workdir, name))
+    models.VLM(cfg, sharding.to_host(params), tok).save(model_dir(workdir, name))
     results[name] = dict(summary, gaps=list(gaps), preset=spec.preset)
     status.mark(name, results[name])
     print(f"pretrain: {name} ({spec.role}, {spec.preset}, gaps {list(gaps)}) trained "
@@ -245,7 +252,7 @@ def run(config, workdir: str) -> dict:
     it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
     params, summary = sft.train(cfg, params, it, train_config(pc.auditor, seed + 7),
                                 os.path.join(root, name), tokenizer=atok)
-    models.VLM(cfg, jax.tree.map(np.asarray, params), atok).save(model_dir(workdir, name))
+    models.VLM(cfg, sharding.to_host(params), atok).save(model_dir(workdir, name))
     results[name] = dict(summary, preset=spec.preset)
     status.mark(name, results[name])
     print(f"pretrain: {name} (auditor, {spec.preset}) trained {summary['steps']} steps, "

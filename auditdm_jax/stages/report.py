@@ -22,6 +22,7 @@ import json
 import os
 import time
 
+from auditdm_jax import sharding
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.report import html
@@ -82,6 +83,8 @@ def gallery(workdir: str, mine: dict, limit_types: int = GALLERY_TYPES,
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
+  if not sharding.is_primary():   # only process 0 reports
+    return {}
   audit = _load(os.path.join(workdir, "audit.json")) or {}
   mine = _load(os.path.join(workdir, "mine.json")) or {}
   rect = _load(os.path.join(workdir, "rectify.json")) or {}

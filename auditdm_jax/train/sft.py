@@ -553,10 +553,14 @@ class Trainer:
   def init_state(self, params) -> dict:
     """Step-0 state from `params` (copied: the step donates its state)."""
     _check_params(params, self.abstract_params)
+    # Fresh copies: device_put may reuse the input's buffer for a shard even
+    # with may_alias=False (seen on CPU: a device-0 array put replicated), and
+    # the donated state must not share a buffer with any other array made from
+    # the same params (e.g. the GRPO KL reference, which it would delete).
     params = jax.tree.map(
         lambda x, a, s: jax.device_put(
-            x.astype(a.dtype) if isinstance(x, jax.Array) else np.asarray(x, a.dtype), s,
-            may_alias=False),
+            jnp.array(x, dtype=a.dtype, copy=True) if isinstance(x, jax.Array)
+            else np.array(x, a.dtype, copy=True), s, may_alias=False),
         params, self.abstract_params, self.param_shardings)
     key = ("init", self.cfg, _step_key_config(self.tcfg), self.mesh)
     opt_init = _cached(key, lambda: jax.jit(self.tx.init, out_shardings=self.opt_shardings)

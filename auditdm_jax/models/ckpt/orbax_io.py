@@ -28,6 +28,7 @@ import shutil
 import tempfile
 
 import flax
+import jax
 import numpy as np
 
 from auditdm_jax.models import presets
@@ -275,12 +276,35 @@ def _replace_dir(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _host_array(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def save_native(path: str, cfg: VLMConfig, params, tokenizer_model: str | None = None) -> None:
+  """Writes the model at `path` (tmp sibling, then rename). With several JAX
+  processes this is a collective: every process calls it, parameters sharded
+  over processes are gathered, process 0 writes and the others wait for it."""
+  params = {k: _host_array(v) for k, v in flatten(params).items()}
+  if jax.process_count() == 1:
+    _write_native(path, cfg, params, tokenizer_model)
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    _write_native(path, cfg, params, tokenizer_model)
+  multihost_utils.sync_global_devices(f"auditdm save_native {os.path.abspath(path)}")
+
+
+def _write_native(path: str, cfg: VLMConfig, params: dict[str, np.ndarray],
+                  tokenizer_model: str | None) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   tmp = _tmp_sibling(path)
   try:
-    params = {k: np.asarray(v) for k, v in flatten(params).items()}
-    ckptr = ocp.StandardCheckpointer()
+    me = jax.process_index()   # this process alone (the others are not saving)
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
     ckptr.save(os.path.join(tmp, "params"), flax.traverse_util.unflatten_dict(params, sep="/"))
     ckptr.wait_until_finished()
     tok = None
