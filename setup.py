@@ -23,8 +23,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["auditdm_jax", "auditdm_jax.*"]),
     install_requires=_requirements(),
     extras_require={
-        # TPU VMs: the libtpu-enabled jax build.
-        "tpu": ["jax[tpu]>=0.10.0"],
+        # TPU VMs: the libtpu-enabled jax build, and gcsfs for gs:// checkpoints
+        # and datasets (read through fsspec).
+        "tpu": ["jax[tpu]>=0.10.0", "gcsfs>=2024.1.0"],
         # Tests: torch and transformers are the numerical reference only;
         # auditdm_jax itself never imports them. torch is pinned to the CPU
         # build that is available without pulling CUDA wheels.

@@ -1,23 +1,26 @@
 """Validation of pipeline configs (configs/*.py) before any work starts.
 
 A malformed config fails here with every problem named, not deep inside a
-stage after minutes of compilation.
+stage after minutes of compilation. With `check_inputs` (what `main` does),
+every checkpoint (local or gs://) and every named dataset must also exist;
+the memory planner checks the structure only.
 """
 
 from __future__ import annotations
 
-import os
 
 from auditdm_jax import models, stages
+from auditdm_jax.data import named
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.stages.init_models import ROLES
+from auditdm_jax.utils import fileio
 
 
 class ConfigError(ValueError):
   pass
 
 
-def check(config) -> None:
+def check(config, check_inputs: bool = True) -> None:
   problems = []
   stage = config.get("stage", None)
   if stage not in stages.ORDER + ("all",):
@@ -42,10 +45,13 @@ def check(config) -> None:
           models.get_preset(preset)
         except ValueError as e:
           problems.append(f"{where}.preset: {e}")
-      if ckpt and "://" not in str(ckpt) and not os.path.exists(os.path.expanduser(str(ckpt))):
-        # Local paths are checked here, before any model is built or compiled;
-        # remote ones (gs://) when they are read.
-        problems.append(f"{where}.checkpoint: {ckpt!r} does not exist")
+      if ckpt and check_inputs:
+        # Checked here, before any model is built or compiled (gs:// too).
+        try:
+          if not fileio.exists(str(ckpt)):
+            problems.append(f"{where}.checkpoint: {ckpt!r} does not exist")
+        except (RuntimeError, OSError) as e:
+          problems.append(f"{where}.checkpoint: {e}")
       gaps = spec.get("gaps", ())
       if isinstance(gaps, str):
         problems.append(f"{where}.gaps must be a list of 'SKILL:FILTER' specs, got the "
@@ -72,12 +78,30 @@ def check(config) -> None:
   rounds = config.get("rounds", 1)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     problems.append(f"rounds must be an int >= 1, got {rounds!r}")
+  if "data" in config:
+    problems += data_problems(config, check_inputs)
   if "audit" in config and specs:
     problems += audit_problems(config)
     problems += mine_problems(config)
     problems += rectify_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def data_problems(config, check_inputs: bool) -> list[str]:
+  """The `data` section: named datasets (data/named.py) for seed images,
+  benchmarks and the labelled data of `rectify`'s augment strategy."""
+  d = config.data
+  problems = _known_keys("data", dict(d), {"seed_images": 0, "benchmarks": 0,
+                                           "rectify_train": 0})
+  if "seed_images" in d and d.seed_images:
+    problems += named.problems(d.seed_images, "data.seed_images", check_exists=check_inputs)
+  for name, spec in dict(d.get("benchmarks", {}) or {}).items():
+    problems += named.problems(spec, f"data.benchmarks.{name}", check_exists=check_inputs)
+  if d.get("rectify_train", None):
+    problems += named.problems(d.rectify_train, "data.rectify_train",
+                               check_exists=check_inputs)
+  return problems
 
 
 def audit_problems(config) -> list[str]:
@@ -110,6 +134,13 @@ def audit_problems(config) -> list[str]:
   try:
     from auditdm_jax.audit import editor  # pylint: disable=import-outside-toplevel
     editor.get_editor(a.get("editor", ""))
+    allowed = editor.PAIRINGS.get(a.get("editor", ""), None)
+    for section in ("audit", "mine"):
+      mix = dict(config.get(section, {}).get("mixture", {}) or {})
+      bad = sorted(k for k, v in mix.items() if v and allowed is not None and k not in allowed)
+      if bad:
+        problems.append(f"{section}.mixture: pairings {bad} need an image editor; editor "
+                        f"{a.get('editor', '')!r} allows only {list(allowed)}")
   except ValueError as e:
     problems.append(f"audit.editor: {e}")
   seeds = config.get("world", {}).get("seed_images_size", None)

@@ -3,7 +3,8 @@ r"""AuditDM against a Gemma 3 4B target with Gemma 3 12B / 27B references.
   python -m auditdm_jax.main --config=configs/audit_gemma3.py
   python -m auditdm_jax.tools.plan --config=configs/audit_gemma3.py
 
-Arguments: ckpt_dir (local or gs://; empty: random init), workdir.
+Arguments: ckpt_dir (local or gs://; empty: random init), data_dir, slice,
+workdir, runlocal; as in configs/audit_paligemma2.py.
 """
 
 import os
@@ -15,15 +16,24 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 import ml_collections  # noqa: E402  pylint: disable=wrong-import-position
 
 
+# The paper's Gemma 3 benchmarks (multiple choice answered by option letter,
+# or short answers), as jsonl files under data_dir.
+BENCHMARKS = (("seedbench_img", "test"), ("mmbench_v11", "dev"), ("pope", "test"),
+              ("realworldqa", "test"), ("mmstar", "val"), ("mmmu", "val"),
+              ("mmtbench", "val"))
+
+
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"ckpt_dir": "", "workdir": ""})
+  a = common.parse_arg(arg, {"ckpt_dir": "", "data_dir": "", "slice": "v5p-32",
+                             "workdir": "", "runlocal": False})
 
   def ckpt(name):
-    return os.path.join(a["ckpt_dir"], name) if a["ckpt_dir"] else ""
+    return common.join(a["ckpt_dir"], name)
 
   c = ml_collections.ConfigDict()
   c.stage = "all"
   c.seed = 0
+  c.rounds = 1
   c.workdir = a["workdir"] or "workdir/audit_gemma3_4b"
   c.models = ml_collections.ConfigDict({
       "auditor": common.model("auditor", "gemma3-4b", ckpt("gemma3-4b-it"),
@@ -32,6 +42,10 @@ def get_config(arg=None):
       "ref_12b": common.model("reference", "gemma3-12b", ckpt("gemma3-12b-it")),
       "ref_27b": common.model("reference", "gemma3-27b", ckpt("gemma3-27b-it")),
   })
-  common.mesh_and_rules(c)
-  common.rl_and_plan(c, prompt_len=320, answer_prompt_len=320)
+  common.data_section(c, a["data_dir"], seeds=("vqav2", "train"), benchmarks=BENCHMARKS,
+                      rectify_train=("vqav2", "train"))
+  common.mesh_and_rules(c, a["slice"])
+  common.audit_sections(c, prompt_len=320, answer_prompt_len=320)
+  if a["runlocal"]:
+    common.runlocal(c, answerer="tiny-gemma3")
   return c

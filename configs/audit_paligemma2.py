@@ -3,13 +3,25 @@ r"""AuditDM against a PaliGemma 2 target on TPU.
   python -m auditdm_jax.main --config=configs/audit_paligemma2.py:size=3b,res=448
   python -m auditdm_jax.tools.plan --config=configs/audit_paligemma2.py
 
-Arguments (comma separated key=value): size (3b | 10b | 28b), res (224 | 448 |
-896), ckpt_dir (where the checkpoints live, local or gs://; empty: random
-init from the presets), workdir.
+Arguments (comma separated key=value):
+  size      3b | 10b | 28b (the target; the other two sizes are the references)
+  res       224 | 448 | 896
+  ckpt_dir  where the checkpoints live, local or gs:// (big_vision release
+            names, e.g. paligemma2-3b-pt-448.npz, and gemma3-4b-it/); empty:
+            random init from the presets
+  data_dir  local or gs:// root of the jsonl datasets: <data_dir>/<name>/<split>.jsonl
+            with big_vision keys {"image", "prefix", "suffix"} (data/named.py);
+            any dataset may be swapped for a TFDS one with --config.data...
+  slice     the TPU slice (configs/common.py SLICES: mesh, gradient accumulation)
+  workdir   outputs (a path every host sees: a gcsfuse mount on a pod)
+  runlocal  true: tiny presets and a few steps on CPU, with checkpoints and data
+            written for them (tests/test_real_config.py)
 
 Auditor: Gemma 3 4B (trained with GRPO, float32 master weights). References:
 the two other PaliGemma 2 sizes at the same resolution (10B and 28B for a 3B
-target). Seed images, benchmarks and launch settings arrive with issues 5-7.
+target). Real images and no diffusion editor: the auditor writes probing
+questions (audit.editor='none'); an Editor backend (audit/editor.py) enables
+the edit and regeneration pairings.
 """
 
 import os
@@ -27,18 +39,24 @@ CHECKPOINTS = {  # big_vision release names
 }
 
 
+BENCHMARKS = (("vqav2", "val"), ("gqa", "testdev"), ("okvqa", "val"), ("ai2d", "test"),
+              ("docvqa", "val"), ("chartqa", "test"))
+
+
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"size": "3b", "res": 448, "ckpt_dir": "", "workdir": ""})
+  a = common.parse_arg(arg, {"size": "3b", "res": 448, "ckpt_dir": "", "data_dir": "",
+                             "slice": "v5p-32", "workdir": "", "runlocal": False})
   if a["size"] not in SIZES:
     raise ValueError(f"size must be one of {SIZES}, got {a['size']!r}")
   size, res = a["size"], a["res"]
 
   def ckpt(name):
-    return os.path.join(a["ckpt_dir"], name) if a["ckpt_dir"] else ""
+    return common.join(a["ckpt_dir"], name)
 
   c = ml_collections.ConfigDict()
   c.stage = "all"
   c.seed = 0
+  c.rounds = 1
   c.workdir = a["workdir"] or f"workdir/audit_paligemma2_{size}_{res}"
   refs = [s for s in SIZES if s != size]
   c.models = ml_collections.ConfigDict({
@@ -49,8 +67,15 @@ def get_config(arg=None):
       **{f"ref_{s}": common.model("reference", f"paligemma2-{s}-{res}",
                                   ckpt(CHECKPOINTS[s].format(res=res))) for s in refs},
   })
-  common.mesh_and_rules(c)
-  # Auditor prompt: ~256 soft image tokens + instruction; answers: the
+  # Seeds: VQAv2 train images (the paper audits on 20K VQAv2 seeds); benchmarks:
+  # the paper's VQA-style ones, scored by exact match (RefCOCO and COCO
+  # captions need their own metrics and are not listed); augment: VQAv2 train.
+  common.data_section(c, a["data_dir"], seeds=("vqav2", "train"), benchmarks=BENCHMARKS,
+                      rectify_train=("vqav2", "train"))
+  common.mesh_and_rules(c, a["slice"])
+  # Auditor prompt: 256 soft image tokens + instruction; answers: the
   # target's image tokens ((res/14)^2) + question.
-  common.rl_and_plan(c, prompt_len=320, answer_prompt_len=(res // 14) ** 2 + 48)
+  common.audit_sections(c, prompt_len=320, answer_prompt_len=(res // 14) ** 2 + 48)
+  if a["runlocal"]:
+    common.runlocal(c)
   return c

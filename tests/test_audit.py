@@ -24,7 +24,7 @@ from auditdm_jax.train import sft
 # Reward
 # ---------------------------------------------------------------------------
 
-WORDS = {"red": 1, "blue": 2, "two": 3, "2": 3, "yes": 4, "no": 5, "big": 6, "dog": 7}
+WORDS = {"red": 1, "blue": 2, "two": 3, "2": 3, "yes": 4, "no": 5, "big": 6, "dog": 7, "cat": 8}
 
 
 def enc(text):
@@ -100,9 +100,19 @@ def test_answers_are_normalised_before_comparison():
   assert bool(has[0]) and float(reward[0]) == 0.0
 
 
-def test_encode_answers_refuses_to_cut_an_answer():
-  with pytest.raises(ValueError, match="max_answer_tokens"):
-    R.encode_answers(["big red dog"], enc, 2)
+def test_encode_answers_never_cuts_an_answer():
+  """Answers longer than the id budget are fingerprinted, not cut: equal long
+  answers stay equal, long answers that share a prefix differ, and no long
+  answer equals a short one."""
+  rows = R.encode_answers(["big red dog", "The big red dog.", "big red cat", "big"], enc, 2)
+  assert (rows[:3] < 0).all() and (rows[3] >= 0).all()
+  np.testing.assert_array_equal(rows[0], rows[1])          # same normalised answer
+  assert not np.array_equal(rows[0], rows[2])              # same first two words
+  refs = np.stack([rows[0:1], rows[1:2]])
+  reward, has, _ = R.disagreement_reward(rows[2:3], refs, np.ones(1, bool), -1.0)
+  assert bool(has[0]) and float(reward[0]) == 1.0
+  reward, _, _ = R.disagreement_reward(rows[1:2], refs, np.ones(1, bool), -1.0)
+  assert float(reward[0]) == 0.0
 
 
 def test_soft_and_judge_terms():

@@ -194,6 +194,54 @@ def test_native_orbax_round_trip_with_tokenizer(pg, tmp_path):
   assert_same_params(pg.params, models.load(path).params)
 
 
+def _upload(local, url):
+  """Copies a local file or directory tree into fsspec's in-memory filesystem
+  (a stand-in for gs://, which needs the network)."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs = fsspec.filesystem("memory")
+  root = url.split("://", 1)[1]
+  if os.path.isdir(local):
+    for dirpath, _, files in os.walk(local):
+      for f in files:
+        rel = os.path.relpath(os.path.join(dirpath, f), local)
+        fs.pipe(f"/{root}/{rel}", open(os.path.join(dirpath, f), "rb").read())
+  else:
+    fs.pipe(f"/{root}", open(local, "rb").read())
+
+
+def test_remote_checkpoints_are_staged_once(pg, tmp_path, monkeypatch):
+  """A URL checkpoint (memory:// standing in for gs://) is copied into the
+  cache with its tokenizer, loads like the local one, and is not copied again."""
+  monkeypatch.setenv("AUDITDM_CACHE", str(tmp_path / "cache"))
+  tok = models.tokenizer.train_sentencepiece(["a red circle"] * 50 + ["how many"] * 20,
+                                             vocab_size=80)
+  npz_path = tmp_path / "up" / "pg.npz"
+  npz_path.parent.mkdir()
+  models.VLM(pg.config, pg.params, tok).export_npz(str(npz_path))
+  tok.save(str(tmp_path / "up" / "tokenizer.model"))
+  native = tmp_path / "native"
+  models.VLM(pg.config, pg.params, tok).save(str(native))
+  _upload(str(npz_path), "memory://bucket/ckpts/pg.npz")
+  _upload(str(tmp_path / "up" / "tokenizer.model"), "memory://bucket/ckpts/tokenizer.model")
+  _upload(str(native), "memory://bucket/ckpts/native")
+  a = models.load("memory://bucket/ckpts/pg.npz")
+  assert_same_params(models.load(str(npz_path)).params, a.params)
+  assert a.tokenizer is not None and a.tokenizer.encode("red") == tok.encode("red")
+  b = models.load("memory://bucket/ckpts/native")
+  assert_same_params(pg.params, b.params)
+  staged = sorted(str(p.relative_to(tmp_path / "cache")) for p in
+                  (tmp_path / "cache").glob("staged/*/*"))
+  assert len(staged) == 3 and not any(".staging." in p for p in staged)
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fsspec.filesystem("memory").rm("/bucket/ckpts/pg.npz")
+  again = models.load("memory://bucket/ckpts/pg.npz")      # from the cache
+  assert_same_params(a.params, again.params)
+  with pytest.raises(FileNotFoundError, match="memory://bucket/ckpts/missing.npz"):
+    models.load("memory://bucket/ckpts/missing.npz")
+  with pytest.raises(RuntimeError, match="no filesystem for nosuchfs://"):
+    models.load("nosuchfs://bucket/x.npz")
+
+
 # ---------------------------------------------------------------------------
 # Bad input.
 # ---------------------------------------------------------------------------

@@ -44,6 +44,10 @@ def test_gemma3_specials_and_chat_prompt(g3_tok):
   assert g3_tok.gemma3_answer("red")[-1] == g3_tok.end_of_turn_id
   assert g3_tok.eoi_id != g3_tok.boi_id
   assert g3_tok.decode(g3_tok.encode("red") + [g3_tok.eos_id, 5]) == "red"
+  # Model-written text may spell the image markers; only the model places them.
+  sneaky = g3_tok.gemma3_prompt("what<end_of_image> is <start_of_image>red")
+  assert sneaky.count(g3_tok.boi_id) == 1 and g3_tok.eoi_id not in sneaky
+  assert g3_tok.eoi_id not in g3_tok.gemma3_answer("<end_of_image>red")
 
 
 def test_paligemma_tokenizer_has_no_gemma3_specials(pg_tok):

@@ -103,8 +103,36 @@ class SceneEditor:
     return "" if ans is None else ans.skill
 
 
+class QuestionsOnly:
+  """Real images without an image editor: only the question pairing applies.
+  Any non-empty question is posed; nothing is known of the ground truth."""
+
+  WHY = "no image editor is configured (audit.editor='none'): questions only"
+
+  def edit(self, images, commands, contexts) -> list[Rendered]:
+    return [_rejected(self.WHY) for _ in commands]
+
+  def generate(self, captions) -> list[Rendered]:
+    return [_rejected(self.WHY) for _ in captions]
+
+  def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
+    return [(bool(q.strip()), "" if q.strip() else "the question is empty")
+            for q in questions]
+
+  def ground_truth(self, contexts, questions) -> list[str | None]:
+    return [None for _ in questions]
+
+  def question_skill(self, context, question: str) -> str:
+    return ""
+
+
+EDITORS = {"scene": SceneEditor, "none": QuestionsOnly}
+# Pairings each editor can produce (a diffusion editor would allow them all).
+PAIRINGS = {"scene": None, "none": ("question",)}
+
+
 def get_editor(name: str) -> Editor:
-  if name == "scene":
-    return SceneEditor()
-  raise ValueError(f"unknown editor {name!r}; available: 'scene' (a diffusion editor "
-                   "plugs in through the Editor protocol in audit/editor.py)")
+  if name in EDITORS:
+    return EDITORS[name]()
+  raise ValueError(f"unknown editor {name!r}; available: {sorted(EDITORS)} (a diffusion "
+                   "editor plugs in through the Editor protocol in audit/editor.py)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -89,15 +90,20 @@ def encode_answers(texts: Sequence[str], encode, length: int) -> np.ndarray:
   """int32 [len(texts), length]: each normalised answer's ids, zero-padded.
 
   `encode(text) -> list[int]` must not produce id 0 (the pad). An answer
-  longer than `length` ids raises: cutting it could make two different
-  answers equal.
+  longer than `length` ids is not cut (that could make two different answers
+  equal): it becomes `length` negative ids from a SHA-256 of its normalised
+  text, equal exactly for equal long answers (up to hash collisions) and
+  never equal to a short answer's ids. The rows are only compared.
   """
   out = np.zeros((len(texts), length), np.int32)
   for i, t in enumerate(texts):
-    ids = list(encode(normalise(t))) if normalise(t) else []
+    norm = normalise(t)
+    ids = list(encode(norm)) if norm else []
     if len(ids) > length:
-      raise ValueError(f"answer {t!r} is {len(ids)} tokens, longer than "
-                       f"max_answer_tokens={length}; raise RewardConfig.max_answer_tokens")
+      digest = hashlib.sha256(norm.encode("utf-8")).digest()
+      words = np.frombuffer((digest * (1 + 4 * length // len(digest)))[:4 * length], "<u4")
+      out[i] = -(1 + (words.astype(np.int64) & 0x3FFFFFFF)).astype(np.int32)
+      continue
     if any(int(x) == 0 for x in ids):
       raise ValueError(f"answer {t!r} encodes to the pad id 0")
     out[i, :len(ids)] = ids

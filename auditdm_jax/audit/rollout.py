@@ -28,7 +28,7 @@ import numpy as np
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit.editor import Editor
 from auditdm_jax.eval.benchmark import generate_text, strip_stops
-from auditdm_jax.models.handle import default_stop_ids
+from auditdm_jax.models.handle import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 
@@ -171,7 +171,7 @@ class Auditing:
     out = {}
     for name, s in self.answerers.items():
       prompts = [s.tokenizer.prompt(q if q.strip() else "?") for q in questions]
-      out[name] = generate_text(s, images, prompts, self.answer_sp,
+      out[name] = generate_text(s, fit_images(images, s.cfg.vision.image_size), prompts, self.answer_sp,
                                 min(self.batch_size, len(prompts)))
     return out
 

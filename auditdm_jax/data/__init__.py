@@ -5,6 +5,10 @@
               sources (`build`, `data_source`).
   pipeline    Grain loaders over any random-access source: a sharded, shuffled,
               checkpointable training loader (`train_loader`, `save_args`,
-              `restore_args`) and deterministic padded eval batches
+              `restore_args`; per-process rows of global batches with
+              shard_mode="batch_rows") and deterministic padded eval batches
               (`eval_batches`).
+  exemplars_tfds  the mined-exemplar store (journal + TFDS publication).
+  named       the real configs' datasets: TFDS builds or big_vision-style
+              jsonl, local or gs:// (`open_source`, `problems`).
 """

@@ -39,7 +39,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from auditdm_jax.data.records import decode_png, encode_png
-from auditdm_jax.scenes.world import IMAGE_SIZE
 from auditdm_jax.utils.fileio import atomic_write_text
 
 NAME = "auditdm_exemplars"
@@ -59,8 +58,8 @@ def _check(record: dict, where: str) -> None:
     raise ValueError(f"{where}: missing fields {missing}")
   for k in IMAGES:
     a = np.asarray(record[k])
-    if a.dtype != np.uint8 or a.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-      raise ValueError(f"{where}: {k} must be uint8 [{IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+      raise ValueError(f"{where}: {k} must be a uint8 [H, W, 3] image, "
                        f"got {a.dtype} {list(a.shape)}")
   for k in ("answers", "failed"):
     if not isinstance(record[k], (dict, list)):
@@ -138,7 +137,8 @@ class AuditdmExemplars(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)   # see scene_tfds: TFDS 4.9.10 needs a backport otherwise
 
   def _info(self) -> tfds.core.DatasetInfo:
-    img = tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png")
+    # Any size: the scene world's 48 x 48, or real seed images at the auditor's resolution.
+    img = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
     return tfds.core.DatasetInfo(
         builder=self,
         description="Probes of a trained AuditDM auditor labelled by the reference "

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from auditdm_jax.models.handle import VLM, default_stop_ids
+from auditdm_jax.models.handle import VLM, default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes import captions, edits, parse
 from auditdm_jax.scenes import gaps as gaps_lib
@@ -139,6 +139,28 @@ def evaluate_auditor(model: VLM, records: Sequence[dict], *, batch_size: int = 1
                        for t, (v, why) in list(zip(texts, ok))[:6]]
   validity["overall"] = float(np.mean([validity[r] for r in AUDITOR_TASKS]))
   return {"validity": validity, "examples": examples}
+
+
+def evaluate_named(model: VLM, records: Sequence[dict], *, max_new_tokens: int = 16,
+                   batch_size: int = 64, sampler: Sampler | None = None) -> dict:
+  """Exact-match accuracy (answers normalised VQA-style) of greedy answers on a
+  named benchmark's records ({"image", "question", "answer"}): {"accuracy",
+  "records", "examples"}. Images are fitted to the model's resolution."""
+  if model.tokenizer is None:
+    raise ValueError("the model has no tokenizer (load its checkpoint with tokenizer.model)")
+  if not len(records):
+    raise ValueError("the benchmark has no records")
+  sampler = sampler or Sampler(model)
+  images = fit_images(np.stack([r["image"] for r in records]), model.config.vision.image_size)
+  prompts = [model.tokenizer.prompt(r["question"]) for r in records]
+  answers = generate_text(sampler, images, prompts,
+                          SamplingParams(max_new_tokens=max_new_tokens),
+                          min(batch_size, len(records)))
+  correct = [normalise_answer(a) == normalise_answer(r["answer"])
+             for r, a in zip(records, answers, strict=True)]
+  return {"accuracy": float(np.mean(correct)), "records": len(records),
+          "examples": [{"question": r["question"], "answer": r["answer"], "model": a}
+                       for r, a in list(zip(records, answers))[:16]]}
 
 
 def dumps(obj) -> str:

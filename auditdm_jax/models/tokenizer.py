@@ -137,14 +137,20 @@ class Tokenizer:
       ids += [self.special_id("<start_of_turn>")] + self.encode("user\n")
     if with_image:
       ids += [self.boi_id]
-    ids += self.encode(text)
+    ids += self._plain(text)
     if chat:
       ids += [self.end_of_turn_id] + self.encode("\n") + \
           [self.special_id("<start_of_turn>")] + self.encode("model\n")
     return ids
 
   def gemma3_answer(self, text: str, chat: bool = True) -> list[int]:
-    return self.encode(text) + [self.end_of_turn_id if chat else self.eos_id]
+    return self._plain(text) + [self.end_of_turn_id if chat else self.eos_id]
+
+  def _plain(self, text: str) -> list[int]:
+    """Ids of text that may be model-written: a literal "<start_of_image>" /
+    "<end_of_image>" in it is dropped, since only the model places those."""
+    drop = {self.boi_id, self.eoi_id}
+    return [t for t in self.encode(text) if t not in drop]
 
   # -- generic ---------------------------------------------------------------
   def prompt(self, text: str) -> list[int]:

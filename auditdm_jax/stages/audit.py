@@ -34,6 +34,7 @@ from auditdm_jax.audit import editor as editor_lib
 from auditdm_jax.audit import grpo
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
+from auditdm_jax.data import named
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.sampling import Sampler
 from auditdm_jax.stages import pretrain
@@ -74,8 +75,20 @@ def configs_from(config) -> tuple[sft.TrainConfig, grpo.GRPOConfig, reward_lib.R
   return tcfg, gcfg, rcfg
 
 
+def seed_source(config, workdir: str, image_size: int):
+  """The seed images: `data.seed_images` (a named TFDS / jsonl dataset, read
+  at `image_size`) when the config names one, else the scene world's
+  `seed_images` split (built by pretrain if missing)."""
+  spec = config.get("data", {}).get("seed_images", None)
+  if spec:
+    return named.open_source(dict(spec), image_size)
+  pretrain.ensure_data(config, workdir)
+  return pretrain.source(config, workdir, "seed_images")
+
+
 class SeedPool:
-  """Seed images (image, scene context, seed question) from the `seed_images` split."""
+  """Seed images (image, context, seed question) of a seed source: the scene
+  world's (context: the scene) or a named dataset's (no context)."""
 
   def __init__(self, src, start: int = 0, stop: int | None = None):
     self.src = src
@@ -91,7 +104,8 @@ class SeedPool:
     out = []
     for i in indices:
       r = self.src[self.start + int(i) % len(self)]
-      out.append(rollout_lib.Seed(np.asarray(r["image"]), r["scene"], r["question"]))
+      out.append(rollout_lib.Seed(np.asarray(r["image"]), r.get("scene", None),
+                                  r["question"]))
     return out
 
 
@@ -210,10 +224,10 @@ def run(config, workdir: str) -> dict:
   auditing = rollout_lib.Auditing(
       Sampler(auditor, mesh), answerers, target, refs, editor_lib.get_editor(a.editor), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a.temperature),
-      max_new_tokens=int(a.max_new_tokens))
+      max_new_tokens=int(a.max_new_tokens),
+      answer_tokens=int(a.get("answer_tokens", 4)))
 
-  pretrain.ensure_data(config, workdir)
-  src = pretrain.source(config, workdir, "seed_images")
+  src = seed_source(config, workdir, auditor.config.vision.image_size)
   n_eval = int(a.eval_budget)
   if len(src) <= n_eval:
     raise ValueError(f"the seed_images split holds {len(src)} images; audit.eval_budget="
@@ -234,9 +248,10 @@ def run(config, workdir: str) -> dict:
   steps = int(a.steps)
   meta = {"opt_paths": trainer.opt_paths, "data_mode": checkpointer.mode,
           "variant": auditor.config.variant, "target": target}
-  writer = MetricsWriter(root, start * mu, tensorboard=True)
+  writer = MetricsWriter(root, start * mu, tensorboard=True, enabled=sharding.is_primary())
   finds_path = os.path.join(root, "finds.jsonl")
-  _truncate_finds(finds_path, start)
+  if sharding.is_primary():
+    _truncate_finds(finds_path, start)
   bar = None
   if a.get("progress", None) or (a.get("progress", None) is None and os.isatty(1)):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -270,7 +285,7 @@ def run(config, workdir: str) -> dict:
       row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
       row["step_time"] = time.perf_counter() - t0
       finds = _find_rows(roll, step + 1, target)
-      if finds:
+      if finds and sharding.is_primary():
         with open(finds_path, "a") as f:
           f.writelines(json.dumps(r) + "\n" for r in finds)
       log_every = int(a.get("log_every", 10))
@@ -298,7 +313,7 @@ def run(config, workdir: str) -> dict:
       bar.close()
   train_s = time.time() - t_train
 
-  trained = jax.tree.map(np.asarray, state["params"])
+  trained = sharding.to_host(state["params"])
   models.VLM(auditor.config, trained, auditor.tokenizer).save(
       model_dir(workdir, f"{aud_name}_trained"))
 
@@ -319,7 +334,8 @@ def run(config, workdir: str) -> dict:
          "train_s": train_s, "eval_s": time.time() - t_eval,
          "wall_s": time.time() - t_stage, "learning_curve": curve,
          "examples": _find_rows(roll_t, steps, target)[:8]}
-  atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
+  if sharding.is_primary():
+    atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
         f"{res_t['success_rate']:.3f} vs warm start {res_w['success_rate']:.3f}; "
         f"ground-truth precision of the trained auditor's finds {prec:.3f} "

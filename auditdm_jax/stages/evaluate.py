@@ -1,5 +1,8 @@
 """`eval` stage: per-skill accuracy of every answering model on the held-out
-scene benchmark, and the auditor's well-formed-output rates.
+scene benchmark, and the auditor's well-formed-output rates; or, when the
+config names benchmarks (`data.benchmarks`, the real configs), exact-match
+accuracy of every target and reference on each of them (answers normalised
+VQA-style; `eval.max_examples` caps each benchmark).
 
 Writes `<workdir>/eval.json`:
   {"models": {NAME: {"role", "gaps": [SPEC...], "accuracy": {SKILL: acc, "overall": acc},
@@ -20,8 +23,10 @@ import time
 
 import numpy as np
 
-from auditdm_jax import models
+from auditdm_jax import models, sharding
+from auditdm_jax.data import named
 from auditdm_jax.eval import benchmark
+from auditdm_jax.sampling import Sampler
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.stages import pretrain
@@ -59,8 +64,62 @@ def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
   return out
 
 
+def benchmark_records(config) -> dict[str, list[dict]]:
+  """{name: records} of the config's named benchmarks (`data.benchmarks`),
+  each cut to `eval.max_examples` (0: all)."""
+  d = config.get("data", {})
+  limit = int(config.get("eval", {}).get("max_examples", 0) or 0)
+  out = {}
+  for name, spec in sorted(dict(d.get("benchmarks", {}) or {}).items()):
+    src = named.open_source(dict(spec))
+    n = min(len(src), limit) if limit else len(src)
+    out[name] = [src[i] for i in range(n)]
+  return out
+
+
+def evaluate_named(config, workdir: str, answerers: list[str], swap=None) -> dict:
+  """{model: {"accuracy": {benchmark: acc, "mean": acc}, "examples": ...}} of
+  the answering models on the named benchmarks; `swap` maps a name to another
+  checkpoint directory (rectify's "after")."""
+  benches = benchmark_records(config)
+  max_new = int(config.get("answers", {}).get("max_new_tokens", 16))
+  batch = int(config.get("eval", {}).get("batch", 64))
+  out = {}
+  for name in answerers:
+    path = (swap or {}).get(name, model_dir(workdir, name))
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
+                              "init stage first")
+    model = models.load(path)
+    sampler = Sampler(model)
+    acc, examples = {}, {}
+    for b, recs in benches.items():
+      rep = benchmark.evaluate_named(model, recs, max_new_tokens=max_new, batch_size=batch,
+                                     sampler=sampler)
+      acc[b], examples[b] = rep["accuracy"], rep["examples"][:4]
+    acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
+    out[name] = {"accuracy": acc, "examples": examples}
+  return out
+
+
+def _run_named(config, workdir: str, t0: float) -> dict:
+  answerers = sorted(n for n, s in config.models.items() if s.role in ("target", "reference"))
+  res = evaluate_named(config, workdir, answerers)
+  out = {"models": {n: {"role": config.models[n].role, **res[n]} for n in answerers},
+         "checks": [], "benchmarks": sorted(dict(config.data.benchmarks))}
+  for n in answerers:
+    print(f"eval: {n:13s} " + " ".join(f"{k}={v:.3f}" for k, v in res[n]["accuracy"].items()),
+          flush=True)
+  out["wall_s"] = time.time() - t0
+  if sharding.is_primary():
+    atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
+  return out
+
+
 def run(config, workdir: str) -> dict:
   t0 = time.time()
+  if config.get("data", {}).get("benchmarks", None):
+    return _run_named(config, workdir, t0)
   if "world" not in config:
     print("eval: this config names no scene-world benchmark; nothing to evaluate", flush=True)
     return {}
@@ -102,5 +161,6 @@ def run(config, workdir: str) -> dict:
           flush=True)
   print(f"eval: {len(out['checks']) - len(failed)}/{len(out['checks'])} checks met", flush=True)
   out["wall_s"] = time.time() - t0
-  atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
+  if sharding.is_primary():
+    atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
   return out

@@ -44,8 +44,7 @@ from auditdm_jax.sampling import Sampler
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes import parse
 from auditdm_jax.scenes.world import Scene
-from auditdm_jax.stages import pretrain
-from auditdm_jax.stages.audit import SeedPool, audit_target, configs_from, roles
+from auditdm_jax.stages.audit import SeedPool, audit_target, configs_from, roles, seed_source
 from auditdm_jax.stages.init_models import model_dir
 from auditdm_jax.train import preemption
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -145,6 +144,13 @@ def check_journal(chunks_dir: str, identity: dict) -> None:
   atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
+def check_journal_all(chunks_dir: str, identity: dict) -> None:
+  """check_journal on process 0 while the others wait (they read the journal next)."""
+  if sharding.is_primary():
+    check_journal(chunks_dir, identity)
+  sharding.barrier(f"auditdm mine journal {chunks_dir}")
+
+
 def _auditor_step(workdir: str, name: str) -> int:
   path = os.path.join(workdir, "audit.json")
   if name.endswith("_trained") and os.path.exists(path):
@@ -212,8 +218,9 @@ def run(config, workdir: str) -> dict:
     if not os.path.exists(model_dir(workdir, name)):
       raise FileNotFoundError(f"mine: model {name!r} has no checkpoint at "
                               f"{model_dir(workdir, name)}; run the earlier stages first")
-  pretrain.ensure_data(config, workdir)
-  src = pretrain.source(config, workdir, "seed_images")
+  auditor_models = {a: models.load(model_dir(workdir, a)) for a in m["auditors"]}
+  size = next(iter(auditor_models.values())).config.vision.image_size
+  src = seed_source(config, workdir, size)
   n_seeds = int(m["seeds"]) or len(src)
   pool = SeedPool(src, 0, n_seeds)
   n_seeds = len(pool)
@@ -227,8 +234,7 @@ def run(config, workdir: str) -> dict:
   auditing = None
   seed = int(config.seed)
   n_chunks = -(-n_seeds // chunk)
-  auditor_models = {a: models.load(model_dir(workdir, a)) for a in m["auditors"]}
-  check_journal(chunks_dir, {
+  check_journal_all(chunks_dir, {
       "seed": seed, "seeds": n_seeds, "samples_per_seed": k, "chunk_seeds": chunk,
       "mixture": mixture, "temperature": float(m["temperature"]),
       "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
@@ -237,10 +243,13 @@ def run(config, workdir: str) -> dict:
                  for n, v in {**loaded, **auditor_models}.items()}})
   seen = {r["id"] for r in store.iter_chunks(chunks_dir)}
   mined = 0
+  # What is left to mine, decided by every process before process 0 writes more.
+  todos = {a: [c for c in range(n_chunks)
+               if not os.path.exists(store.chunk_path(chunks_dir, a, c))]
+           for a in m["auditors"]}
   with preemption.StopOnSignal() as stop:   # SIGTERM: stop after the chunk in progress
     for a_i, aud_name in enumerate(m["auditors"]):
-      todo = [c for c in range(n_chunks)
-              if not os.path.exists(store.chunk_path(chunks_dir, aud_name, c))]
+      todo = todos[aud_name]
       if not todo:
         continue
       aud = auditor_models[aud_name]
@@ -248,7 +257,8 @@ def run(config, workdir: str) -> dict:
         auditing = rollout_lib.Auditing(
             Sampler(aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
             temperature=float(m["temperature"]),
-            max_new_tokens=int(config.audit.max_new_tokens))
+            max_new_tokens=int(config.audit.max_new_tokens),
+            answer_tokens=int(config.audit.get("answer_tokens", 4)))
       else:
         auditing.auditor.params = jax.device_put(aud.params, auditing.auditor.param_shardings)
       step = _auditor_step(workdir, aud_name)
@@ -266,7 +276,8 @@ def run(config, workdir: str) -> dict:
           if r["id"] not in seen:
             seen.add(r["id"])
             keep.append(r)
-        store.write_chunk(store.chunk_path(chunks_dir, aud_name, c), keep)
+        if sharding.is_primary():   # every process mined the same probes
+          store.write_chunk(store.chunk_path(chunks_dir, aud_name, c), keep)
         mined += 1
         n_fail = sum(focus in r["failed"] for r in keep)
         print(f"mine: {aud_name} chunk {c + 1}/{n_chunks}: {len(keep)} new probes, "
@@ -275,7 +286,12 @@ def run(config, workdir: str) -> dict:
           raise stop.stop(f"after mining chunk {c + 1} of {n_chunks} ({aud_name}); the "
                           f"chunks so far are in {chunks_dir}")
   t_pub = time.time()
-  path = store.publish(chunks_dir, tfds_dir)
+  sharding.barrier(f"auditdm mine chunks {chunks_dir}")
+  if sharding.is_primary():
+    path = store.publish(chunks_dir, tfds_dir)
+  else:
+    path = published_path(workdir)
+  sharding.barrier(f"auditdm mine store {tfds_dir}")
   records = list(store.iter_chunks(chunks_dir))
   res = analyse(config, records, targets, focus, m)
   n_ex = sum(bool(r["failed"]) for r in records)
@@ -285,7 +301,8 @@ def run(config, workdir: str) -> dict:
          "exemplars_of": {t: sum(t in r["failed"] for r in records) for t in targets},
          "store": path, "chunks_mined_now": mined, **res,
          "publish_s": time.time() - t_pub, "wall_s": time.time() - t0}
-  atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
+  if sharding.is_primary():
+    atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
   top = "; ".join(f"{t['name']} ({t['count']})" for t in out["failure_types"][:5])
   print(f"mine: {len(records)} consensus-backed probes, {n_ex} exemplars "
         f"({out['exemplars_of'][focus]} of {focus}); top failure types of {focus}: {top}; "

@@ -14,7 +14,8 @@ config's partition rules evaluated on each slice's mesh shape. Per device:
                 call (a transient copy of the LLM weights)
   kv cache      the sampling workload's caches: global layers hold prompt +
                 new tokens, sliding-window layers a window (bf16 by default)
-  activations   the GRPO step with per-layer remat: the scanned carries
+  activations   the GRPO step with per-layer remat, per micro-batch
+                (rl.grad_accum micro-batches a step): the scanned carries
                 (L x rows x T x D), one layer's working set, the attention
                 scores and the float32 logits + log-softmax over the vocabulary
 
@@ -145,8 +146,9 @@ def plan(config, slices=None) -> dict:
         r["init_policy"] = params
         r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.auditor_prompt_len,
                                         rl.max_new_tokens, p.kv_cache_dtype, mesh_shape)
+        accum = int(rl.get("grad_accum", 1))   # micro-batches of the GRPO step
         r["activations"] = _train_activation_bytes(
-            cfg, rows_dev, p.auditor_prompt_len + rl.max_new_tokens, p.activation_dtype,
+            cfg, -(-rows_dev // accum), p.auditor_prompt_len + rl.max_new_tokens, p.activation_dtype,
             mesh_shape)
       else:
         r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.answer_prompt_len,
@@ -214,7 +216,7 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required")
   try:
-    config_check.check(config)
+    config_check.check(config, check_inputs=False)   # no checkpoints or data needed
     result = plan(config, flags.FLAGS.slices)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from auditdm_jax.models.config import VLMConfig
+from auditdm_jax.models.handle import fit_images
 from auditdm_jax.models.tokenizer import Tokenizer
 from auditdm_jax.scenes import captions, edits
 from auditdm_jax.scenes import gaps as gaps_lib
@@ -54,6 +55,7 @@ class _Tokenized:
 
   def row(self, image, prompt_text: str, answer_text: str) -> dict:
     tok = self.tok
+    image = fit_images(np.asarray(image)[None], self.cfg.vision.image_size)[0]
     return sft_example(self.cfg, image, tok.prompt(prompt_text), tok.answer(answer_text),
                        self.seq_len)
 

@@ -33,3 +33,89 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   with atomic_write(path, "w") as f:
     f.write(text)
+
+
+# -- remote paths (gs://, and any other fsspec URL) -----------------------------------
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """A URL such as gs://bucket/x (anything with a scheme); local paths are not."""
+  return "://" in os.fspath(path)
+
+
+def filesystem(url: str):
+  """(fsspec filesystem, path inside it) for a URL; a missing protocol package
+  (gcsfs for gs://) is named."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  try:
+    return fsspec.core.url_to_fs(url)
+  except ImportError as e:
+    proto = url.split("://", 1)[0]
+    hint = " (pip install gcsfs, or the package's [tpu] extra)" if proto in ("gs", "gcs") else ""
+    raise RuntimeError(f"cannot read {url}: no filesystem for {proto}://{hint}: {e}") from e
+  except ValueError as e:
+    raise RuntimeError(f"cannot read {url}: no filesystem for {url.split('://', 1)[0]}:// "
+                       f"({e})") from e
+
+
+def exists(path: str | os.PathLike) -> bool:
+  path = os.fspath(path)
+  if not is_remote(path):
+    return os.path.exists(os.path.expanduser(path))
+  fs, p = filesystem(path)
+  return fs.exists(p)
+
+
+def open_read(path: str | os.PathLike, mode: str = "rb"):
+  """A file object for reading a local path or a URL."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return open(os.path.expanduser(path), mode)  # noqa: SIM115
+  fs, p = filesystem(path)
+  return fs.open(p, mode)
+
+
+def join(base: str, *parts: str) -> str:
+  if is_remote(base):
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+  return os.path.join(base, *parts)
+
+
+def cache_dir() -> str:
+  return os.path.expanduser(os.environ.get("AUDITDM_CACHE", "~/.cache/auditdm"))
+
+
+def stage(url: str, extra: tuple[str, ...] = ()) -> str:
+  """A local copy of a remote file or directory (under $AUDITDM_CACHE,
+  default ~/.cache/auditdm), made once: copied beside its place and renamed,
+  so an interrupted copy is never taken for a finished one. `extra`: sibling
+  files (names beside `url`) copied along when they exist, such as a
+  tokenizer. Local paths are returned unchanged."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  if not is_remote(url):
+    return url
+  name = url.rstrip("/").rsplit("/", 1)[-1]
+  root = os.path.join(cache_dir(), "staged", hashlib.sha1(url.encode()).hexdigest()[:16])
+  local = os.path.join(root, name)
+  if os.path.exists(local):   # staged before (a URL is taken to name fixed content)
+    return local
+  fs, p = filesystem(url)
+  if not fs.exists(p):
+    raise FileNotFoundError(f"{url} does not exist")
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".staging.", dir=root)
+  try:
+    if fs.isdir(p):
+      fs.get(p.rstrip("/") + "/", os.path.join(tmp, name), recursive=True)
+    else:
+      fs.get(p, os.path.join(tmp, name))
+      parent = p.rstrip("/").rsplit("/", 1)[0]
+      for sib in extra:
+        if fs.exists(f"{parent}/{sib}"):
+          fs.get(f"{parent}/{sib}", os.path.join(tmp, sib))
+    for entry in os.listdir(tmp):
+      if not os.path.exists(os.path.join(root, entry)):
+        os.replace(os.path.join(tmp, entry), os.path.join(root, entry))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return local

@@ -19,6 +19,7 @@ from auditdm_jax.models.ckpt.common import CheckpointError
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.models.handle import VLM
 from auditdm_jax.models.tokenizer import Tokenizer
+from auditdm_jax.utils import fileio
 
 FORMATS = ("bv_npz", "hf", "gemma3_flat", "auditdm")
 
@@ -70,6 +71,10 @@ def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = 
          image_size: int | None = None) -> VLM:
   """Loads any supported checkpoint into a `VLM`.
 
+  path: a local file or directory, or a URL (gs://bucket/...; any fsspec
+    filesystem): a remote checkpoint is copied once into $AUDITDM_CACHE
+    (default ~/.cache/auditdm) with its tokenizer, then read from there.
+
   config: the architecture to load into; inferred from the file when omitted
     (from config.json, auditdm_model.json, or array shapes plus the matching
     published preset for .npz / Gemma 3 Orbax).
@@ -79,6 +84,9 @@ def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = 
     embeddings are resampled).
   """
   path = os.fspath(path)
+  if fileio.is_remote(path):   # gs://...: a local copy, staged once (fileio.stage)
+    stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    path = fileio.stage(path, extra=("tokenizer.model", f"{stem}.model"))
   fmt = detect_format(path)
   tok_path = None
   if fmt == "bv_npz":
