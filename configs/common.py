@@ -105,9 +105,10 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
                   max_answer_tokens=16),
       eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2,
       mesh=dict(c.mesh)))
-  # Mining: the trained auditor over every seed image, K probes each.
+  # Mining: the trained auditor over 20K seed images (the paper's audit
+  # budget on VQAv2), K probes each.
   c.mine = ml_collections.ConfigDict(dict(
-      auditors=("auditor_trained",), seeds=0, samples_per_seed=k, chunk_seeds=256,
+      auditors=("auditor_trained",), seeds=20_000, samples_per_seed=k, chunk_seeds=256,
       temperature=1.0, top_k=15, purity=0.5, merge_rate=0.5, min_probes=5))
   # Rectification: the target's labelled data mixed with its exemplars.
   c.rectify = ml_collections.ConfigDict(dict(
