@@ -194,8 +194,19 @@ def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedShar
   row count is process_count times the local one."""
   if jax.process_count() == 1:
     return jax.device_put(dict(batch), dict(shardings))
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in batch.items()}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  out = {}
+  for k, v in batch.items():
+    s, v = shardings[k], np.asarray(v)
+    spec = tuple(s.spec)
+    if not spec or spec[0] is None:
+      # Rows not split over the devices (a batch the mesh does not divide):
+      # every device holds all rows, so every process needs all of them.
+      full = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+      out[k] = jax.make_array_from_callback(full.shape, s, lambda idx, full=full: full[idx])
+    else:
+      out[k] = jax.make_array_from_process_local_data(s, v)
+  return out
 
 
 def to_host(tree):

@@ -66,8 +66,11 @@ def test_chunks_round_trip_and_publish(tmp_path):
 
 def test_store_rejects_bad_records_and_names_corrupt_chunks(tmp_path):
   bad = _record(0)
-  bad["image"] = np.zeros((10, 10, 3), np.uint8)
-  with pytest.raises(ValueError, match=r"record 0: image must be uint8 \[48, 48, 3\]"):
+  bad["image"] = np.zeros((10, 10), np.uint8)                    # no colour axis
+  with pytest.raises(ValueError, match=r"record 0: image must be a uint8 \[H, W, 3\] image"):
+    store.write_chunk(str(tmp_path / "c.jsonl"), [bad])
+  bad["image"] = np.zeros((10, 10, 3), np.float32)
+  with pytest.raises(ValueError, match=r"got float32 \[10, 10, 3\]"):
     store.write_chunk(str(tmp_path / "c.jsonl"), [bad])
   assert not os.path.exists(tmp_path / "c.jsonl")
   missing = {k: v for k, v in _record(0).items() if k != "question"}

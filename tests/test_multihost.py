@@ -183,6 +183,7 @@ def _sigterm_when(workdir, stage, ready, extra=()):
   return proc.returncode, out
 
 
+@pytest.mark.timeout(2400)
 def test_sigterm_in_the_audit_and_mine_stages_saves_and_resumes(prepared, tmp_path):
   """Spot preemption: SIGTERM during the audit stage saves the GRPO step it is
   at and exits 143; during mining it stops after the chunk in progress. The
@@ -211,6 +212,7 @@ def test_sigterm_in_the_audit_and_mine_stages_saves_and_resumes(prepared, tmp_pa
   assert json.loads((w / "mine.json").read_text())["chunks_mined_now"] == 4 - len(first)
 
 
+@pytest.mark.timeout(2400)   # ~14 min on 2 cores (the module fixture included)
 def test_tiny_config_stages_on_two_processes(prepared, tmp_path):
   """configs/tiny.py:smoke through `main --distributed` as 2 processes x 4 CPU
   devices against 1 process x 8: one GRPO step of the audit stage (sharded
