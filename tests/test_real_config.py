@@ -19,19 +19,12 @@ from PIL import Image
 from auditdm_jax import config_check, models
 from auditdm_jax.models import presets
 from auditdm_jax.models.tokenizer import train_sentencepiece
+from tests.test_plan import _load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("what colour is the cat how many dogs are there is it raining where is the red "
          "ball answer en yes no two three blue green a an of on in image describe the "
          "picture question write edit caption").split()
-
-
-def _load(name, arg=None):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
 
 
 def _corpus():
