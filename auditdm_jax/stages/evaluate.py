@@ -77,11 +77,13 @@ def benchmark_records(config) -> dict[str, list[dict]]:
   return out
 
 
-def evaluate_named(config, workdir: str, answerers: list[str], swap=None) -> dict:
+def evaluate_named(config, workdir: str, answerers: list[str], swap=None,
+                   benches=None) -> dict:
   """{model: {"accuracy": {benchmark: acc, "mean": acc}, "examples": ...}} of
   the answering models on the named benchmarks; `swap` maps a name to another
-  checkpoint directory (rectify's "after")."""
-  benches = benchmark_records(config)
+  checkpoint directory (rectify's "after"); `benches`: benchmark_records(config),
+  when the caller already read them."""
+  benches = benchmark_records(config) if benches is None else benches
   max_new = int(config.get("answers", {}).get("max_new_tokens", 16))
   batch = int(config.get("eval", {}).get("batch", 64))
   out = {}

@@ -249,10 +249,11 @@ def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summa
   """rectify.json of a run on named benchmarks: per-benchmark accuracy of
   every answering model before, and of the target after."""
   answerers = roles(config, "target") + roles(config, "reference")
-  before = evaluate.evaluate_named(config, workdir, answerers)
+  benches = evaluate.benchmark_records(config)   # read and decoded once for both
+  before = evaluate.evaluate_named(config, workdir, answerers, benches=benches)
   after = dict(before)
   if not skipped:
-    after.update(evaluate.evaluate_named(config, workdir, [target],
+    after.update(evaluate.evaluate_named(config, workdir, [target], benches=benches,
                                          swap={target: model_dir(workdir, out_name)}))
   acc0 = {n: v["accuracy"] for n, v in before.items()}
   acc1 = {n: v["accuracy"] for n, v in after.items()}
