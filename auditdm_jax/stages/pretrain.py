@@ -8,7 +8,9 @@ checkpoint of its own:
   2. vision   dense per-cell pretraining of one vision tower
               (`train.vision`), shared by every model.
   3. base     one PaliGemma 2-architecture base model (`pretrain.base.preset`)
-              fine-tuned on the clean VQA data.
+              fine-tuned on the clean VQA data (configs/tiny.py: with the tower
+              frozen, `frozen=("^img/",)`, then optionally a second phase,
+              `pretrain.base_tune`, e.g. with the tower trainable at a low lr).
   4. derive   each target / reference starts from the base (a shallower
               preset takes an evenly spaced subset of the base's layers) and
               is fine-tuned with its own seed on data where its planted gaps
@@ -32,6 +34,7 @@ import time
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 
 from auditdm_jax import models, sharding
@@ -195,7 +198,9 @@ def run(config, workdir: str) -> dict:
     params = models.VLM.random(base_cfg, seed=seed).params
     it = _loader(config, workdir, tasks.cell_label_task, int(pc.vision.batch), seed)
     img, info = vision.pretrain_vision(base_cfg.vision, params["img"], it,
-                                       int(pc.vision.steps), lr=float(pc.vision.lr))
+                                       int(pc.vision.steps), lr=float(pc.vision.lr),
+                                       position_heads=bool(pc.vision.get("position_heads",
+                                                                         False)))
     _save_img(vision_path, img)
     status.mark("vision", info)
   img = _load_img(vision_path)
@@ -210,6 +215,18 @@ def run(config, workdir: str) -> dict:
     tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
     _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
     status.mark("base", summary)
+  # -- 3b. optional second base phase (e.g. the tower unfrozen at a low lr) ----
+  if pc.get("base_tune") and int(pc.base_tune.get("steps", 0)) > 0:
+    tune_dir = os.path.join(root, "base_tune")
+    if not status.done("base_tune"):
+      params = models.load(os.path.join(base_dir, "final")).params
+      task = tasks.VQATask(base_cfg, tok, int(pc.seq_len))
+      it = _loader(config, workdir, task, int(pc.base_tune.get("batch", pc.base.batch)),
+                   seed + 1)
+      tcfg = dataclasses.replace(train_config(pc.base_tune, seed + 1), export_final=True)
+      _, summary = sft.train(base_cfg, params, it, tcfg, tune_dir, tokenizer=tok)
+      status.mark("base_tune", summary)
+    base_dir = tune_dir
   base_params = jax.tree.map(np.asarray, models.load(os.path.join(base_dir, "final")).params)
 
   # -- 4. targets and references ----------------------------------------------
@@ -227,7 +244,10 @@ def run(config, workdir: str) -> dict:
                          gap_mode=str(spec.get("gap_mode", "corrupt")))
     mseed = seed + 101 * (i + 1)
     it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
-    params, summary = sft.train(cfg, params, it, train_config(pc.finetune, mseed),
+    rc = pc.finetune
+    if spec.get("finetune_steps", 0):        # a model that needs more steps (a shallower one)
+      rc = ml_collections.ConfigDict(dict(rc.to_dict(), steps=int(spec.finetune_steps)))
+    params, summary = sft.train(cfg, params, it, train_config(rc, mseed),
                                 os.path.join(root, name), tokenizer=tok)
     models.VLM(cfg, sharding.to_host(params), tok).save(model_dir(workdir, name))
     results[name] = dict(summary, gaps=list(gaps), preset=spec.preset)

@@ -1,0 +1,213 @@
+"""Controlled learnability harness for the scene models (docs/scene_world.md).
+
+Trains one scene-world answering model (built by `vlm.build`, the project's
+loss `sft.loss_fn`, rows made by `tasks.VQATask` from `scenes.examples`) on a
+chosen set of skills, changing one factor at a time, and prints held-out
+per-skill accuracy (every answer token right, teacher-forced) at fixed steps.
+
+  python bench/learnability.py --skills=spatial --steps=1500
+  python bench/learnability.py --skills=all --steps=3000 --whiten=0 --position_heads=0
+
+Factors: --preset, --position_heads (row / column heads in the tower's dense
+pretraining), --whiten (the tower's output whitened, folded into its head,
+`train.vision.whiten_head`), --frozen (the tower frozen while the LLM learns),
+--lr / --warmup / --end_lr / --batch, --post_norm_init. Everything runs in
+one process on this machine's CPU; records are generated in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import re
+import time
+
+import numpy as np
+
+
+def probe_example(seed: int, index: int, probe: str) -> dict:
+  """A two-to-eight-object scene and a one-object question of the probe kind:
+  "where" reads the referred object's column (left / middle / right),
+  "colour" its colour; the same scenes and referring phrases for both."""
+  import json  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  from auditdm_jax.scenes import questions as Q  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes.edits import COL_NAMES, ROW_NAMES  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes.world import random_scene, render  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng([seed, index])
+  if probe.startswith("spatial"):       # spatialN: spatial questions on N-object scenes
+    n = int(probe[len("spatial"):])
+    while True:
+      scene = random_scene(rng, min_objects=n, max_objects=n)
+      q = Q.q_spatial(scene, rng)
+      if q is not None:
+        return {"image": render(scene), "question": q.text, "answer": q.answer,
+                "skill": probe, "facets": json.dumps({"answer": q.answer}),
+                "scene": scene.to_json()}
+  while True:
+    scene = random_scene(rng, min_objects=2)
+    obj = scene.objects[int(rng.integers(len(scene)))]
+    ref = Q.unique_ref(scene, obj, avoid=("colour",))
+    if ref:
+      break
+  if probe == "where" or (probe == "where2" and rng.random() < 0.5):
+    q, a = f"which column is the {ref} in?", COL_NAMES[obj.col]
+  elif probe == "where2":
+    q, a = f"which row is the {ref} in?", ROW_NAMES[obj.row]
+  else:
+    q, a = f"what colour is the {ref}?", obj.colour
+  return {"image": render(scene), "question": q, "answer": a, "skill": probe,
+          "facets": json.dumps({"answer": a}), "scene": scene.to_json()}
+
+
+def _records(args):
+  seed, start, stop, skills = args
+  from auditdm_jax.scenes import examples  # pylint: disable=import-outside-toplevel
+  probes = {"where": "where", "where2": "where2", "colour_probe": "colour",
+            **{f"spatial{n}": f"spatial{n}" for n in range(2, 9)}}
+  return [probe_example(seed, i, probes[skills[i % len(skills)]])
+          if skills[i % len(skills)] in probes else examples.example(seed, i, skills)
+          for i in range(start, stop)]
+
+
+def make_records(seed: int, n: int, skills: tuple[str, ...], workers: int = 2) -> list[dict]:
+  chunks = [(seed, i, min(n, i + 2000), skills) for i in range(0, n, 2000)]
+  if workers <= 1:
+    return [r for c in chunks for r in _records(c)]
+  with mp.get_context("fork").Pool(workers) as pool:
+    return [r for part in pool.map(_records, chunks) for r in part]
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--skills", default="all")
+  ap.add_argument("--preset", default="scene-paligemma2-large")
+  ap.add_argument("--depth", type=int, default=0, help="LLM depth (0: the preset's)")
+  ap.add_argument("--heads", type=int, default=0, help="LLM heads (0: the preset's)")
+  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--lr", type=float, default=3e-3)
+  ap.add_argument("--warmup", type=int, default=100)
+  ap.add_argument("--end_lr", type=float, default=2e-4)
+  ap.add_argument("--b2", type=float, default=0.99)
+  ap.add_argument("--post_norm_init", type=float, default=0.1)
+  ap.add_argument("--vision_steps", type=int, default=300)
+  ap.add_argument("--position_heads", type=int, default=1)
+  ap.add_argument("--whiten", type=float, default=-1.0,
+                  help="eps of the whitening (relative to the top eigenvalue); < 0: off")
+  ap.add_argument("--frozen", type=int, default=1)
+  ap.add_argument("--train_size", type=int, default=30_000)
+  ap.add_argument("--eval_size", type=int, default=1_000)
+  ap.add_argument("--eval_every", type=int, default=500)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seq_len", type=int, default=24)
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from auditdm_jax import models  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.models import presets  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes import questions as Q  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes.text import world_tokenizer  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.stages.pretrain import scale_post_norms  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.train import sft, tasks, vision  # pylint: disable=import-outside-toplevel
+
+  skills = Q.SKILLS if args.skills == "all" else tuple(args.skills.split(","))
+  t0 = time.time()
+  train = make_records(args.seed, args.train_size, skills)
+  held = make_records(args.seed + 1_000_003, args.eval_size, skills)
+  print(f"records: {len(train)} train, {len(held)} held out in {time.time() - t0:.0f}s",
+        flush=True)
+
+  cfg = presets.get_preset(args.preset)
+  text = cfg.text
+  if args.depth:
+    text = dataclasses.replace(text, depth=args.depth, scan_unroll=args.depth)
+  if args.heads:
+    text = dataclasses.replace(text, num_heads=args.heads, num_kv_heads=args.heads,
+                               head_dim=text.width // args.heads)
+  cfg = dataclasses.replace(cfg, text=text)
+  tok = world_tokenizer("paligemma")
+  task = tasks.VQATask(cfg, tok, args.seq_len)
+  def stack(recs):
+    rows = [task(r) for r in recs]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  data, ev = stack(train), stack(held)
+  ev_skill = np.array([r["skill"] for r in held])
+
+  params = models.VLM.random(cfg, seed=args.seed).params
+  rng = np.random.default_rng(args.seed)
+  t0 = time.time()
+  def cell_batches():
+    while True:
+      idx = rng.integers(0, len(train), 256)
+      yield {"images": data["images"][idx],
+             "labels": np.stack([tasks.cell_labels(train[i]["scene"]) for i in idx])}
+  img, info = vision.pretrain_vision(cfg.vision, params["img"], cell_batches(),
+                                     args.vision_steps, position_heads=bool(args.position_heads),
+                                     log_every=0)
+  print(f"vision: {args.vision_steps} steps, cell accuracy "
+        f"{np.round(info['accuracy'], 3).tolist()} in {time.time() - t0:.0f}s", flush=True)
+  if args.whiten >= 0:
+    img, winfo = vision.whiten_head(cfg.vision, img, data["images"][:2000], eps=args.whiten)
+    ev_ = np.asarray(winfo["eigenvalues"])
+    print(f"whiten: eps {args.whiten}, eigenvalues top {ev_[:3].round(3).tolist()} "
+          f"median {np.median(ev_):.4f}; token rms {winfo['token_rms_before']:.2f} -> "
+          f"{winfo['token_rms_after']:.2f}", flush=True)
+  params = scale_post_norms(dict(params, img=img), args.post_norm_init)
+  params = jax.tree.map(jnp.asarray, params)
+
+  sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.end_lr)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=args.b2,
+                                                                weight_decay=0.0))
+  if args.frozen:
+    labels = jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if re.match(r"^img/", "/".join(str(getattr(k, "key", k)) for k in p))
+        else "train", params)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(p, s, batch):
+    (loss, aux), g = jax.value_and_grad(lambda q: sft.loss_fn(cfg, q, batch), has_aux=True)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  @jax.jit
+  def correct(p, batch):
+    _, ok = sft.token_stats(cfg, p, batch)
+    m = sft.loss_mask(batch)
+    return jnp.all(ok | ~m, axis=-1)
+
+  def evaluate(p):
+    ok = np.concatenate([np.asarray(correct(p, {k: v[i:i + 250] for k, v in ev.items()}))
+                         for i in range(0, len(ev_skill), 250)])
+    out = {s: float(ok[ev_skill == s].mean()) for s in skills}
+    out["overall"] = float(ok.mean())
+    return out
+
+  curve = []
+  t0 = time.time()
+  keys = ("images", "tokens", "input_mask", "mask_ar")
+  for i in range(1, args.steps + 1):
+    idx = rng.integers(0, len(train), args.batch)
+    params, opt, loss = step(params, opt, {k: data[k][idx] for k in keys})
+    if i % args.eval_every == 0 or i == args.steps:
+      acc = evaluate(params)
+      curve.append({"step": i, "loss": float(loss), "wall_s": time.time() - t0, **acc})
+      print(f"step {i}: loss {float(loss):.4f} " +
+            " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({time.time() - t0:.0f}s)",
+            flush=True)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({"args": vars(args), "curve": curve}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
