@@ -38,10 +38,16 @@ def probe_example(seed: int, index: int, probe: str) -> dict:
   from auditdm_jax.scenes.world import random_scene, render  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng([seed, index])
   if probe.startswith("spatial"):       # spatialN: spatial questions on N-object scenes
-    n = int(probe[len("spatial"):])
+    landmark = probe == "spatialL"        # the second object in the middle column / row
+    n = 0 if landmark else int(probe[len("spatial"):])
     while True:
-      scene = random_scene(rng, min_objects=n, max_objects=n)
+      scene = random_scene(rng, min_objects=n or 2, max_objects=n or 8)
       q = Q.q_spatial(scene, rng)
+      if q is not None and landmark:
+        words = q.text.rstrip("?").split(" the ")
+        b = [o for o in scene.objects if Q.unique_ref(scene, o) == words[-1]]
+        if not b or (b[0].col if "left" in q.text else b[0].row) != 1:
+          continue
       if q is not None:
         return {"image": render(scene), "question": q.text, "answer": q.answer,
                 "skill": probe, "facets": json.dumps({"answer": q.answer}),
@@ -66,7 +72,7 @@ def _records(args):
   seed, start, stop, skills = args
   from auditdm_jax.scenes import examples  # pylint: disable=import-outside-toplevel
   probes = {"where": "where", "where2": "where2", "colour_probe": "colour",
-            **{f"spatial{n}": f"spatial{n}" for n in range(2, 9)}}
+            **{f"spatial{n}": f"spatial{n}" for n in range(2, 9)}, "spatialL": "spatialL"}
   return [probe_example(seed, i, probes[skills[i % len(skills)]])
           if skills[i % len(skills)] in probes else examples.example(seed, i, skills)
           for i in range(start, stop)]
