@@ -6,11 +6,17 @@ chosen set of skills, changing one factor at a time, and prints held-out
 per-skill accuracy (every answer token right, teacher-forced) at fixed steps.
 
   python bench/learnability.py --skills=spatial --steps=1500
-  python bench/learnability.py --skills=all --steps=3000 --whiten=0 --position_heads=0
+  python bench/learnability.py --skills=all --steps=3000 --position_heads=0
+  python bench/learnability.py --skills=spatial2 --steps=1000 --eval_every=200
 
-Factors: --preset, --position_heads (row / column heads in the tower's dense
-pretraining), --whiten (the tower's output whitened, folded into its head,
-`train.vision.whiten_head`), --frozen (the tower frozen while the LLM learns),
+Probe kinds besides the eight skills (questions on 2-8 object scenes unless
+named): where (the referred object's column), where2 (its column or row),
+colour_probe (its colour), spatialN (spatial questions on N-object scenes),
+spatialL (spatial questions whose second object is in the middle column /
+row). A comma list mixes kinds round-robin.
+
+Factors: --preset, --depth, --heads, --position_heads (row / column heads in
+the tower's dense pretraining), --frozen (the tower frozen while the LLM learns),
 --lr / --warmup / --end_lr / --batch, --post_norm_init. Everything runs in
 one process on this machine's CPU; records are generated in memory.
 """
@@ -37,12 +43,41 @@ def probe_example(seed: int, index: int, probe: str) -> dict:
   from auditdm_jax.scenes.edits import COL_NAMES, ROW_NAMES  # pylint: disable=import-outside-toplevel
   from auditdm_jax.scenes.world import random_scene, render  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng([seed, index])
+  if probe in ("spatialC", "spatialA"):  # spatialA: the object always in the first slot                # one object against the centre, either slot
+    while True:
+      scene = random_scene(rng, min_objects=1)
+      obj = scene.objects[int(rng.integers(len(scene)))]
+      ref = Q.unique_ref(scene, obj)
+      horiz = rng.random() < 0.5
+      pos = obj.col if horiz else obj.row
+      if ref and pos != 1:
+        break
+    words = ("left", "right") if horiz else ("above", "below")
+    if probe == "spatialA" or rng.random() < 0.5:     # the object in the first slot
+      q, a = f"is the {ref} {words[0]} or {words[1]} of the centre?", words[pos // 2]
+    else:                      # in the second slot: the centre is left of a right object
+      q, a = f"is the centre {words[0]} or {words[1]} of the {ref}?", words[1 - pos // 2]
+    if not horiz:
+      q = q.replace("of the", "the")
+    return {"image": render(scene), "question": q, "answer": a, "skill": probe,
+            "facets": json.dumps({"answer": a}), "scene": scene.to_json()}
   if probe.startswith("spatial"):       # spatialN: spatial questions on N-object scenes
     landmark = probe == "spatialL"        # the second object in the middle column / row
-    n = 0 if landmark else int(probe[len("spatial"):])
+    n = 0 if landmark or probe == "spatialR" else int(probe[len("spatial"):])
     while True:
       scene = random_scene(rng, min_objects=n or 2, max_objects=n or 8)
       q = Q.q_spatial(scene, rng)
+      if q is not None and probe == "spatialR":   # role: the colour of the first / second
+        refs = q.text.rstrip("?").split(" the ")[1:]
+        refs = [refs[0].replace(" left or right of", "").replace(" above or below", ""),
+                refs[-1]]
+        objs = [[o for o in scene.objects if Q.unique_ref(scene, o) == r] for r in refs]
+        if not all(objs):
+          continue
+        k = int(rng.integers(2))
+        text, a = f"{('first', 'second')[k]} colour {q.text}", objs[k][0].colour
+        return {"image": render(scene), "question": text, "answer": a, "skill": probe,
+                "facets": json.dumps({"answer": a}), "scene": scene.to_json()}
       if q is not None and landmark:
         words = q.text.rstrip("?").split(" the ")
         b = [o for o in scene.objects if Q.unique_ref(scene, o) == words[-1]]
@@ -72,7 +107,9 @@ def _records(args):
   seed, start, stop, skills = args
   from auditdm_jax.scenes import examples  # pylint: disable=import-outside-toplevel
   probes = {"where": "where", "where2": "where2", "colour_probe": "colour",
-            **{f"spatial{n}": f"spatial{n}" for n in range(2, 9)}, "spatialL": "spatialL"}
+            **{f"spatial{n}": f"spatial{n}" for n in range(2, 9)}, "spatialL": "spatialL",
+            "spatialC": "spatialC", "spatialA": "spatialA",
+            "spatialR": "spatialR"}
   return [probe_example(seed, i, probes[skills[i % len(skills)]])
           if skills[i % len(skills)] in probes else examples.example(seed, i, skills)
           for i in range(start, stop)]
@@ -91,7 +128,10 @@ def main():
   ap.add_argument("--skills", default="all")
   ap.add_argument("--preset", default="scene-paligemma2-large")
   ap.add_argument("--depth", type=int, default=0, help="LLM depth (0: the preset's)")
+  ap.add_argument("--width", type=int, default=0, help="LLM width (0: the preset's)")
   ap.add_argument("--heads", type=int, default=0, help="LLM heads (0: the preset's)")
+  ap.add_argument("--first", default="", help="kinds trained for --first_steps steps first")
+  ap.add_argument("--first_steps", type=int, default=0)
   ap.add_argument("--steps", type=int, default=1500)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--lr", type=float, default=3e-3)
@@ -101,8 +141,6 @@ def main():
   ap.add_argument("--post_norm_init", type=float, default=0.1)
   ap.add_argument("--vision_steps", type=int, default=300)
   ap.add_argument("--position_heads", type=int, default=1)
-  ap.add_argument("--whiten", type=float, default=-1.0,
-                  help="eps of the whitening (relative to the top eigenvalue); < 0: off")
   ap.add_argument("--frozen", type=int, default=1)
   ap.add_argument("--train_size", type=int, default=30_000)
   ap.add_argument("--eval_size", type=int, default=1_000)
@@ -127,6 +165,8 @@ def main():
   t0 = time.time()
   train = make_records(args.seed, args.train_size, skills)
   held = make_records(args.seed + 1_000_003, args.eval_size, skills)
+  first = make_records(args.seed + 7, args.train_size,
+                       tuple(args.first.split(","))) if args.first else []
   print(f"records: {len(train)} train, {len(held)} held out in {time.time() - t0:.0f}s",
         flush=True)
 
@@ -134,16 +174,21 @@ def main():
   text = cfg.text
   if args.depth:
     text = dataclasses.replace(text, depth=args.depth, scan_unroll=args.depth)
+  if args.width:
+    text = dataclasses.replace(text, width=args.width, mlp_dim=4 * args.width,
+                               head_dim=args.width // text.num_heads)
   if args.heads:
     text = dataclasses.replace(text, num_heads=args.heads, num_kv_heads=args.heads,
                                head_dim=text.width // args.heads)
-  cfg = dataclasses.replace(cfg, text=text)
+  vis = dataclasses.replace(cfg.vision, out_dim=text.width)
+  cfg = dataclasses.replace(cfg, text=text, vision=vis)
   tok = world_tokenizer("paligemma")
   task = tasks.VQATask(cfg, tok, args.seq_len)
   def stack(recs):
     rows = [task(r) for r in recs]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   data, ev = stack(train), stack(held)
+  data1 = stack(first) if first else None
   ev_skill = np.array([r["skill"] for r in held])
 
   params = models.VLM.random(cfg, seed=args.seed).params
@@ -159,12 +204,6 @@ def main():
                                      log_every=0)
   print(f"vision: {args.vision_steps} steps, cell accuracy "
         f"{np.round(info['accuracy'], 3).tolist()} in {time.time() - t0:.0f}s", flush=True)
-  if args.whiten >= 0:
-    img, winfo = vision.whiten_head(cfg.vision, img, data["images"][:2000], eps=args.whiten)
-    ev_ = np.asarray(winfo["eigenvalues"])
-    print(f"whiten: eps {args.whiten}, eigenvalues top {ev_[:3].round(3).tolist()} "
-          f"median {np.median(ev_):.4f}; token rms {winfo['token_rms_before']:.2f} -> "
-          f"{winfo['token_rms_after']:.2f}", flush=True)
   params = scale_post_norms(dict(params, img=img), args.post_norm_init)
   params = jax.tree.map(jnp.asarray, params)
 
@@ -201,8 +240,9 @@ def main():
   t0 = time.time()
   keys = ("images", "tokens", "input_mask", "mask_ar")
   for i in range(1, args.steps + 1):
-    idx = rng.integers(0, len(train), args.batch)
-    params, opt, loss = step(params, opt, {k: data[k][idx] for k in keys})
+    src = data1 if (data1 is not None and i <= args.first_steps) else data
+    idx = rng.integers(0, len(src["tokens"]), args.batch)
+    params, opt, loss = step(params, opt, {k: src[k][idx] for k in keys})
     if i % args.eval_every == 0 or i == args.steps:
       acc = evaluate(params)
       curve.append({"step": i, "loss": float(loss), "wall_s": time.time() - t0, **acc})

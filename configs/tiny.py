@@ -56,7 +56,7 @@ def get_config(arg=None):
       seq_len=24,
       post_norm_init=0.1,       # gain of the LLM post-norms at init (pretrain.scale_post_norms)
       vision=dict(steps=300, batch=256, lr=3e-3, position_heads=True),
-      base=dict(preset="scene-paligemma2-large", steps=3000, batch=64, lr=3e-3,
+      base=dict(preset="scene-paligemma2-large", steps=4000, batch=64, lr=3e-3,
                 warmup=100, end_lr=2e-4, frozen=frozen, checkpoint_every=500,
                 log_every=250),
       base_tune=dict(steps=1000, batch=64, lr=1e-3, warmup=50, end_lr=1e-4,
