@@ -103,6 +103,33 @@ def probe_example(seed: int, index: int, probe: str) -> dict:
           "facets": json.dumps({"answer": a}), "scene": scene.to_json()}
 
 
+def phrase_targets(record: dict, tok, n_img: int) -> np.ndarray:
+  """int32 [2, 3]: (sequence position of the phrase's last token, row, column) of
+  the A and B phrases of a spatial question; -1 rows for any other record."""
+  from auditdm_jax.scenes import questions as Q  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes.world import Scene  # pylint: disable=import-outside-toplevel
+  out = -np.ones((2, 3), np.int32)
+  q = record["question"]
+  if record.get("skill") not in ("spatial",) and not str(record.get("skill")).startswith("spatial"):
+    return out
+  if " left or right of the " not in q and " above or below the " not in q:
+    return out
+  scene = Scene.from_json(record["scene"])
+  body = q[len("is the "):].rstrip("?")
+  sep = " left or right of the " if " left or right of the " in body else " above or below the "
+  ra, rb = body.split(sep)
+  objs = [[o for o in scene.objects if Q.unique_ref(scene, o) == r] for r in (ra, rb)]
+  if not all(objs):
+    return out
+  # token positions: the prompt of "is the A" ends at A's last token, the whole
+  # question (before "?") at B's last token
+  pa = len(tok.prompt("is the " + ra)) - 2           # minus "\n", minus 1 for the index
+  pb = len(tok.prompt(q[:-1])) - 2
+  for k, (pos, o) in enumerate(((pa, objs[0][0]), (pb, objs[1][0]))):
+    out[k] = (n_img + pos, o.row, o.col)
+  return out
+
+
 def _records(args):
   seed, start, stop, skills = args
   from auditdm_jax.scenes import examples  # pylint: disable=import-outside-toplevel
@@ -132,6 +159,9 @@ def main():
   ap.add_argument("--heads", type=int, default=0, help="LLM heads (0: the preset's)")
   ap.add_argument("--first", default="", help="kinds trained for --first_steps steps first")
   ap.add_argument("--first_steps", type=int, default=0)
+  ap.add_argument("--phrase_aux", type=float, default=0.0,
+                  help="weight of an auxiliary loss: on spatial questions, each referring "
+                       "phrase's last token predicts its object's row and column")
   ap.add_argument("--steps", type=int, default=1500)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--lr", type=float, default=3e-3)
@@ -188,6 +218,8 @@ def main():
     rows = [task(r) for r in recs]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   data, ev = stack(train), stack(held)
+  if args.phrase_aux:
+    data["aux"] = np.stack([phrase_targets(r, tok, cfg.num_image_tokens) for r in train])
   data1 = stack(first) if first else None
   ev_skill = np.array([r["skill"] for r in held])
 
@@ -215,16 +247,47 @@ def main():
         lambda p, _: "frozen" if re.match(r"^img/", "/".join(str(getattr(k, "key", k)) for k in p))
         else "train", params)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  from auditdm_jax.models import vlm  # pylint: disable=import-outside-toplevel
+  module = vlm.build(cfg)
+  def total_loss(q, batch):
+    q, heads = ({k: v for k, v in q.items() if not k.startswith("aux_")},
+                {k: v for k, v in q.items() if k.startswith("aux_")})
+    loss, _ = sft.loss_fn(cfg, q, batch)
+    if not args.phrase_aux:
+      return loss
+    h = module.apply({"params": q}, batch["images"], batch["tokens"], batch["input_mask"],
+                     batch["mask_ar"], return_hidden=True)          # [B, n_img + T, D]
+    t = batch["aux"]                                                # [B, 2, 3]
+    valid = t[..., 0] >= 0
+    hp = jnp.take_along_axis(h, jnp.maximum(t[..., 0], 0)[..., None], axis=1)  # [B, 2, D]
+    aux = 0.0
+    for j, head in enumerate(("aux_row", "aux_col")):
+      logits = hp.astype(jnp.float32) @ heads[head]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(t[..., 1 + j], 0))
+      aux += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
+    return loss + args.phrase_aux * aux
+  if args.phrase_aux:
+    params = dict(params, aux_row=jnp.zeros((cfg.text.width, 3)),
+                  aux_col=jnp.zeros((cfg.text.width, 3)))
+    base_tx = tx
+    if args.frozen:
+      labels = dict(labels, aux_row="train", aux_col="train")
+      tx = optax.multi_transform({"train": optax.chain(optax.clip_by_global_norm(1.0),
+                                                       optax.adamw(sched, b2=args.b2,
+                                                                   weight_decay=0.0)),
+                                  "frozen": optax.set_to_zero()}, labels)
+    del base_tx
   opt = tx.init(params)
 
   @jax.jit
   def step(p, s, batch):
-    (loss, aux), g = jax.value_and_grad(lambda q: sft.loss_fn(cfg, q, batch), has_aux=True)(p)
+    loss, g = jax.value_and_grad(lambda q: total_loss(q, batch))(p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
   @jax.jit
   def correct(p, batch):
+    p = {k: v for k, v in p.items() if not k.startswith("aux_")}
     _, ok = sft.token_stats(cfg, p, batch)
     m = sft.loss_mask(batch)
     return jnp.all(ok | ~m, axis=-1)
@@ -238,7 +301,7 @@ def main():
 
   curve = []
   t0 = time.time()
-  keys = ("images", "tokens", "input_mask", "mask_ar")
+  keys = ("images", "tokens", "input_mask", "mask_ar") + (("aux",) if args.phrase_aux else ())
   for i in range(1, args.steps + 1):
     src = data1 if (data1 is not None and i <= args.first_steps) else data
     idx = rng.integers(0, len(src["tokens"]), args.batch)
