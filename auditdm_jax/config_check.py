@@ -71,6 +71,14 @@ def check(config, check_inputs: bool = True) -> None:
           if section not in config:
             problems.append(f"{where} uses the scene preset {preset!r}, which is trained by "
                             f"the pretrain stage, but the config has no {section!r} section")
+      steps = spec.get("finetune_steps", None)
+      if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                or steps < 0):
+        problems.append(f"{where}.finetune_steps must be an int >= 0 (0: pretrain.finetune."
+                        f"steps), got {steps!r}")
+      elif steps and role not in ("target", "reference"):
+        problems.append(f"{where}.finetune_steps: only targets and references are "
+                        f"fine-tuned from the base (role is {role!r})")
       for key in ("dtype", "param_dtype"):
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):

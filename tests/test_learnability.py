@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import flax
 import numpy as np
 import pytest
 
@@ -80,12 +81,10 @@ def test_the_tower_reads_every_cell_and_its_position(trained):
 
 def test_the_frozen_tower_is_unchanged(trained):
   _, _, out, img, *_ = trained
-  flat = lambda t: {k: np.asarray(v) for k, v in
-                    __import__("flax").traverse_util.flatten_dict(t, sep="/").items()}
-  before, after = flat(img), flat(out["img"])
+  before, after = (flax.traverse_util.flatten_dict(t, sep="/") for t in (img, out["img"]))
   assert before.keys() == after.keys()
   for k in before:
-    np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    np.testing.assert_array_equal(np.asarray(before[k]), np.asarray(after[k]), err_msg=k)
 
 
 def test_two_object_selection_leaves_chance(trained):

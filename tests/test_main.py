@@ -48,13 +48,15 @@ def test_config_errors_name_every_problem():
   config.models.ref_b.preset = "gpt-9"
   config.models.auditor.preset = ""
   config.models.target_large.checkpoint = "/nonexistent/paligemma2-3b-pt-448.npz"
+  config.models.target_small.finetune_steps = -5
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
   for part in ("stage is 'bogus'", "models.ref_a.role is 'judge'", "unknown preset 'gpt-9'",
                "models.auditor: give a 'checkpoint', a 'preset', or both",
                "models.target_large.checkpoint: '/nonexistent/paligemma2-3b-pt-448.npz' "
-               "does not exist"):
+               "does not exist",
+               "models.target_small.finetune_steps must be an int >= 0"):
     assert part in msg
 
 

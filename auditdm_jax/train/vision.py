@@ -92,8 +92,8 @@ def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], ste
     if not np.isfinite(float(loss)):
       raise FloatingPointError(f"vision pretraining: loss is {float(loss)} at step {i}")
     if log_every and (i % log_every == 0 or i == steps - 1):
-      log(f"vision step {i + 1}/{steps}: loss {float(loss):.4f} cell accuracy "
-          f"colour/shape/size{'/row/column' if position_heads else ''} {np.round(np.asarray(accs), 3).tolist()}")
+      names = "colour/shape/size" + ("/row/column" if position_heads else "")
+      log(f"vision step {i + 1}/{steps}: loss {float(loss):.4f} cell accuracy {names} "
+          f"{np.round(np.asarray(accs), 3).tolist()}")
   return params["img"], {"accuracy": np.asarray(accs).tolist(), "loss": float(loss),
                          "steps": steps, "wall_s": time.perf_counter() - t0}
-
