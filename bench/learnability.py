@@ -239,6 +239,9 @@ def main():
   params = scale_post_norms(dict(params, img=img), args.post_norm_init)
   params = jax.tree.map(jnp.asarray, params)
 
+  if args.phrase_aux:      # training-only heads of the auxiliary loss (trained, never frozen)
+    params = dict(params, aux_row=jnp.zeros((cfg.text.width, 3)),
+                  aux_col=jnp.zeros((cfg.text.width, 3)))
   sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.end_lr)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=args.b2,
                                                                 weight_decay=0.0))
@@ -266,17 +269,6 @@ def main():
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(t[..., 1 + j], 0))
       aux += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
     return loss + args.phrase_aux * aux
-  if args.phrase_aux:
-    params = dict(params, aux_row=jnp.zeros((cfg.text.width, 3)),
-                  aux_col=jnp.zeros((cfg.text.width, 3)))
-    base_tx = tx
-    if args.frozen:
-      labels = dict(labels, aux_row="train", aux_col="train")
-      tx = optax.multi_transform({"train": optax.chain(optax.clip_by_global_norm(1.0),
-                                                       optax.adamw(sched, b2=args.b2,
-                                                                   weight_decay=0.0)),
-                                  "frozen": optax.set_to_zero()}, labels)
-    del base_tx
   opt = tx.init(params)
 
   @jax.jit
