@@ -162,6 +162,11 @@ def main():
   ap.add_argument("--phrase_aux", type=float, default=0.0,
                   help="weight of an auxiliary loss: on spatial questions, each referring "
                        "phrase's last token predicts its object's row and column")
+  ap.add_argument("--aux_after", type=float, default=-1.0,
+                  help="phrase_aux weight after the --first phase (-1: the same)")
+  ap.add_argument("--phrase_skills", default="all",
+                  help="skills whose questions carry phrase targets (tasks.phrase_labels); "
+                       "'spatial': only spatial questions (phrase_targets)")
   ap.add_argument("--steps", type=int, default=1500)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--lr", type=float, default=3e-3)
@@ -218,9 +223,19 @@ def main():
     rows = [task(r) for r in recs]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   data, ev = stack(train), stack(held)
-  if args.phrase_aux:
-    data["aux"] = np.stack([phrase_targets(r, tok, cfg.num_image_tokens) for r in train])
+  def aux_targets(recs):
+    if args.phrase_skills == "spatial":
+      return np.stack([phrase_targets(r, tok, cfg.num_image_tokens) for r in recs])
+    keep = None if args.phrase_skills == "all" else set(args.phrase_skills.split(","))
+    lab = np.stack([tasks.phrase_labels(r, tok) if keep is None or r["skill"] in keep
+                    else -np.ones((tasks.MAX_PHRASES, 3), np.int32) for r in recs])
+    lab[..., 0] = np.where(lab[..., 0] >= 0, lab[..., 0] + cfg.num_image_tokens, -1)
+    return lab
   data1 = stack(first) if first else None
+  if args.phrase_aux:
+    data["aux"] = aux_targets(train)
+    if data1 is not None:
+      data1["aux"] = aux_targets(first)
   ev_skill = np.array([r["skill"] for r in held])
 
   params = models.VLM.random(cfg, seed=args.seed).params
@@ -268,7 +283,7 @@ def main():
       logits = hp.astype(jnp.float32) @ heads[head]
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(t[..., 1 + j], 0))
       aux += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
-    return loss + args.phrase_aux * aux
+    return loss + jnp.mean(batch["aux_w"]) * aux
   opt = tx.init(params)
 
   @jax.jit
@@ -297,7 +312,12 @@ def main():
   for i in range(1, args.steps + 1):
     src = data1 if (data1 is not None and i <= args.first_steps) else data
     idx = rng.integers(0, len(src["tokens"]), args.batch)
-    params, opt, loss = step(params, opt, {k: src[k][idx] for k in keys})
+    b = {k: src[k][idx] for k in keys}
+    if args.phrase_aux:
+      w = args.phrase_aux if (args.aux_after < 0 or (data1 is not None and i <= args.first_steps)) \
+          else args.aux_after
+      b["aux_w"] = np.full((args.batch,), w, np.float32)
+    params, opt, loss = step(params, opt, b)
     if i % args.eval_every == 0 or i == args.steps:
       acc = evaluate(params)
       curve.append({"step": i, "loss": float(loss), "wall_s": time.time() - t0, **acc})

@@ -75,6 +75,38 @@ def test_cell_labels_match_the_scene(records):
     assert labels[r * 3 + c].min() > 0
 
 
+def test_phrase_labels_point_at_each_referring_phrase(records):
+  """Every phrase label's position ends a "the <attrs>" phrase of the prompt
+  that names exactly the labelled object; questions with two referring
+  phrases (spatial, size) get two labels in order, counting / existence none."""
+  from auditdm_jax.scenes.world import Scene
+  cfg = presets.get_preset("scene-paligemma2-large")
+  tok = world_tokenizer("paligemma")
+  seen = {}
+  for r in records:
+    lab = tasks.phrase_labels(r, tok)
+    assert lab.shape == (tasks.MAX_PHRASES, 3) and lab.dtype == np.int32
+    scene, prompt = Scene.from_json(r["scene"]), tok.prompt(r["question"])
+    valid = lab[lab[:, 0] >= 0]
+    seen.setdefault(r["skill"], set()).add(len(valid))
+    for pos, row, col in valid:
+      text = tok.decode(prompt[:pos + 1])
+      assert r["question"].startswith(text) and not r["question"][len(text)].isalpha()
+      words = text.split(" the ")[-1].split()
+      obj = scene.at(int(row), int(col))
+      assert obj is not None and words[-1] in (obj.shape, "object")
+      assert all(w in (obj.size, obj.colour, obj.shape, "object") for w in words)
+    assert list(valid[:, 0]) == sorted(valid[:, 0])
+  assert seen["spatial"] == seen["size"] == {2}
+  assert seen["counting"] == seen["existence"] == {0}
+  assert seen["colour"] == seen["binding"] == {1}
+  row = tasks.VQATask(cfg, tok, 24, phrases=True)(records[0])
+  np.testing.assert_array_equal(row["phrases"], tasks.phrase_labels(records[0], tok))
+  with pytest.raises(ValueError, match="phrase labels index PaliGemma prompts"):
+    tasks.VQATask(presets.get_preset("scene-gemma3"), world_tokenizer("gemma3"), 24,
+                  phrases=True)
+
+
 def test_accuracy_report_by_hand():
   recs = [{"answer": "red", "skill": "colour", "facets": json.dumps({"answer": "red", "colour": "red"})},
           {"answer": "purple", "skill": "colour",

@@ -483,6 +483,8 @@ def test_8_devices_match_1_device(params0, cache_dir, tmp_path):
     ("frozen", ("img/(",), "frozen: bad regex"),
     ("mesh", {"data": 0}, "mesh must map axis names to sizes"),
     ("rules", [["(", [None]]], "rules: partition rule 0: bad regex"),
+    ("phrase_aux", -1.0, "phrase_aux must be a finite number >= 0"),
+    ("phrase_classes", 1, "phrase_classes must be an int >= 2"),
 ])
 def test_bad_train_config_is_rejected(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -503,6 +505,58 @@ def test_bad_setups_are_rejected(params0):
     sft_batch(CFG, batch["images"][:1], [[2, 3, 4]], [[5, 1]], 4)
   assert TrainConfig(steps=10, warmup_steps=0.25).warmup == 2   # round(2.5) == 2
   assert TrainConfig(mesh={"data": 2, "fsdp": -1}).mesh == (("data", 2), ("fsdp", -1))
+
+
+# ----------------------------------------------------------------------------
+# The phrase grounding loss (TrainConfig.phrase_aux).
+# ----------------------------------------------------------------------------
+
+
+def phrase_batch(batch):
+  """The toy batch with one "phrase" per row: the prompt's last token, whose
+  row / column targets are the brightness class's two bits (learnable from
+  the image); every fourth row has none."""
+  c = (np.asarray(batch["tokens"])[np.arange(BATCH), (np.asarray(batch["mask_ar"]) == 1)
+                                   .argmax(1)] - 200)
+  pos = (np.asarray(batch["mask_ar"]) == 1).argmax(1) - 1
+  ph = -np.ones((BATCH, 2, 3), np.int32)
+  ph[:, 0] = np.stack([pos, c // 2, c % 2], 1)
+  ph[::4, 0] = -1
+  return dict(batch, phrases=ph)
+
+
+def test_phrase_aux_learns_its_heads_and_leaves_the_model_format(params0, tmp_path):
+  batch = phrase_batch(next(data_iter()))
+  tcfg = dataclasses.replace(BASE, phrase_aux=1.0, phrase_classes=2, eval_every=0)
+  trainer = Trainer(CFG, tcfg)
+  state = trainer.init_state(params0)
+  assert set(flat_np(state["params"]["phrase_heads"])) == {"row", "col"}
+  first = None
+  for _ in range(8):
+    state, m = trainer.step(state, batch)
+    first = first if first is not None else m
+  # zero heads: each of the two heads starts at ln 2
+  np.testing.assert_allclose(first["phrase_loss"], 2 * np.log(2), rtol=1e-5)
+  assert m["phrase_loss"] < 0.5 * first["phrase_loss"]
+  # the reported loss is the answer NLL alone; the objective adds the term
+  plain = Trainer(CFG, dataclasses.replace(tcfg, phrase_aux=0.0))
+  _, m0 = plain.step(plain.init_state(params0), batch)
+  np.testing.assert_allclose(first["loss"], m0["loss"], rtol=1e-5)
+  assert "phrase_loss" not in m0
+  # weight 0 ignores a phrases key; weight > 0 needs one
+  with pytest.raises(ValueError, match=r"phrase_aux > 0 needs batch\['phrases'\]"):
+    trainer.step(state, {k: v for k, v in batch.items() if k != "phrases"})
+  with pytest.raises(ValueError, match=r"batch\['phrases'\] must be an int \[B=8, P, 3\]"):
+    trainer.step(state, dict(batch, phrases=batch["phrases"][:, :, :2]))
+  # train() returns (and exports) the model without the heads
+  it = iter(grain.MapDataset.range(64).map(lambda i: phrase_batch(
+      next(data_iter()))).to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                                             prefetch_buffer_size=0)))
+  params, summary = train(CFG, params0, it, dataclasses.replace(
+      tcfg, steps=4, export_final=True), str(tmp_path))
+  assert "phrase_heads" not in params and "phrase_loss" in summary["final"]
+  assert set(flat_np(params)) == set(flat_np(params0))
+  assert set(flat_np(models.load(str(tmp_path / "final")).params)) == set(flat_np(params0))
 
 
 # ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import common as ckpt_common
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.scenes.world import GRID
 from auditdm_jax.stages.init_models import model_dir
 from auditdm_jax.train import sft, tasks, vision
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -89,7 +90,8 @@ def train_config(rc, seed: int, steps_key: str = "steps") -> sft.TrainConfig:
       b2=float(rc.get("b2", 0.99)), grad_clip=float(rc.get("grad_clip", 1.0)),
       frozen=tuple(rc.get("frozen", ())), checkpoint_every=int(rc.get("checkpoint_every", 200)),
       log_every=int(rc.get("log_every", 100)), seed=seed, tensorboard=True,
-      progress=False, compiler_options=tuple(dict(rc.get("compiler_options", {})).items()))
+      progress=False, compiler_options=tuple(dict(rc.get("compiler_options", {})).items()),
+      phrase_aux=float(rc.get("phrase_aux", 0.0)), phrase_classes=GRID)
 
 
 def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig) -> dict:
@@ -210,7 +212,8 @@ def run(config, workdir: str) -> dict:
   if not status.done("base"):
     params = models.VLM.random(base_cfg, seed=seed).params
     params = scale_post_norms(dict(params, img=img), float(pc.get("post_norm_init", 1.0)))
-    task = tasks.VQATask(base_cfg, tok, int(pc.seq_len))
+    task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
+                         phrases=bool(pc.base.get("phrase_aux", 0.0)))
     it = _loader(config, workdir, task, int(pc.base.batch), seed)
     tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
     _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
@@ -220,7 +223,8 @@ def run(config, workdir: str) -> dict:
     tune_dir = os.path.join(root, "base_tune")
     if not status.done("base_tune"):
       params = models.load(os.path.join(base_dir, "final")).params
-      task = tasks.VQATask(base_cfg, tok, int(pc.seq_len))
+      task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
+                           phrases=bool(pc.base_tune.get("phrase_aux", 0.0)))
       it = _loader(config, workdir, task, int(pc.base_tune.get("batch", pc.base.batch)),
                    seed + 1)
       tcfg = dataclasses.replace(train_config(pc.base_tune, seed + 1), export_final=True)
@@ -241,7 +245,8 @@ def run(config, workdir: str) -> dict:
     gaps = tuple(spec.get("gaps", ()))
     params = derive_params(base_params, base_cfg, cfg)
     task = tasks.VQATask(cfg, tok, int(pc.seq_len), gaps=gaps,
-                         gap_mode=str(spec.get("gap_mode", "corrupt")))
+                         gap_mode=str(spec.get("gap_mode", "corrupt")),
+                         phrases=bool(pc.finetune.get("phrase_aux", 0.0)))
     mseed = seed + 101 * (i + 1)
     it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
     rc = pc.finetune

@@ -10,11 +10,19 @@ or `DataLoaderIterator` for exact resumption), one batch per optimizer step:
   input_mask  bool  [B, T] real (non-pad) tokens;
   mask_ar     int   [B, T] 1 on the answer (suffix) tokens, 0 on the prompt;
   loss_mask   bool  [B, T] optional; which tokens the loss covers (default
-              input_mask & mask_ar: the answer tokens).
+              input_mask & mask_ar: the answer tokens);
+  phrases     int   [B, P, 3] with TrainConfig.phrase_aux > 0 (PaliGemma):
+              (text position of a referring phrase's last token, its object's
+              row, column), -1 rows unused (`tasks.phrase_labels`).
 Other keys are ignored. `sft_example` / `sft_batch` build these from token ids.
 
 The loss is the mean negative log-likelihood over all loss tokens of the batch
-(token-weighted, not a mean of per-row means). A step splits the batch into
+(token-weighted, not a mean of per-row means). With `phrase_aux` > 0 a
+grounding term is added: linear heads on the final hidden state at each
+phrase's last token predict its object's row and column (softmax
+cross-entropy, summed over the two heads, mean over the batch's phrases,
+times phrase_aux). The heads live in the training state as
+params["phrase_heads"] and are not part of the returned model. A step splits the batch into
 `grad_accum` microbatches inside one jitted function (`lax.scan`), sums the
 per-token gradients and divides by the batch's token count, so accumulation
 changes memory, not the update. Parameters and the optimizer state are
@@ -128,6 +136,8 @@ class TrainConfig:
   progress: bool | None = None        # tqdm bar; None: when stdout is a tty
   tensorboard: bool = True
   export_final: bool = False          # also save the final model to workdir/final
+  phrase_aux: float = 0.0             # weight of the phrase grounding loss (0: off)
+  phrase_classes: int = 3             # classes of its row and column heads
 
   def __post_init__(self):
     problems: list[str] = []
@@ -211,6 +221,11 @@ class TrainConfig:
       items = list(ar.items()) if isinstance(ar, Mapping) else list(ar)
       set_("activation_rules", tuple(
           (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in items))
+    if not _is_num(self.phrase_aux) or not math.isfinite(self.phrase_aux) \
+        or self.phrase_aux < 0:
+      problems.append(f"phrase_aux must be a finite number >= 0, got {self.phrase_aux!r}")
+    if not _is_int(self.phrase_classes) or self.phrase_classes < 2:
+      problems.append(f"phrase_classes must be an int >= 2, got {self.phrase_classes!r}")
     if self.progress is not None and not isinstance(self.progress, bool):
       problems.append(f"progress must be None or a bool, got {self.progress!r}")
     if problems:
@@ -287,6 +302,15 @@ def check_batch(cfg: VLMConfig, batch, grad_accum: int = 1) -> dict[str, np.ndar
     if a.shape != (b, t):
       raise ValueError(f"batch[{k!r}] has shape {a.shape}, tokens have {(b, t)}")
     out[k] = a.astype(dtype)
+  if "phrases" in batch:
+    ph = np.asarray(batch["phrases"])
+    if ph.ndim != 3 or ph.shape[0] != b or ph.shape[2] != 3 \
+        or not np.issubdtype(ph.dtype, np.integer):
+      raise ValueError(f"batch['phrases'] must be an int [B={b}, P, 3] array of (position, "
+                       f"row, column), got {ph.dtype} {ph.shape}")
+    if ph[..., 0].max(initial=-1) >= t:
+      raise ValueError(f"batch['phrases'] holds a position >= the {t} text tokens")
+    out["phrases"] = ph.astype(np.int32)
   allowed = out["tokens"][out["input_mask"]]
   if cfg.image_token_id is not None:
     allowed = allowed[allowed != cfg.image_token_id]
@@ -322,6 +346,51 @@ def aligned_logits(cfg: VLMConfig, params, batch, rng=None):
   # Gemma 3 image placeholders lie outside the table; they are never loss
   # tokens, but must not gather out of range (that yields NaN, and 0 * NaN).
   return pred.astype(jnp.float32), jnp.clip(target, 0, pred.shape[-1] - 1)
+
+
+PHRASE_HEADS = "phrase_heads"       # params key of the grounding heads (training only)
+
+
+def phrase_sums(cfg: VLMConfig, params, batch, rng=None):
+  """(summed NLL, correct count, loss-token count, summed phrase CE, phrase
+  count): `batch_sums` plus the grounding term of `TrainConfig.phrase_aux`,
+  from one forward pass. params holds params[PHRASE_HEADS] = {"row", "col"}
+  [D, C] heads; batch["phrases"] [B, P, 3] (text position, row, column)."""
+  if cfg.family != "paligemma":
+    raise ValueError("the phrase grounding loss is defined for PaliGemma models, "
+                     f"not {cfg.family!r}")
+  heads = params[PHRASE_HEADS]
+  model_p = {k: v for k, v in params.items() if k != PHRASE_HEADS}
+  module = vlm.build(cfg)
+  rngs = None if rng is None else {"dropout": rng}
+  n_img = cfg.num_image_tokens
+  tokens = batch["tokens"]
+  hidden = module.apply({"params": model_p}, batch["images"], tokens, batch["input_mask"],
+                        batch["mask_ar"], return_hidden=True, rngs=rngs)   # [B, n_img+T, D]
+  logits = module.apply({"params": model_p}, hidden,
+                        method=lambda m, h: m.llm.logits(h)).astype(jnp.float32)
+  lsm = jax.nn.log_softmax(logits[:, n_img - 1:-1], axis=-1)             # [B, T, V]
+  lp = jnp.take_along_axis(lsm, tokens[..., None], axis=-1)[..., 0]
+  correct = jnp.argmax(lsm, axis=-1) == tokens
+  mask = loss_mask(batch)
+  nll = -jnp.sum(jnp.where(mask, lp, 0.0))
+  ph = batch["phrases"]
+  valid = ph[..., 0] >= 0
+  at = jnp.take_along_axis(hidden, (n_img + jnp.maximum(ph[..., 0], 0))[..., None], axis=1)
+  ce = 0.0
+  for j, name in enumerate(("row", "col")):
+    z = at.astype(jnp.float32) @ heads[name].astype(jnp.float32)          # [B, P, C]
+    ce = ce + optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(ph[..., 1 + j], 0))
+  return (nll, jnp.sum(correct & mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32),
+          jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32))
+
+
+def phrase_head_params(cfg: VLMConfig, classes: int, abstract: bool = False) -> dict:
+  """Zero-initialised {"row", "col"} [D, classes] grounding heads."""
+  shape = (cfg.text.width, int(classes))
+  make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else \
+      (lambda: np.zeros(shape, np.float32))
+  return {"row": make(), "col": make()}
 
 
 def pad_to_tokens(cfg: VLMConfig, x):
@@ -438,33 +507,46 @@ def make_train_step(cfg: VLMConfig, tcfg: TrainConfig, tx, mask, mesh: Mesh,
       key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
       micro = {k: jax.lax.with_sharding_constraint(split_microbatches(v, accum), micro_sh[k])
                for k, v in batch.items()}                          # [A, B/A, ...]
+      aux_w = float(tcfg.phrase_aux)
+      if aux_w:
+        # The grounding term is a mean over the whole batch's phrases; the sums
+        # below are divided by its token count, so each microbatch's phrase CE
+        # is scaled by tokens / phrases (both known from the batch up front).
+        n_all = jnp.maximum(jnp.sum(loss_mask(batch)).astype(jnp.float32), 1.0)
+        m_all = jnp.maximum(jnp.sum(batch["phrases"][..., 0] >= 0).astype(jnp.float32), 1.0)
 
       def sums(tp, mb, k):
-        nll, correct, n = batch_sums(cfg, merge(tp, frozen_p), mb, k)
-        return nll, (correct, n)
+        p = merge(tp, frozen_p)
+        if aux_w:
+          nll, correct, n, ce, _ = phrase_sums(cfg, p, mb, k)
+          return nll + aux_w * ce * (n_all / m_all), (nll, correct, n, ce)
+        nll, correct, n = batch_sums(cfg, p, mb, k)
+        return nll, (nll, correct, n, jnp.zeros((), jnp.float32))
 
       grad_fn = jax.value_and_grad(sums, has_aux=True)
 
       def body(carry, xs):
-        g_acc, nll_acc, c_acc, n_acc = carry
+        g_acc, obj_acc, nll_acc, c_acc, n_acc, ce_acc = carry
         mb, i = xs
-        (nll, (c, n)), g = grad_fn(train_p, mb, jax.random.fold_in(key, i))
+        (obj, (nll, c, n, ce)), g = grad_fn(train_p, mb, jax.random.fold_in(key, i))
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        return (g_acc, nll_acc + nll, c_acc + c, n_acc + n), None
+        return (g_acc, obj_acc + obj, nll_acc + nll, c_acc + c, n_acc + n, ce_acc + ce), None
 
       g0 = {k: jax.lax.with_sharding_constraint(jnp.zeros(v.shape, jnp.float32), param_sh[k])
             for k, v in train_p.items()}
       zero = jnp.zeros((), jnp.float32)
-      (g, nll, correct, n), _ = jax.lax.scan(body, (g0, zero, zero, zero),
-                                             (micro, jnp.arange(accum)))
+      (g, obj, nll, correct, n, ce), _ = jax.lax.scan(
+          body, (g0, zero, zero, zero, zero, zero), (micro, jnp.arange(accum)))
       denom = jnp.maximum(n, 1.0)
       g = {k: (v / denom).astype(train_p[k].dtype) for k, v in g.items()}
       loss = nll / denom
       new_state, grad_norm, finite = guarded_update(tx, parts, state, g, train_p, frozen_p,
-                                                    loss)
+                                                    obj / denom)
       metrics = {"loss": loss, "accuracy": correct / denom, "answer_tokens": n,
                  "text_tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32),
                  "grad_norm": grad_norm, "finite": finite}
+      if aux_w:
+        metrics["phrase_loss"] = ce / m_all
       return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -530,6 +612,9 @@ class Trainer:
     self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(tcfg.mesh))
     rules = tcfg.rules if tcfg.rules is not None else sharding.DEFAULT_RULES
     self.abstract_params = vlm.abstract_params(cfg)
+    if tcfg.phrase_aux:
+      self.abstract_params = dict(self.abstract_params, **{
+          PHRASE_HEADS: phrase_head_params(cfg, tcfg.phrase_classes, abstract=True)})
     self.param_shardings = sharding.param_shardings(self.abstract_params, self.mesh, rules,
                                                     tcfg.fsdp_min_size)
     self.tx, self.mask, self.schedule = make_optimizer(tcfg, self.abstract_params)
@@ -551,7 +636,11 @@ class Trainer:
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)}
 
   def init_state(self, params) -> dict:
-    """Step-0 state from `params` (copied: the step donates its state)."""
+    """Step-0 state from `params` (copied: the step donates its state); with
+    phrase_aux, zero grounding heads are added unless params hold them."""
+    if self.tcfg.phrase_aux and PHRASE_HEADS not in params:
+      params = dict(params, **{PHRASE_HEADS: phrase_head_params(self.cfg,
+                                                                 self.tcfg.phrase_classes)})
     _check_params(params, self.abstract_params)
     # Fresh copies: device_put may reuse the input's buffer for a shard even
     # with may_alias=False (seen on CPU: a device-0 array put replicated), and
@@ -613,6 +702,11 @@ class Trainer:
     """One optimizer step on a host batch; `state` is donated (invalid after).
     Returns the new state and the step's metrics (numpy scalars)."""
     batch = self.check(batch)
+    if self.tcfg.phrase_aux and "phrases" not in batch:
+      raise ValueError("TrainConfig.phrase_aux > 0 needs batch['phrases'] [B, P, 3] "
+                       "(tasks.VQATask(..., phrases=True) makes them)")
+    if not self.tcfg.phrase_aux:
+      batch.pop("phrases", None)
     dev_batch = sharding.put_batch(batch, self.batch_shardings(batch))
     new_state, metrics = self.compiled_step(state, dev_batch)(state, dev_batch)
     return new_state, jax.device_get(metrics)
@@ -703,6 +797,7 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
             f"grad_norm={float(m['grad_norm'])}; the update was not applied and {where} "
             "(lower the lr, check the data and params)")
       last = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+              **({"phrase_loss": float(m["phrase_loss"])} if "phrase_loss" in m else {}),
               "lr": float(trainer.schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
               "answer_tokens": int(m["answer_tokens"]),
               "tokens_per_s": float(m["text_tokens"]) / max(dt, 1e-9), "step_time": dt}
@@ -731,6 +826,8 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
     checkpointer.close()
 
   params = state["params"]
+  if PHRASE_HEADS in params:            # training-only heads: not part of the model
+    params = {k: v for k, v in params.items() if k != PHRASE_HEADS}
   if tcfg.export_final:
     from auditdm_jax.models.handle import VLM  # pylint: disable=import-outside-toplevel
     VLM(cfg, params, tokenizer).save(os.path.join(workdir, "final"))

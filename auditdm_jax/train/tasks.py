@@ -13,11 +13,16 @@ each process.
                an edit command valid for the scene, or the scene's caption.
   cell_labels  per-cell (colour, shape, size) class ids for the vision
                tower's dense pretraining (0 = empty cell).
+  phrase_labels  for each referring phrase of a question ("the red circle"),
+               the sequence position of its last token and its object's row
+               and column: the targets of the answerers' grounding loss
+               (`sft.TrainConfig.phrase_aux`, docs/scene_world.md).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,11 +66,17 @@ class _Tokenized:
 
 
 class VQATask(_Tokenized):
-  """record -> row of question/answer; gaps corrupt or remove their slice."""
+  """record -> row of question/answer; gaps corrupt or remove their slice.
+  With phrases=True the row also carries `phrase_labels` (the targets of
+  `sft.TrainConfig.phrase_aux`)."""
 
   def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int,
-               gaps: Sequence[str] = (), gap_mode: str = "corrupt"):
+               gaps: Sequence[str] = (), gap_mode: str = "corrupt", phrases: bool = False):
     super().__init__(cfg, tokenizer, seq_len)
+    if phrases and cfg.family != "paligemma":
+      raise ValueError(f"phrase labels index PaliGemma prompts; {cfg.variant} is "
+                       f"{cfg.family!r}")
+    self.phrases = bool(phrases)
     self.gaps = gaps_lib.parse_gaps(list(gaps))
     if gap_mode not in gaps_lib.MODES:
       raise ValueError(f"gap_mode must be one of {gaps_lib.MODES}, got {gap_mode!r}")
@@ -75,7 +86,10 @@ class VQATask(_Tokenized):
     rec = gaps_lib.apply_gaps(record, self.gaps, self.gap_mode) if self.gaps else record
     if rec is None:
       return None
-    return self.row(rec["image"], rec["question"], rec["answer"])
+    row = self.row(rec["image"], rec["question"], rec["answer"])
+    if self.phrases:
+      row["phrases"] = phrase_labels(rec, self.tok)
+    return row
 
 
 def auditor_target(route: str, record: dict, rng: np.random.Generator) -> str:
@@ -123,6 +137,44 @@ NUM_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
 
 def cell_label_task(record: dict) -> dict:
   return {"images": np.asarray(record["image"]), "labels": cell_labels(record["scene"])}
+
+
+MAX_PHRASES = 2                  # referring phrases per question (spatial, size: two)
+_PHRASE = re.compile(r"\bthe ((?:(?:%s) )*(?:%s|object))\b" % (
+    "|".join(SIZES + COLOURS), "|".join(SHAPES + ("object",))))
+
+
+def phrase_labels(record: dict, tokenizer: Tokenizer) -> np.ndarray:
+  """int32 [MAX_PHRASES, 3]: (text position of the phrase's last token, row,
+  column) of each referring phrase "the <size> <colour> <shape|object>" of the
+  record's question that names exactly one object of its scene, in order; -1
+  rows where there is none. Positions index the PaliGemma prompt
+  (`tokenizer.prompt`, bos first); a phrase whose prefix does not tokenize as
+  a prefix of the whole prompt is skipped."""
+  out = -np.ones((MAX_PHRASES, 3), np.int32)
+  question = record["question"]
+  scene = Scene.from_json(record["scene"])
+  full = tokenizer.prompt(question)
+  k = 0
+  for m in _PHRASE.finditer(question):
+    if k == MAX_PHRASES:
+      break
+    words = m.group(1).split()
+    attrs = {}
+    for w in words:
+      key = "size" if w in SIZES else "colour" if w in COLOURS else "shape" if w in SHAPES \
+          else None
+      if key:
+        attrs[key] = w
+    match = scene.select(**attrs)
+    if len(match) != 1:
+      continue
+    head = tokenizer.prompt(question[:m.end()])[:-1]        # without the trailing "\n"
+    if full[:len(head)] != head:
+      continue
+    out[k] = (len(head) - 1, match[0].row, match[0].col)
+    k += 1
+  return out
 
 
 def facets(record: dict) -> dict:
