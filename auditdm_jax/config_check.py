@@ -83,6 +83,7 @@ def check(config, check_inputs: bool = True) -> None:
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):
           problems.append(f"{where}.{key} is {value!r}; use float32, bfloat16 or float16")
+  problems += pretrain_problems(config)
   rounds = config.get("rounds", 1)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     problems.append(f"rounds must be an int >= 1, got {rounds!r}")
@@ -94,6 +95,29 @@ def check(config, check_inputs: bool = True) -> None:
     problems += rectify_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def pretrain_problems(config) -> list[str]:
+  """The pretrain recipes' curriculum skills and phrase-loss weights."""
+  problems: list[str] = []
+  pc = config.get("pretrain", None)
+  if not pc:
+    return problems
+  from auditdm_jax.scenes.questions import SKILLS  # pylint: disable=import-outside-toplevel
+  for name in ("base_first", "base", "base_tune", "finetune"):
+    rc = pc.get(name, None)
+    if not rc:
+      continue
+    w = rc.get("phrase_aux", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+      problems.append(f"pretrain.{name}.phrase_aux must be a number >= 0, got {w!r}")
+  first = pc.get("base_first", None)
+  if first and int(first.get("steps", 0) or 0) > 0:
+    skills = first.get("skills", ())
+    if isinstance(skills, str) or not skills or any(k not in SKILLS for k in skills):
+      problems.append(f"pretrain.base_first.skills must be a non-empty list of {SKILLS}, "
+                      f"got {skills!r}")
+  return problems
 
 
 def data_problems(config, check_inputs: bool) -> list[str]:

@@ -176,6 +176,9 @@ def main():
   ap.add_argument("--post_norm_init", type=float, default=0.1)
   ap.add_argument("--vision_steps", type=int, default=300)
   ap.add_argument("--position_heads", type=int, default=1)
+  ap.add_argument("--count_heads", type=int, default=0,
+                  help="per-cell heads in the tower's pretraining: how many objects share "
+                       "the cell's colour / shape")
   ap.add_argument("--frozen", type=int, default=1)
   ap.add_argument("--train_size", type=int, default=30_000)
   ap.add_argument("--eval_size", type=int, default=1_000)
@@ -248,6 +251,7 @@ def main():
              "labels": np.stack([tasks.cell_labels(train[i]["scene"]) for i in idx])}
   img, info = vision.pretrain_vision(cfg.vision, params["img"], cell_batches(),
                                      args.vision_steps, position_heads=bool(args.position_heads),
+                                     count_heads=bool(args.count_heads),
                                      log_every=0)
   print(f"vision: {args.vision_steps} steps, cell accuracy "
         f"{np.round(info['accuracy'], 3).tolist()} in {time.time() - t0:.0f}s", flush=True)

@@ -75,6 +75,22 @@ def test_cell_labels_match_the_scene(records):
     assert labels[r * 3 + c].min() > 0
 
 
+def test_count_labels_count_each_cells_colour_and_shape(records):
+  from auditdm_jax.scenes.world import Scene
+  from auditdm_jax.train import vision
+  labels = np.stack([tasks.cell_labels(r["scene"]) for r in records[:20]])
+  counts = np.asarray(vision.count_labels(labels))
+  assert counts.shape == labels.shape[:2] + (2,)
+  for r, c in zip(records[:20], counts):
+    scene = Scene.from_json(r["scene"])
+    for cell in range(9):
+      o = scene.at(cell // 3, cell % 3)
+      want = (0, 0) if o is None else (len(scene.select(colour=o.colour)),
+                                       len(scene.select(shape=o.shape)))
+      assert tuple(c[cell]) == want
+  assert vision.head_classes(True, True)[-2:] == (10, 10)
+
+
 def test_phrase_labels_point_at_each_referring_phrase(records):
   """Every phrase label's position ends a "the <attrs>" phrase of the prompt
   that names exactly the labelled object; questions with two referring

@@ -49,6 +49,8 @@ def test_config_errors_name_every_problem():
   config.models.auditor.preset = ""
   config.models.target_large.checkpoint = "/nonexistent/paligemma2-3b-pt-448.npz"
   config.models.target_small.finetune_steps = -5
+  config.pretrain.base_first = dict(steps=10, skills=("spatial", "colours"))
+  config.pretrain.base.phrase_aux = -1.0
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
@@ -56,7 +58,9 @@ def test_config_errors_name_every_problem():
                "models.auditor: give a 'checkpoint', a 'preset', or both",
                "models.target_large.checkpoint: '/nonexistent/paligemma2-3b-pt-448.npz' "
                "does not exist",
-               "models.target_small.finetune_steps must be an int >= 0"):
+               "models.target_small.finetune_steps must be an int >= 0",
+               "pretrain.base_first.skills must be a non-empty list of",
+               "pretrain.base.phrase_aux must be a number >= 0"):
     assert part in msg
 
 

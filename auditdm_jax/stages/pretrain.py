@@ -9,8 +9,11 @@ checkpoint of its own:
               (`train.vision`), shared by every model.
   3. base     one PaliGemma 2-architecture base model (`pretrain.base.preset`)
               fine-tuned on the clean VQA data (configs/tiny.py: with the tower
-              frozen, `frozen=("^img/",)`, then optionally a second phase,
-              `pretrain.base_tune`, e.g. with the tower trainable at a low lr).
+              frozen, `frozen=("^img/",)`): optionally first on some skills
+              only (`pretrain.base_first.skills`, a curriculum), then on all,
+              then optionally a second phase, `pretrain.base_tune`, e.g. with
+              the tower trainable at a low lr. A recipe's `phrase_aux` adds the
+              phrase grounding loss (`sft.TrainConfig.phrase_aux`).
   4. derive   each target / reference starts from the base (a shallower
               preset takes an evenly spaced subset of the base's layers) and
               is fine-tuned with its own seed on data where its planted gaps
@@ -202,16 +205,31 @@ def run(config, workdir: str) -> dict:
     img, info = vision.pretrain_vision(base_cfg.vision, params["img"], it,
                                        int(pc.vision.steps), lr=float(pc.vision.lr),
                                        position_heads=bool(pc.vision.get("position_heads",
-                                                                         False)))
+                                                                         False)),
+                                       count_heads=bool(pc.vision.get("count_heads", False)))
     _save_img(vision_path, img)
     status.mark("vision", info)
   img = _load_img(vision_path)
 
   # -- 3. base answering model ----------------------------------------------
   base_dir = os.path.join(root, "base")
+  first = pc.get("base_first")
+  first_on = bool(first) and int(first.get("steps", 0)) > 0
   if not status.done("base"):
     params = models.VLM.random(base_cfg, seed=seed).params
     params = scale_post_norms(dict(params, img=img), float(pc.get("post_norm_init", 1.0)))
+    # -- 3a. optional first phase on some skills only (a curriculum) ----------
+    if first_on:
+      first_dir = os.path.join(root, "base_first")
+      if not status.done("base_first"):
+        task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
+                             phrases=bool(first.get("phrase_aux", 0.0)),
+                             skills=tuple(first.get("skills", ())))
+        it = _loader(config, workdir, task, int(first.get("batch", pc.base.batch)), seed + 2)
+        tcfg = dataclasses.replace(train_config(first, seed + 2), export_final=True)
+        _, summary = sft.train(base_cfg, params, it, tcfg, first_dir, tokenizer=tok)
+        status.mark("base_first", dict(summary, skills=list(first.get("skills", ()))))
+      params = jax.tree.map(np.asarray, models.load(os.path.join(first_dir, "final")).params)
     task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
                          phrases=bool(pc.base.get("phrase_aux", 0.0)))
     it = _loader(config, workdir, task, int(pc.base.batch), seed)

@@ -68,11 +68,18 @@ class _Tokenized:
 class VQATask(_Tokenized):
   """record -> row of question/answer; gaps corrupt or remove their slice.
   With phrases=True the row also carries `phrase_labels` (the targets of
-  `sft.TrainConfig.phrase_aux`)."""
+  `sft.TrainConfig.phrase_aux`); with `skills`, records of other skills are
+  dropped (a curriculum phase)."""
 
   def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int,
-               gaps: Sequence[str] = (), gap_mode: str = "corrupt", phrases: bool = False):
+               gaps: Sequence[str] = (), gap_mode: str = "corrupt", phrases: bool = False,
+               skills: Sequence[str] = ()):
     super().__init__(cfg, tokenizer, seq_len)
+    from auditdm_jax.scenes.questions import SKILLS  # pylint: disable=import-outside-toplevel
+    bad = [k for k in skills if k not in SKILLS]
+    if bad or isinstance(skills, str):
+      raise ValueError(f"skills must be a sequence of {SKILLS}, got {skills!r}")
+    self.skills = tuple(skills)
     if phrases and cfg.family != "paligemma":
       raise ValueError(f"phrase labels index PaliGemma prompts; {cfg.variant} is "
                        f"{cfg.family!r}")
@@ -83,6 +90,8 @@ class VQATask(_Tokenized):
     self.gap_mode = gap_mode
 
   def __call__(self, record: dict) -> dict | None:
+    if self.skills and record.get("skill") not in self.skills:
+      return None
     rec = gaps_lib.apply_gaps(record, self.gaps, self.gap_mode) if self.gaps else record
     if rec is None:
       return None

@@ -23,10 +23,25 @@ from auditdm_jax.scenes.world import GRID
 from auditdm_jax.train.tasks import NUM_CLASSES
 
 
-def head_classes(position_heads: bool) -> tuple[int, ...]:
-  """Classes of the per-cell heads: colour, shape, size (0 = empty), and with
-  `position_heads` the cell's row and column."""
-  return NUM_CLASSES + ((GRID, GRID) if position_heads else ())
+def head_classes(position_heads: bool, count_heads: bool = False) -> tuple[int, ...]:
+  """Classes of the per-cell heads: colour, shape, size (0 = empty), with
+  `position_heads` the cell's row and column, with `count_heads` how many
+  objects of the scene share the cell's colour and its shape (0 = empty)."""
+  cells = GRID * GRID
+  return (NUM_CLASSES + ((GRID, GRID) if position_heads else ())
+          + ((cells + 1, cells + 1) if count_heads else ()))
+
+
+def count_labels(labels):
+  """[B, cells, 3] (colour, shape, size; 0 = empty) -> int32 [B, cells, 2]:
+  per occupied cell the number of objects with its colour and with its shape
+  (itself included), 0 for an empty cell (traceable)."""
+  out = []
+  for j in (0, 1):
+    a = labels[..., j]
+    same = (a[:, :, None] == a[:, None, :]) & (a[:, None, :] > 0)
+    out.append(jnp.where(a > 0, same.sum(-1), 0))
+  return jnp.stack(out, -1).astype(jnp.int32)
 
 
 def position_labels(num_cells: int) -> np.ndarray:
@@ -44,21 +59,25 @@ def _heads_init(width: int, classes: tuple[int, ...]):
 
 def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], steps: int, *,
                     lr: float = 3e-3, warmup: int = 50, log_every: int = 100,
-                    position_heads: bool = False, log=print) -> tuple[dict, dict]:
+                    position_heads: bool = False, count_heads: bool = False,
+                    log=print) -> tuple[dict, dict]:
   """Trains `img_params` (SigLIP params, big_vision names) for `steps` batches
   of {"images" uint8 [B,H,W,3], "labels" int32 [B, cells, 3]}.
 
   With `position_heads`, two more linear heads predict each cell's row and
   column from its token: the fixed position embedding alone is washed out by
   the content heads (row / column only ~0.9 linearly decodable), and spatial
-  questions need position in the token the LLM retrieves.
-  Returns (img_params, {"accuracy": [colour, shape, size(, row, column)],
+  questions need position in the token the LLM retrieves. With `count_heads`,
+  two heads predict how many objects share the cell's colour and its shape
+  (so "how many red objects?" can be read from any red cell's token).
+  Returns (img_params, {"accuracy": [colour, shape, size(, row, column)
+  (, colour count, shape count)],
   "loss", "steps", "wall_s"})."""
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   module = SigLIP(vcfg)
   width = vcfg.out_dim or vcfg.width
-  classes = head_classes(position_heads)
+  classes = head_classes(position_heads, count_heads)
   pos = jnp.asarray(position_labels(vcfg.num_patches)) if position_heads else None
   params = {"img": img_params, "heads": _heads_init(width, classes)}
   warmup = min(warmup, steps // 2)
@@ -68,9 +87,12 @@ def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], ste
 
   def loss_fn(p, images, labels):
     feats = module.apply({"params": p["img"]}, images)          # [B, cells, D]
+    counts = count_labels(labels) if count_heads else None
     if pos is not None:
       labels = jnp.concatenate(
           [labels, jnp.broadcast_to(pos, labels.shape[:2] + pos.shape[-1:])], -1)
+    if counts is not None:
+      labels = jnp.concatenate([labels, counts], -1)
     loss, accs = 0.0, []
     for i in range(len(classes)):
       logits = feats.astype(jnp.float32) @ p["heads"][f"head{i}"]
@@ -92,7 +114,8 @@ def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], ste
     if not np.isfinite(float(loss)):
       raise FloatingPointError(f"vision pretraining: loss is {float(loss)} at step {i}")
     if log_every and (i % log_every == 0 or i == steps - 1):
-      names = "colour/shape/size" + ("/row/column" if position_heads else "")
+      names = ("colour/shape/size" + ("/row/column" if position_heads else "")
+               + ("/colour count/shape count" if count_heads else ""))
       log(f"vision step {i + 1}/{steps}: loss {float(loss):.4f} cell accuracy {names} "
           f"{np.round(np.asarray(accs), 3).tolist()}")
   return params["img"], {"accuracy": np.asarray(accs).tolist(), "loss": float(loss),
