@@ -111,6 +111,9 @@ def pretrain_problems(config) -> list[str]:
     w = rc.get("phrase_aux", 0.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
       problems.append(f"pretrain.{name}.phrase_aux must be a number >= 0, got {w!r}")
+    ps = rc.get("phrase_skills", ())
+    if isinstance(ps, str) or any(k not in SKILLS for k in ps):
+      problems.append(f"pretrain.{name}.phrase_skills must be a list of {SKILLS}, got {ps!r}")
   first = pc.get("base_first", None)
   if first and int(first.get("steps", 0) or 0) > 0:
     skills = first.get("skills", ())

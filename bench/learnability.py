@@ -159,9 +159,14 @@ def main():
   ap.add_argument("--heads", type=int, default=0, help="LLM heads (0: the preset's)")
   ap.add_argument("--first", default="", help="kinds trained for --first_steps steps first")
   ap.add_argument("--first_steps", type=int, default=0)
+  ap.add_argument("--restart", type=int, default=1,
+                  help="with --first: the lr schedule restarts (warm-up, decay) per phase")
   ap.add_argument("--phrase_aux", type=float, default=0.0,
                   help="weight of an auxiliary loss: on spatial questions, each referring "
                        "phrase's last token predicts its object's row and column")
+  ap.add_argument("--aux_mode", default="phrase",
+                  help="phrase: the heads read each phrase's last token; final: slot-specific "
+                       "heads read the prompt's last token (where the answer is predicted)")
   ap.add_argument("--aux_after", type=float, default=-1.0,
                   help="phrase_aux weight after the --first phase (-1: the same)")
   ap.add_argument("--phrase_skills", default="all",
@@ -234,11 +239,17 @@ def main():
                     else -np.ones((tasks.MAX_PHRASES, 3), np.int32) for r in recs])
     lab[..., 0] = np.where(lab[..., 0] >= 0, lab[..., 0] + cfg.num_image_tokens, -1)
     return lab
+  def to_final(lab, rows):
+    if args.aux_mode == "final":     # every slot reads the prompt's last token
+      last = cfg.num_image_tokens + (rows["input_mask"] & (rows["mask_ar"] == 0)).sum(1) - 1
+      lab = lab.copy()
+      lab[..., 0] = np.where(lab[..., 0] >= 0, last[:, None], -1)
+    return lab
   data1 = stack(first) if first else None
   if args.phrase_aux:
-    data["aux"] = aux_targets(train)
+    data["aux"] = to_final(aux_targets(train), data)
     if data1 is not None:
-      data1["aux"] = aux_targets(first)
+      data1["aux"] = to_final(aux_targets(first), data1)
   ev_skill = np.array([r["skill"] for r in held])
 
   params = models.VLM.random(cfg, seed=args.seed).params
@@ -259,9 +270,16 @@ def main():
   params = jax.tree.map(jnp.asarray, params)
 
   if args.phrase_aux:      # training-only heads of the auxiliary loss (trained, never frozen)
-    params = dict(params, aux_row=jnp.zeros((cfg.text.width, 3)),
-                  aux_col=jnp.zeros((cfg.text.width, 3)))
+    shape = (2, cfg.text.width, 3) if args.aux_mode == "final" else (cfg.text.width, 3)
+    params = dict(params, aux_row=jnp.zeros(shape), aux_col=jnp.zeros(shape))
   sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.end_lr)
+  if args.first and args.restart:   # each phase its own warm-up and decay (as the stage's phases)
+    sched = optax.join_schedules(
+        [optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.first_steps,
+                                            args.end_lr),
+         optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup,
+                                            args.steps - args.first_steps, args.end_lr)],
+        [args.first_steps])
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=args.b2,
                                                                 weight_decay=0.0))
   if args.frozen:
@@ -284,7 +302,8 @@ def main():
     hp = jnp.take_along_axis(h, jnp.maximum(t[..., 0], 0)[..., None], axis=1)  # [B, 2, D]
     aux = 0.0
     for j, head in enumerate(("aux_row", "aux_col")):
-      logits = hp.astype(jnp.float32) @ heads[head]
+      logits = (jnp.einsum("bpd,pdc->bpc", hp.astype(jnp.float32), heads[head])
+                if args.aux_mode == "final" else hp.astype(jnp.float32) @ heads[head])
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(t[..., 1 + j], 0))
       aux += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
     return loss + jnp.mean(batch["aux_w"]) * aux

@@ -21,7 +21,15 @@ slow = pytest.mark.slow
 
 
 def micro_config():
-  return tiny.get_config("smoke")
+  """The smoke config, plus the recipe knobs configs/tiny.py leaves off: a
+  curriculum phase and the phrase grounding loss."""
+  c = tiny.get_config("smoke")
+  c.pretrain.base_first = dict(steps=2, batch=8, lr=1e-3, warmup=1, checkpoint_every=2,
+                               log_every=1, skills=("spatial", "size"), phrase_aux=1.0,
+                               frozen=("^img/",))
+  c.pretrain.base.phrase_aux = 0.5
+  c.pretrain.base.phrase_skills = ("spatial",)
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,12 @@ def workdir(tmp_path_factory):
 def test_pretrain_writes_trained_models_with_world_tokenizer(workdir):
   with open(os.path.join(workdir, "pretrain.json")) as f:
     status = json.load(f)
-  for key in ("vision", "base", "target_small", "target_large", "ref_a", "ref_b", "auditor"):
+  for key in ("vision", "base_first", "base", "base_tune", "target_small", "target_large",
+              "ref_a", "ref_b", "auditor"):
     assert key in status, key
+  assert status["base_first"]["skills"] == ["spatial", "size"]
+  assert "phrase_loss" in status["base_first"]["final"] and "phrase_loss" in status["base"]["final"]
+  assert len(status["vision"]["accuracy"]) == 7          # + row, column, two counts
   assert status["target_small"]["gaps"] == ["counting:n>=4", "colour:purple"]
   small = models.load(os.path.join(workdir, "models", "target_small"))
   large = models.load(os.path.join(workdir, "models", "target_large"))

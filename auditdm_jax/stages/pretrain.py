@@ -168,6 +168,13 @@ def _loader(config, workdir, task, batch: int, seed: int):
                                worker_count=int(config.world.get("loader_workers", 0)))
 
 
+def _vqa_task(cfg: VLMConfig, tok, pc, rc, **kw) -> tasks.VQATask:
+  """The VQA rows of one recipe `rc`: with phrase labels when it sets
+  phrase_aux (on its phrase_skills, default every skill)."""
+  return tasks.VQATask(cfg, tok, int(pc.seq_len), phrases=bool(rc.get("phrase_aux", 0.0)),
+                       phrase_skills=tuple(rc.get("phrase_skills", ())), **kw)
+
+
 def _save_img(path: str, img: dict) -> None:
   img = sharding.to_host(img)
   if sharding.is_primary():
@@ -222,16 +229,13 @@ def run(config, workdir: str) -> dict:
     if first_on:
       first_dir = os.path.join(root, "base_first")
       if not status.done("base_first"):
-        task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
-                             phrases=bool(first.get("phrase_aux", 0.0)),
-                             skills=tuple(first.get("skills", ())))
+        task = _vqa_task(base_cfg, tok, pc, first, skills=tuple(first.get("skills", ())))
         it = _loader(config, workdir, task, int(first.get("batch", pc.base.batch)), seed + 2)
         tcfg = dataclasses.replace(train_config(first, seed + 2), export_final=True)
         _, summary = sft.train(base_cfg, params, it, tcfg, first_dir, tokenizer=tok)
         status.mark("base_first", dict(summary, skills=list(first.get("skills", ()))))
       params = jax.tree.map(np.asarray, models.load(os.path.join(first_dir, "final")).params)
-    task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
-                         phrases=bool(pc.base.get("phrase_aux", 0.0)))
+    task = _vqa_task(base_cfg, tok, pc, pc.base)
     it = _loader(config, workdir, task, int(pc.base.batch), seed)
     tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
     _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
@@ -241,8 +245,7 @@ def run(config, workdir: str) -> dict:
     tune_dir = os.path.join(root, "base_tune")
     if not status.done("base_tune"):
       params = models.load(os.path.join(base_dir, "final")).params
-      task = tasks.VQATask(base_cfg, tok, int(pc.seq_len),
-                           phrases=bool(pc.base_tune.get("phrase_aux", 0.0)))
+      task = _vqa_task(base_cfg, tok, pc, pc.base_tune)
       it = _loader(config, workdir, task, int(pc.base_tune.get("batch", pc.base.batch)),
                    seed + 1)
       tcfg = dataclasses.replace(train_config(pc.base_tune, seed + 1), export_final=True)
@@ -262,9 +265,8 @@ def run(config, workdir: str) -> dict:
     cfg = presets.get_preset(spec.preset)
     gaps = tuple(spec.get("gaps", ()))
     params = derive_params(base_params, base_cfg, cfg)
-    task = tasks.VQATask(cfg, tok, int(pc.seq_len), gaps=gaps,
-                         gap_mode=str(spec.get("gap_mode", "corrupt")),
-                         phrases=bool(pc.finetune.get("phrase_aux", 0.0)))
+    task = _vqa_task(cfg, tok, pc, pc.finetune, gaps=gaps,
+                     gap_mode=str(spec.get("gap_mode", "corrupt")))
     mseed = seed + 101 * (i + 1)
     it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
     rc = pc.finetune

@@ -68,18 +68,19 @@ class _Tokenized:
 class VQATask(_Tokenized):
   """record -> row of question/answer; gaps corrupt or remove their slice.
   With phrases=True the row also carries `phrase_labels` (the targets of
-  `sft.TrainConfig.phrase_aux`); with `skills`, records of other skills are
-  dropped (a curriculum phase)."""
+  `sft.TrainConfig.phrase_aux`; with `phrase_skills`, only on questions of
+  those skills, -1 rows elsewhere); with `skills`, records of other skills
+  are dropped (a curriculum phase)."""
 
   def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int,
                gaps: Sequence[str] = (), gap_mode: str = "corrupt", phrases: bool = False,
-               skills: Sequence[str] = ()):
+               skills: Sequence[str] = (), phrase_skills: Sequence[str] = ()):
     super().__init__(cfg, tokenizer, seq_len)
     from auditdm_jax.scenes.questions import SKILLS  # pylint: disable=import-outside-toplevel
-    bad = [k for k in skills if k not in SKILLS]
-    if bad or isinstance(skills, str):
-      raise ValueError(f"skills must be a sequence of {SKILLS}, got {skills!r}")
-    self.skills = tuple(skills)
+    for name, value in (("skills", skills), ("phrase_skills", phrase_skills)):
+      if isinstance(value, str) or any(k not in SKILLS for k in value):
+        raise ValueError(f"{name} must be a sequence of {SKILLS}, got {value!r}")
+    self.skills, self.phrase_skills = tuple(skills), tuple(phrase_skills)
     if phrases and cfg.family != "paligemma":
       raise ValueError(f"phrase labels index PaliGemma prompts; {cfg.variant} is "
                        f"{cfg.family!r}")
@@ -97,7 +98,9 @@ class VQATask(_Tokenized):
       return None
     row = self.row(rec["image"], rec["question"], rec["answer"])
     if self.phrases:
-      row["phrases"] = phrase_labels(rec, self.tok)
+      row["phrases"] = (phrase_labels(rec, self.tok)
+                        if not self.phrase_skills or rec.get("skill") in self.phrase_skills
+                        else -np.ones((MAX_PHRASES, 3), np.int32))
     return row
 
 
