@@ -32,7 +32,7 @@ def get_config(arg=None):
       # The paper's comparison of a small and a large target, in miniature:
       # the small one misses large counts and purple, the large one
       # hallucinates absent objects and confuses left and right.
-      # 2 of the base's 4 layers: more fine-tuning steps to recover.
+      # The base's first 2 of 4 layers: more fine-tuning steps to recover.
       "target_small": _model("target", "scene-paligemma2-small",
                              gaps=("counting:n>=4", "colour:purple"), finetune_steps=600),
       "target_large": _model("target", "scene-paligemma2-large",

@@ -99,9 +99,13 @@ def test_derive_params_takes_a_layer_subset():
   params = models.VLM.random(base, seed=0).params
   out = pretrain.derive_params(params, base, small)
   q = np.asarray(params["llm"]["layers"]["attn"]["q_einsum"]["w"])
-  assert np.array_equal(out["llm"]["layers"]["attn"]["q_einsum"]["w"], q[[0, base.text.depth - 1]])
+  assert np.array_equal(out["llm"]["layers"]["attn"]["q_einsum"]["w"], q[[0, 1]])
+  spread = pretrain.derive_params(params, base, small, keep=[0, 3])
+  assert np.array_equal(spread["llm"]["layers"]["attn"]["q_einsum"]["w"], q[[0, 3]])
   with pytest.raises(ValueError, match="cannot derive"):
     pretrain.derive_params(out, small, base)
+  with pytest.raises(ValueError, match=r"keep=\[1, 1\] must name 2 distinct layers"):
+    pretrain.derive_params(params, base, small, keep=[1, 1])
 
 
 @slow
