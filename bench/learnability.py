@@ -103,33 +103,6 @@ def probe_example(seed: int, index: int, probe: str) -> dict:
           "facets": json.dumps({"answer": a}), "scene": scene.to_json()}
 
 
-def phrase_targets(record: dict, tok, n_img: int) -> np.ndarray:
-  """int32 [2, 3]: (sequence position of the phrase's last token, row, column) of
-  the A and B phrases of a spatial question; -1 rows for any other record."""
-  from auditdm_jax.scenes import questions as Q  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.scenes.world import Scene  # pylint: disable=import-outside-toplevel
-  out = -np.ones((2, 3), np.int32)
-  q = record["question"]
-  if record.get("skill") not in ("spatial",) and not str(record.get("skill")).startswith("spatial"):
-    return out
-  if " left or right of the " not in q and " above or below the " not in q:
-    return out
-  scene = Scene.from_json(record["scene"])
-  body = q[len("is the "):].rstrip("?")
-  sep = " left or right of the " if " left or right of the " in body else " above or below the "
-  ra, rb = body.split(sep)
-  objs = [[o for o in scene.objects if Q.unique_ref(scene, o) == r] for r in (ra, rb)]
-  if not all(objs):
-    return out
-  # token positions: the prompt of "is the A" ends at A's last token, the whole
-  # question (before "?") at B's last token
-  pa = len(tok.prompt("is the " + ra)) - 2           # minus "\n", minus 1 for the index
-  pb = len(tok.prompt(q[:-1])) - 2
-  for k, (pos, o) in enumerate(((pa, objs[0][0]), (pb, objs[1][0]))):
-    out[k] = (n_img + pos, o.row, o.col)
-  return out
-
-
 def _records(args):
   seed, start, stop, skills = args
   from auditdm_jax.scenes import examples  # pylint: disable=import-outside-toplevel
@@ -170,8 +143,8 @@ def main():
   ap.add_argument("--aux_after", type=float, default=-1.0,
                   help="phrase_aux weight after the --first phase (-1: the same)")
   ap.add_argument("--phrase_skills", default="all",
-                  help="skills whose questions carry phrase targets (tasks.phrase_labels); "
-                       "'spatial': only spatial questions (phrase_targets)")
+                  help="skills whose questions carry phrase targets (tasks.phrase_labels), "
+                       "a comma list or 'all'")
   ap.add_argument("--steps", type=int, default=1500)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--lr", type=float, default=3e-3)
@@ -232,8 +205,6 @@ def main():
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   data, ev = stack(train), stack(held)
   def aux_targets(recs):
-    if args.phrase_skills == "spatial":
-      return np.stack([phrase_targets(r, tok, cfg.num_image_tokens) for r in recs])
     keep = None if args.phrase_skills == "all" else set(args.phrase_skills.split(","))
     lab = np.stack([tasks.phrase_labels(r, tok) if keep is None or r["skill"] in keep
                     else -np.ones((tasks.MAX_PHRASES, 3), np.int32) for r in recs])

@@ -327,25 +327,33 @@ def check_batch(cfg: VLMConfig, batch, grad_accum: int = 1) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------
 
 
-def aligned_logits(cfg: VLMConfig, params, batch, rng=None):
+def aligned_logits(cfg: VLMConfig, params, batch, rng=None, return_hidden: bool = False):
   """(logits float32 [B, T', V], target ids [B, T']) where logits[:, t]
   predicts target[:, t]. PaliGemma: T' = T (the last image token predicts the
-  first text token); Gemma 3: T' = T - 1 (text token t predicts t + 1)."""
+  first text token); Gemma 3: T' = T - 1 (text token t predicts t + 1).
+  With return_hidden, also the final hidden states [B, S, D] of the whole
+  sequence (PaliGemma: image tokens first), from the same forward pass."""
   module = vlm.build(cfg)
   rngs = None if rng is None else {"dropout": rng}
   tokens = batch["tokens"]
-  if cfg.family == "paligemma":
+  paligemma = cfg.family == "paligemma"
+  args = (batch["images"], tokens, batch["input_mask"]) + ((batch["mask_ar"],) if paligemma
+                                                            else ())
+  hidden = None
+  if return_hidden:
+    hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
+    logits = module.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))
+  else:
+    logits = module.apply({"params": params}, *args, rngs=rngs)
+  if paligemma:
     n_img = cfg.num_image_tokens
-    logits = module.apply({"params": params}, batch["images"], tokens, batch["input_mask"],
-                          batch["mask_ar"], rngs=rngs)          # [B, n_img + T, V]
     pred, target = logits[:, n_img - 1:-1], tokens               # [B, T, V], [B, T]
   else:
-    logits = module.apply({"params": params}, batch["images"], tokens,
-                          batch["input_mask"], rngs=rngs)       # [B, T, V]
     pred, target = logits[:, :-1], tokens[:, 1:]                 # [B, T-1, V]
   # Gemma 3 image placeholders lie outside the table; they are never loss
   # tokens, but must not gather out of range (that yields NaN, and 0 * NaN).
-  return pred.astype(jnp.float32), jnp.clip(target, 0, pred.shape[-1] - 1)
+  out = pred.astype(jnp.float32), jnp.clip(target, 0, pred.shape[-1] - 1)
+  return out + (hidden,) if return_hidden else out
 
 
 PHRASE_HEADS = "phrase_heads"       # params key of the grounding heads (training only)
@@ -361,28 +369,18 @@ def phrase_sums(cfg: VLMConfig, params, batch, rng=None):
                      f"not {cfg.family!r}")
   heads = params[PHRASE_HEADS]
   model_p = {k: v for k, v in params.items() if k != PHRASE_HEADS}
-  module = vlm.build(cfg)
-  rngs = None if rng is None else {"dropout": rng}
-  n_img = cfg.num_image_tokens
-  tokens = batch["tokens"]
-  hidden = module.apply({"params": model_p}, batch["images"], tokens, batch["input_mask"],
-                        batch["mask_ar"], return_hidden=True, rngs=rngs)   # [B, n_img+T, D]
-  logits = module.apply({"params": model_p}, hidden,
-                        method=lambda m, h: m.llm.logits(h)).astype(jnp.float32)
-  lsm = jax.nn.log_softmax(logits[:, n_img - 1:-1], axis=-1)             # [B, T, V]
-  lp = jnp.take_along_axis(lsm, tokens[..., None], axis=-1)[..., 0]
-  correct = jnp.argmax(lsm, axis=-1) == tokens
-  mask = loss_mask(batch)
-  nll = -jnp.sum(jnp.where(mask, lp, 0.0))
+  pred, target, hidden = aligned_logits(cfg, model_p, batch, rng, return_hidden=True)
+  nll, correct, n = _sums(batch, *_stats(cfg, pred, target))
   ph = batch["phrases"]
   valid = ph[..., 0] >= 0
-  at = jnp.take_along_axis(hidden, (n_img + jnp.maximum(ph[..., 0], 0))[..., None], axis=1)
+  pos = cfg.num_image_tokens + jnp.maximum(ph[..., 0], 0)
+  at = jnp.take_along_axis(hidden, pos[..., None], axis=1).astype(jnp.float32)   # [B, P, D]
   ce = 0.0
   for j, name in enumerate(("row", "col")):
-    z = at.astype(jnp.float32) @ heads[name].astype(jnp.float32)          # [B, P, C]
+    z = at @ heads[name].astype(jnp.float32)                                     # [B, P, C]
     ce = ce + optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(ph[..., 1 + j], 0))
-  return (nll, jnp.sum(correct & mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32),
-          jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32))
+  return (nll, correct, n, jnp.sum(jnp.where(valid, ce, 0.0)),
+          jnp.sum(valid).astype(jnp.float32))
 
 
 def phrase_head_params(cfg: VLMConfig, classes: int, abstract: bool = False) -> dict:
@@ -401,15 +399,19 @@ def pad_to_tokens(cfg: VLMConfig, x):
   return jnp.pad(x, ((0, 0), (1, 0)))
 
 
-def token_stats(cfg: VLMConfig, params, batch, rng=None):
-  """(log p(token | image, earlier tokens), argmax == token), both [B, T]
-  over the text tokens (traceable; as `handle.token_logprobs`, 0 / False
-  where nothing precedes)."""
-  pred, target = aligned_logits(cfg, params, batch, rng)
+def _stats(cfg: VLMConfig, pred, target):
+  """Aligned logits -> (log p(target), argmax == target), both [B, T]."""
   lsm = jax.nn.log_softmax(pred, axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(pred, axis=-1) == target
   return pad_to_tokens(cfg, lp), pad_to_tokens(cfg, correct)
+
+
+def token_stats(cfg: VLMConfig, params, batch, rng=None):
+  """(log p(token | image, earlier tokens), argmax == token), both [B, T]
+  over the text tokens (traceable; as `handle.token_logprobs`, 0 / False
+  where nothing precedes)."""
+  return _stats(cfg, *aligned_logits(cfg, params, batch, rng))
 
 
 def loss_mask(batch):
@@ -420,12 +422,15 @@ def loss_mask(batch):
   return mask & (batch["mask_ar"] != 0)
 
 
-def batch_sums(cfg: VLMConfig, params, batch, rng=None):
-  """(summed NLL, correct argmax count, loss-token count) over the batch."""
-  lp, correct = token_stats(cfg, params, batch, rng)
+def _sums(batch, lp, correct):
   mask = loss_mask(batch)
   nll = -jnp.sum(jnp.where(mask, lp, 0.0))
   return nll, jnp.sum(correct & mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32)
+
+
+def batch_sums(cfg: VLMConfig, params, batch, rng=None):
+  """(summed NLL, correct argmax count, loss-token count) over the batch."""
+  return _sums(batch, *token_stats(cfg, params, batch, rng))
 
 
 def loss_fn(cfg: VLMConfig, params, batch, rng=None):
