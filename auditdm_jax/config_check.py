@@ -161,9 +161,9 @@ def audit_problems(config) -> list[str]:
     problems.append(f"audit.mixture: {e}")
   try:
     _, _, rcfg = audit.configs_from(config)
-    if rcfg.mode != "exact" or rcfg.soft_weight:
+    if rcfg.mode != "exact":
       problems.append("audit.reward: the audit stage uses the exact reward only (mode "
-                      "'exact', soft_weight 0); judge and soft terms are not wired in yet")
+                      "'exact'); the judge mode is not wired in yet")
   except (ValueError, TypeError, AttributeError, KeyError) as e:
     problems.append(f"audit: {e}")
   try:

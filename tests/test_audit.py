@@ -55,8 +55,9 @@ def test_reward_on_hand_built_answer_sets(rule):
   # With 2 references "majority" (> half) and "unanimous" coincide; one
   # empty answer abstains, which breaks both.
   np.testing.assert_array_equal(np.asarray(has), [1, 1, 0, 0, 1, 0])
-  np.testing.assert_array_equal(np.asarray(disagree), [1, 0, 0, 0, 1, 0])
-  np.testing.assert_allclose(np.asarray(reward), [1, 0, 0, 0, 1, -0.5])
+  # An empty target answer is no answer, never a disagreement.
+  np.testing.assert_array_equal(np.asarray(disagree), [1, 0, 0, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(reward), [1, 0, 0, 0, 0, -0.5])
 
 
 def test_majority_and_unanimous_differ_with_three_references():
@@ -100,6 +101,24 @@ def test_answers_are_normalised_before_comparison():
   assert bool(has[0]) and float(reward[0]) == 0.0
 
 
+def test_byte_encoding_tells_every_count_apart():
+  """The defect that made counting gaps unfindable: normalised counts are
+  digits, which the world tokenizer maps to one unknown id, so "5" == "6".
+  The reward encodes bytes, whatever the tokenizer."""
+  tok = world_tokenizer("paligemma")
+  assert tok.encode("5") == tok.encode("6")          # why a tokenizer cannot be used
+  counts = [R.normalise(w) for w in ("zero", "one", "two", "three", "four", "five", "six",
+                                     "seven", "eight")]
+  rows = R.encode_answers(counts, length=4)
+  assert len({tuple(r) for r in rows}) == 9 and (rows[:, 0] > 0).all()
+  reward, has, disagree = R.disagreement_reward(
+      R.encode_answers(["5", "6"]), np.stack([R.encode_answers(["6", "6"])] * 2),
+      np.ones(2, bool), -1.0)
+  np.testing.assert_array_equal(np.asarray(disagree), [True, False])
+  long = R.encode_answers(["a" * 40, "a" * 40, "a" * 39 + "b"], length=16)
+  assert (long[0] == long[1]).all() and not (long[0] == long[2]).all()
+
+
 def test_encode_answers_never_cuts_an_answer():
   """Answers longer than the id budget are fingerprinted, not cut: equal long
   answers stay equal, long answers that share a prefix differ, and no long
@@ -120,7 +139,8 @@ def test_soft_and_judge_terms():
   has = np.array([True, True, False])
   valid = np.array([True, True, False])
   out = R.add_soft_term(reward, np.array([2.0, 0.5, 9.0], np.float32), has, valid, 0.1)
-  np.testing.assert_allclose(np.asarray(out), [1.2, 0.05, -1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out), [1 + 0.1 * (1 - np.exp(-2.0)),
+                                               0.1 * (1 - np.exp(-0.5)), -1.0], rtol=1e-6)
   r, _, d = R.judged_reward(np.array([0.2, 0.9, 0.1]), has, valid, -1.0, 0.5)
   np.testing.assert_array_equal(np.asarray(d), [True, False, False])
   np.testing.assert_allclose(np.asarray(r), [1.0, 0.0, -1.0])
@@ -212,6 +232,13 @@ def test_scene_editor_renders_edits_and_rejects_with_reasons():
   assert gen[0].ok and not gen[1].ok and gen[1].reason
   checks = ed.check_question([s.to_json()] * 2, ["what colour is the circle?", "why?"])
   assert checks[0] == (True, "") and not checks[1][0]
+  # Strict: only the templates' language (what the models were trained on).
+  off = ["is there a red object?", "what colour is the circle", "What colour is the circle?"]
+  assert not any(ok for ok, _ in ed.check_question([s.to_json()] * 3, off))
+  assert all(ok for ok, _ in editor_lib.SceneEditor(strict=False).check_question(
+      [s.to_json()] * 3, off))
+  assert ed.answer_space([s.to_json()] * 2, ["is there a red circle?", "why?"]) == \
+      [("yes", "no"), None]
   assert ed.ground_truth([s.to_json()], ["what colour is the square?"]) == ["blue"]
   with pytest.raises(ValueError, match="unknown editor"):
     editor_lib.get_editor("flux")
@@ -225,7 +252,21 @@ def test_mixture_validation_and_draws():
   with pytest.raises(ValueError, match="not all 0"):
     rollout.check_mixture({"question": 0.0})
   draws = rollout.draw_pairings(m, 400, np.random.default_rng(0))
-  assert 150 < draws.count("question") < 250
+  assert draws.count("question") == 200 and draws[:20] != sorted(draws[:20])
+  # Systematic: each count is floor or ceil of n p, never above max_counts.
+  mix = rollout.check_mixture({"question": 0.5, "edit": 0.25, "edit_question": 0.2,
+                               "caption_question": 0.05})
+  rng = np.random.default_rng(1)
+  most = rollout.max_counts(mix, 8)
+  seen = set()
+  for _ in range(200):
+    c = rollout.pairing_counts(mix, 8, rng)
+    assert sum(c.values()) == 8
+    for k, v in c.items():
+      assert np.floor(8 * mix[k]) <= v <= most[k]
+      seen.add((k, v))
+  assert ("edit_question", 1) in seen and ("edit_question", 2) in seen
+  assert rollout.second_text_budget(mix, 8, 4) == 4 * (2 + 1)
 
 
 # ---------------------------------------------------------------------------
@@ -278,18 +319,23 @@ def test_rollout_with_tiny_random_models(tiny_models):
     if not roll.valid[i]:
       assert roll.reward[i] == -0.5 and roll.reason[i]
     else:
-      cons = roll.consensus[i]
-      differs = R.normalise(roll.answers["target"][i]) != cons
-      assert roll.reward[i] == float(bool(cons) and differs)
+      cons, said = roll.consensus[i], roll.parsed["target"][i]
+      assert said in ("", R.normalise(roll.answers["target"][i]))
+      assert roll.answered[i] == bool(said)
+      assert roll.reward[i] == float(bool(cons) and bool(said) and said != cons)
     if roll.pairings[i] == "edit" and roll.valid[i]:
       assert roll.question[i] == "how many objects are there?"
   # GRPO rows: a placeholder second row for one-text pairings has no loss tokens
   from auditdm_jax.stages.audit import build_batch
   adv = np.asarray(grpo.group_advantages(roll.reward, k))
-  batch = build_batch(auditor.config, roll, adv, 112, True, "token_mean")
-  assert batch["tokens"].shape[0] == 2 * roll.n
+  # Packed: 6 first texts, the 2 second texts, then 3 placeholders of a budget of 5.
+  batch = build_batch(auditor.config, roll, adv, 112, 5, "token_mean")
+  assert batch["tokens"].shape[0] == roll.n + 5
   live = batch["loss_mask"].any(axis=1)
-  np.testing.assert_array_equal(live, [True, False] * 4 + [True, True] * 2)
+  np.testing.assert_array_equal(live, [True] * 8 + [False] * 3)
+  np.testing.assert_allclose(batch["advantages"][6:8], adv[4:6])
+  with pytest.raises(ValueError, match="budget"):
+    build_batch(auditor.config, roll, adv, 112, 1, "token_mean")
   np.testing.assert_allclose(batch["weights"].sum(), 1.0, rtol=1e-6)
 
 
@@ -376,3 +422,36 @@ def test_toy_policy_learns_to_raise_its_reward(tiny_models):
   first, last = np.mean(history[:3]), np.mean(history[-3:])
   assert first < 0.45, history
   assert last > first + 0.3, history
+
+
+def test_reward_hacking_by_degenerate_questions_pays_nothing():
+  """The hack GRPO found with a permissive parser: drop the '?' ("is there a
+  yellow triangle"), a form no model saw, so every model fails to stop; the
+  target says "nono", the references "nononono", and an exact comparison
+  paid that as a disagreement. Now the question is rejected (strict), and
+  even on a valid question, answers outside the answer space do not parse:
+  the references abstain and the target has not answered."""
+  ed = editor_lib.SceneEditor()
+  s = Scene((Obj(0, 0, "triangle", "yellow", "large"), Obj(2, 2, "square", "blue", "small")))
+  ctx = [s.to_json()] * 3
+  qs = ["is there a yellow triangle", "is there a yellow triangle?", "is there a yellow triangle?"]
+  valid = np.array([ok for ok, _ in ed.check_question(ctx, qs)])
+  np.testing.assert_array_equal(valid, [False, True, True])
+  spaces = ed.answer_space(ctx, qs)
+  raw = {"target": ["nono", "nono", "no"], "ref_a": ["nononono", "nononono", "yes"],
+         "ref_b": ["nononono", "nononono", "Yes."]}
+  parsed = {m: [R.extract_answer(a, sp) for a, sp in zip(v, spaces)] for m, v in raw.items()}
+  assert parsed["target"] == ["", "", "no"] and parsed["ref_b"] == ["", "", "yes"]
+  reward, has, disagree = R.disagreement_reward(
+      ids(parsed["target"]), np.stack([ids(parsed[r]) for r in ("ref_a", "ref_b")]),
+      valid, -1.0)
+  # Row 0: invalid. Row 1: the references abstain, no consensus. Row 2: a real find.
+  np.testing.assert_array_equal(np.asarray(disagree), [False, False, True])
+  np.testing.assert_array_equal(np.asarray(has), [False, False, True])
+  np.testing.assert_allclose(np.asarray(reward), [-1.0, 0.0, 1.0])
+  # A babbling target under a real consensus has not answered: no find either.
+  r2, _, d2 = R.disagreement_reward(ids([R.extract_answer("nono", ("yes", "no"))]),
+                                    np.stack([ids(["no"]), ids(["no"])]), np.ones(1, bool), -1.0)
+  assert not bool(d2[0]) and float(r2[0]) == 0.0
+  assert R.extract_answer("Two.", ("zero", "one", "two")) == "2"
+  assert R.extract_answer("anything at all", None) == "anything at all"

@@ -46,14 +46,16 @@ def scripted_run(self, seeds, pairings, rng, num_samples=None):
   truth = [parse.try_answer(Scene.from_json(s.context), s.question)[0].answer for s in rows]
   answers = {"ref_a": truth, "ref_b": list(truth), "target_large": list(truth),
              "target_small": ["blue"] * n}
-  cons, has = rollout_lib.consensus_text([answers[r] for r in self.references], "majority")
+  parsed = {m: [reward_lib.normalise(a) for a in v] for m, v in answers.items()}
+  cons, has = rollout_lib.consensus_text([parsed[r] for r in self.references], "majority")
   fails = np.array([reward_lib.normalise(a) != c for a, c in zip(answers[self.target], cons)])
   return rollout_lib.Rollout(
       pairings=["question"] * n, texts=[[s.question] for s in rows], tokens=[[[]]] * n,
       prompts=[[[]]] * n, images_in=[[s.image] for s in rows], question=[s.question for s in rows],
       image=np.stack([s.image for s in rows]), context=[s.context for s in rows],
       valid=np.ones(n, bool), reason=[""] * n, factor=[""] * n, answers=answers,
-      reward=fails.astype(np.float32), has_consensus=has, success=fails & has, consensus=cons)
+      parsed=parsed, reward=fails.astype(np.float32), has_consensus=has,
+      success=fails & has, consensus=cons, answered=np.ones(n, bool))
 
 
 @pytest.fixture()

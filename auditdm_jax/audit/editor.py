@@ -7,13 +7,18 @@ per-image `context`s, so that the scene engine here and a diffusion editor
   edit(images, commands, contexts)  -> [Rendered]   I_e = E(I, e)
   generate(captions)                -> [Rendered]   I_g = G(C)
   check_question(contexts, questions) -> [(ok, reason)]
+  answer_space(contexts, questions) -> [answers or None]  (None: free-form)
   ground_truth(contexts, questions) -> [answer or None]   (None: unknown)
 
 A diffusion backend ignores the contexts, accepts any non-empty command,
 question or caption, and knows no ground truth; the scene backend is exact:
 a context is the scene (JSON), edits and captions are parsed and rendered,
-questions must be answerable in the world, and the ground truth is the
-world's answer (used only to *measure* the auditor, never in its reward).
+questions must be in the world's template language and answerable there
+(`parse.answer_question(strict=True)`: questions the models never saw are
+ones no model's answer can be trusted on), each question's answer space is
+its skill's answers (the reward reads answers through it), and the ground
+truth is the world's answer (used only to *measure* the auditor, never in
+its reward).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from auditdm_jax.scenes import captions as captions_lib
 from auditdm_jax.scenes import edits as edits_lib
+from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes import parse, world
 from auditdm_jax.scenes.world import Scene
 
@@ -49,6 +55,9 @@ class Editor(Protocol):
 
   def check_question(self, contexts: Sequence[Any],
                      questions: Sequence[str]) -> list[tuple[bool, str]]: ...
+
+  def answer_space(self, contexts: Sequence[Any],
+                   questions: Sequence[str]) -> list[tuple[str, ...] | None]: ...
 
   def ground_truth(self, contexts: Sequence[Any],
                    questions: Sequence[str]) -> list[str | None]: ...
@@ -84,11 +93,22 @@ class SceneEditor:
                  Rendered(world.render(scene), scene.to_json(), True, "", "scene"))
     return out
 
+  def __init__(self, strict: bool = True):
+    self.strict = bool(strict)
+
   def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
     out = []
     for ctx, q in zip(contexts, questions, strict=True):
-      ans, why = parse.try_answer(Scene.from_json(ctx), q)
+      ans, why = parse.try_answer(Scene.from_json(ctx), q, strict=self.strict)
       out.append((ans is not None, why))
+    return out
+
+  def answer_space(self, contexts, questions) -> list[tuple[str, ...] | None]:
+    """The skill's answers of each question (None when it does not parse)."""
+    out = []
+    for ctx, q in zip(contexts, questions, strict=True):
+      ans, _ = parse.try_answer(Scene.from_json(ctx), q) if ctx else (None, "")
+      out.append(None if ans is None else gaps_lib.SKILL_ANSWERS[ans.skill])
     return out
 
   def ground_truth(self, contexts, questions) -> list[str | None]:
@@ -118,6 +138,9 @@ class QuestionsOnly:
   def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
     return [(bool(q.strip()), "" if q.strip() else "the question is empty")
             for q in questions]
+
+  def answer_space(self, contexts, questions) -> list[tuple[str, ...] | None]:
+    return [None for _ in questions]
 
   def ground_truth(self, contexts, questions) -> list[str | None]:
     return [None for _ in questions]

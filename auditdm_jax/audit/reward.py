@@ -1,8 +1,8 @@
 """The disagreement reward: does the target differ from the references' consensus?
 
-Answers arrive as text, are normalised VQA-style (`normalise`), encoded with
-one shared tokenizer and padded to token-id arrays; from there the reward is
-a pure jitted function of token ids:
+Answers arrive as text, are normalised VQA-style (`normalise`), encoded as
+UTF-8 bytes (`byte_ids`: exact, whatever the models' tokenizers) and padded
+to id arrays; from there the reward is a pure jitted function of the ids:
 
   ref_ids     int32 [R, B, L]   every reference's normalised answer (0 = pad)
   target_ids  int32 [B, L]      the target's normalised answer
@@ -16,14 +16,22 @@ a pure jitted function of token ids:
 An empty reference answer abstains: it never joins a consensus. "unanimous"
 needs every reference to give the same non-empty answer; "majority" needs
 one answer given by more than half of all references (abstentions count
-against it, so ties never form a consensus). An empty target answer differs
-from any consensus (the target failed to answer).
+against it, so ties never form a consensus). An empty target answer is no
+answer: its own outcome, never a disagreement (a question that makes every
+model babble must not pay as a find).
+
+Answers are first extracted the way an evaluator reads them
+(`extract_answer`): where the editor knows the question's answer space (the
+scene world knows every question's), an answer outside it ("nononono" to a
+yes/no question, "triangle" to "is there a red circle?") is unparseable and
+becomes empty, so a reference abstains and the target has not answered.
 
 Optional terms (`RewardConfig`): in `judge` mode a reference model decides
 whether the target's answer and the consensus mean the same (the probability
 of "yes" under that model, jitted in its scorer) instead of exact token
-equality; `soft_weight` adds soft_weight * -log p_target(consensus answer),
-a dense signal of how far the target is from the consensus.
+equality; `soft_weight` adds a term from -log p_target(consensus answer),
+bounded as weight * (1 - p_target(consensus)): a dense signal of how far
+the target is from the consensus.
 """
 
 from __future__ import annotations
@@ -57,14 +65,23 @@ def normalise(text: str) -> str:
   return " ".join(words)
 
 
+def extract_answer(text: str, space: Sequence[str] | None) -> str:
+  """The normalised answer, or "" (unparseable) when `space` (the question's
+  possible answers; None = any answer) does not hold it."""
+  norm = normalise(text)
+  if space is None:
+    return norm
+  return norm if norm in {normalise(a) for a in space} else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
   consensus: str = "majority"        # unanimous | majority
   invalid_reward: float = -1.0       # for malformed / rejected auditor outputs
   mode: str = "exact"                # exact | judge
   judge_threshold: float = 0.5       # judge: p(same meaning) below this = disagreement
-  soft_weight: float = 0.0           # weight of -log p_target(consensus answer)
-  max_answer_tokens: int = 8         # answers are padded / cut to this many ids
+  soft_weight: float = 0.0           # weight of 1 - p_target(consensus answer)
+  max_answer_tokens: int = 16        # ids (bytes) per answer; longer ones are fingerprinted
 
   def __post_init__(self):
     problems = []
@@ -86,10 +103,19 @@ class RewardConfig:
       raise ValueError("invalid RewardConfig: " + "; ".join(problems))
 
 
-def encode_answers(texts: Sequence[str], encode, length: int) -> np.ndarray:
+def byte_ids(text: str) -> list[int]:
+  """The answer's UTF-8 bytes + 1 (never the pad 0): an exact, tokenizer-free
+  encoding. A model's tokenizer is the wrong tool here: the scene world's has
+  no digit pieces, so every normalised count ("5", "6") became the same
+  unknown id and no counting disagreement could ever pay."""
+  return [b + 1 for b in text.encode("utf-8")]
+
+
+def encode_answers(texts: Sequence[str], encode=byte_ids, length: int = 16) -> np.ndarray:
   """int32 [len(texts), length]: each normalised answer's ids, zero-padded.
 
-  `encode(text) -> list[int]` must not produce id 0 (the pad). An answer
+  `encode(text) -> list[int]` (default `byte_ids`) must be injective on
+  answers and must not produce id 0 (the pad). An answer
   longer than `length` ids is not cut (that could make two different answers
   equal): it becomes `length` negative ids from a SHA-256 of its normalised
   text, equal exactly for equal long answers (up to hash collisions) and
@@ -133,8 +159,10 @@ def consensus(ref_ids, rule: str):
 def disagreement_reward(target_ids, ref_ids, valid, invalid_reward, rule: str = "majority"):
   """(reward float32 [B], has_consensus [B], disagree [B]); see the module doc."""
   cons, has = consensus(ref_ids, rule)
-  differs = jnp.any(jnp.asarray(target_ids) != cons, axis=-1)
-  disagree = has & differs & valid
+  target_ids = jnp.asarray(target_ids)
+  answered = jnp.any(target_ids != 0, axis=-1)
+  differs = jnp.any(target_ids != cons, axis=-1)
+  disagree = has & answered & differs & valid
   reward = jnp.where(valid, disagree.astype(jnp.float32),
                      jnp.asarray(invalid_reward, jnp.float32))
   return reward, has & valid, disagree
@@ -151,8 +179,12 @@ def judged_reward(p_same, has_consensus, valid, invalid_reward, threshold):
 
 @jax.jit
 def add_soft_term(reward, target_nll, has_consensus, valid, weight):
-  """reward + weight * -log p_target(consensus) where a consensus exists."""
-  return jnp.where(has_consensus & valid, reward + weight * target_nll, reward)
+  """reward + weight * (1 - p_target(consensus)) where a consensus exists:
+  the probability that the target does not give the consensus answer, a
+  bounded, dense version of the 0/1 disagreement (`target_nll` is
+  -log p_target(consensus))."""
+  soft = 1.0 - jnp.exp(-jnp.maximum(jnp.asarray(target_nll, jnp.float32), 0.0))
+  return jnp.where(has_consensus & valid, reward + weight * soft, reward)
 
 
 def judge_prompt(answer_a: str, answer_b: str) -> str:

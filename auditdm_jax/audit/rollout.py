@@ -55,10 +55,35 @@ def check_mixture(mixture: Mapping[str, float]) -> dict[str, float]:
   return {k: float(v) / total for k, v in mixture.items() if v > 0}
 
 
-def draw_pairings(mixture: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
+def pairing_counts(mixture: Mapping[str, float], n: int, rng: np.random.Generator
+                   ) -> dict[str, int]:
+  """How many of n seeds get each pairing: systematic sampling, so each count
+  is floor or ceil of n * p (unbiased, and never more than `max_counts`)."""
   names = sorted(mixture)
-  p = np.array([mixture[k] for k in names])
-  return [names[i] for i in rng.choice(len(names), size=n, p=p)]
+  cum = np.concatenate([[0.0], np.cumsum([mixture[k] for k in names])])
+  cum = cum / cum[-1] * n
+  u = float(rng.random())
+  edges = np.floor(cum + u).astype(int)
+  edges[0], edges[-1] = 0, n
+  return {k: int(edges[i + 1] - edges[i]) for i, k in enumerate(names)}
+
+
+def max_counts(mixture: Mapping[str, float], n: int) -> dict[str, int]:
+  """The most seeds of n that `pairing_counts` can give each pairing."""
+  return {k: int(np.ceil(v * n - 1e-9)) for k, v in mixture.items()}
+
+
+def draw_pairings(mixture: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
+  """n pairings in the mixture's proportions (`pairing_counts`), shuffled."""
+  out = [k for k, c in pairing_counts(mixture, n, rng).items() for _ in range(c)]
+  return [out[i] for i in rng.permutation(n)]
+
+
+def second_text_budget(mixture: Mapping[str, float], seeds: int, k: int) -> int:
+  """The GRPO rows a step needs for second texts: K per seed of a two-text
+  pairing, at most (`max_counts`), so the packed batch has a fixed shape."""
+  most = max_counts(mixture, seeds)
+  return k * sum(c for p, c in most.items() if len(PAIRINGS[p]) == 2)
 
 
 @dataclasses.dataclass
@@ -83,11 +108,13 @@ class Rollout:
   valid: np.ndarray                   # bool [N]
   reason: list[str]                   # [N] why invalid ("" if valid)
   factor: list[str]                   # [N] the visual factor an edit changed
-  answers: dict[str, list[str]]       # model name -> [N] answers
+  answers: dict[str, list[str]]       # model name -> [N] answers, as generated
+  parsed: dict[str, list[str]]        # model name -> [N] extracted answers ("" unparseable)
   reward: np.ndarray                  # float32 [N]
   has_consensus: np.ndarray           # bool [N]
   success: np.ndarray                 # bool [N]: consensus-backed disagreement
   consensus: list[str]                # [N] the consensus answer ("" if none)
+  answered: np.ndarray                # bool [N]: the target's answer parses
 
   @property
   def n(self) -> int:
@@ -135,13 +162,13 @@ class Auditing:
                        f"among the answerers {list(answerers)}")
     if not references:
       raise ValueError("an audit needs at least one reference model")
-    if rcfg.mode != "exact" or rcfg.soft_weight:
-      # reward.judged_reward / judge_same_prob / add_soft_term exist and are
-      # tested, but the rollout does not call them yet: refuse, rather than
-      # silently train on the exact reward.
+    if rcfg.mode != "exact":
+      # reward.judged_reward / judge_same_prob exist and are tested, but the
+      # rollout does not call them yet: refuse, rather than silently train on
+      # the exact reward.
       raise NotImplementedError(
           f"the audit rollout uses the exact reward only; RewardConfig(mode="
-          f"{rcfg.mode!r}, soft_weight={rcfg.soft_weight}) is not wired in yet")
+          f"{rcfg.mode!r}) is not wired in yet")
     self.auditor, self.answerers = auditor, dict(answerers)
     self.target, self.references = target, list(references)
     self.editor, self.rcfg = editor, rcfg
@@ -156,10 +183,9 @@ class Auditing:
       raise ValueError("the auditor has no tokenizer")
     self.tok = tok
     self.stops = set(default_stop_ids(auditor.cfg, tok))
-    ref_tok = self.answerers[self.references[0]].tokenizer
-    if ref_tok is None:
-      raise ValueError(f"reference {self.references[0]!r} has no tokenizer")
-    self.answer_encode = ref_tok.encode
+    for name in [target, *self.references]:
+      if self.answerers[name].tokenizer is None:
+        raise ValueError(f"answerer {name!r} has no tokenizer")
 
   # -- pieces ------------------------------------------------------------------
   def _sample(self, images, prompts, params: SamplingParams, rng):
@@ -175,16 +201,48 @@ class Auditing:
                                 min(self.batch_size, len(prompts)))
     return out
 
+  def parse(self, answers: Mapping[str, Sequence[str]], contexts, questions
+            ) -> dict[str, list[str]]:
+    """Every model's answers read through each question's answer space
+    (`reward.extract_answer`; "" = unparseable)."""
+    spaces = self.editor.answer_space(contexts, questions)
+    return {m: [reward_lib.extract_answer(a, sp) for a, sp in zip(v, spaces, strict=True)]
+            for m, v in answers.items()}
+
   def score(self, answers: Mapping[str, Sequence[str]], valid) -> dict[str, np.ndarray]:
+    """The jitted reward of parsed (`parse`) answers."""
     rc = self.rcfg
-    enc = lambda texts: reward_lib.encode_answers(texts, self.answer_encode,
-                                                  rc.max_answer_tokens)
+    enc = lambda texts: reward_lib.encode_answers(texts, length=rc.max_answer_tokens)
     ref_ids = np.stack([enc(answers[r]) for r in self.references])
     tgt_ids = enc(answers[self.target])
     reward, has, disagree = reward_lib.disagreement_reward(
         tgt_ids, ref_ids, np.asarray(valid), rc.invalid_reward, rule=rc.consensus)
     return {"reward": np.asarray(reward), "has_consensus": np.asarray(has),
             "success": np.asarray(disagree)}
+
+  def target_nll(self, images, questions, answers, parsed, cons) -> np.ndarray:
+    """float32 [N]: -log p_target(the consensus answer, as a reference wrote
+    it) where a consensus exists, else 0 (one scoring pass of the target)."""
+    n = len(questions)
+    nll = np.zeros(n, np.float32)
+    idx = [i for i in range(n) if cons[i]]
+    if not idx:
+      return nll
+    s = self.answerers[self.target]
+    label = [next(answers[r][i] for r in self.references if parsed[r][i] == cons[i])
+             for i in idx]
+    # Fixed shapes: score every row, with a placeholder answer where there
+    # is no consensus (its value is discarded).
+    text = [""] * n
+    for i, t in zip(idx, label):
+      text[i] = t
+    fill = label[0]
+    lp = s.score(fit_images(np.asarray(images), s.cfg.vision.image_size),
+                 [s.tokenizer.prompt(q if q.strip() else "?") for q in questions],
+                 [s.tokenizer.answer(t or fill) for t in text])
+    for i in idx:
+      nll[i] = -float(np.sum(lp[i]))
+    return nll
 
   # -- one round ---------------------------------------------------------------
   def run(self, seeds: Sequence[Seed], pairings: Sequence[str], rng, num_samples=None
@@ -252,13 +310,32 @@ class Auditing:
         valid[i], reason[i] = False, f"question: {why}"
 
     answers = self.answer(image, question)
-    scored = self.score(answers, valid)
-    cons, _ = consensus_text([answers[r] for r in self.references], self.rcfg.consensus)
+    parsed = self.parse(answers, context, question)
+    scored = self.score(parsed, valid)
+    cons, _ = consensus_text([parsed[r] for r in self.references], self.rcfg.consensus)
+    if self.rcfg.soft_weight:
+      scored["reward"] = np.asarray(reward_lib.add_soft_term(
+          scored["reward"], self.target_nll(image, question, answers, parsed, cons),
+          scored["has_consensus"], valid, self.rcfg.soft_weight))
     return Rollout(pairings=pair, texts=texts, tokens=toks, prompts=prm, images_in=imgs_in,
                    question=question, image=image, context=context, valid=valid,
-                   reason=reason, factor=factor, answers=answers, reward=scored["reward"],
-                   has_consensus=scored["has_consensus"], success=scored["success"],
-                   consensus=cons)
+                   reason=reason, factor=factor, answers=answers, parsed=parsed,
+                   reward=scored["reward"], has_consensus=scored["has_consensus"],
+                   success=scored["success"], consensus=cons,
+                   answered=np.array([bool(a) for a in parsed[self.target]]))
+
+
+def consensus_truth(roll: Rollout, editor: Editor) -> tuple[float, int]:
+  """(fraction of the valid, consensus-backed probes whose consensus is the
+  ground truth, #such probes with a known truth): how far the references can
+  be trusted on the questions the auditor writes. Measurement only: the
+  reward never sees the truth."""
+  idx = np.nonzero(roll.valid & roll.has_consensus)[0]
+  truth = editor.ground_truth([roll.context[i] for i in idx], [roll.question[i] for i in idx])
+  known = [(roll.consensus[i], t) for i, t in zip(idx, truth) if t is not None]
+  if not known:
+    return float("nan"), 0
+  return float(np.mean([c == reward_lib.normalise(t) for c, t in known])), len(known)
 
 
 def precision_gt(roll: Rollout, editor: Editor) -> tuple[float, int]:

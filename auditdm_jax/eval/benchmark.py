@@ -107,7 +107,8 @@ def evaluate_answerer(model: VLM, records: Sequence[dict], gap_specs=(), *,
 
 def route_validity(route: str, scene: Scene, text: str) -> tuple[bool, str]:
   if route == "question":
-    q, why = parse.try_answer(scene, text)
+    # Strict, as the audit checks questions: only the templates' language.
+    q, why = parse.try_answer(scene, text, strict=True)
     return q is not None, why
   if route == "edit":
     s, why = edits.try_edit(scene, text)

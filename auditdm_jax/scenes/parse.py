@@ -24,12 +24,27 @@ object or several; so do unrecognised wordings and ill-posed questions (left
 or right of two objects in one column, above or below two in one row, bigger
 or smaller of two equal sizes, a relation of an object to itself). Parsing is
 forgiving about case, runs of whitespace and a missing "?".
+
+`strict=True` accepts only the templates' own language, the questions the
+world's models were trained on: the canonical text (lowercase, single
+spaces, a final "?") and the noun-phrase forms each template writes:
+
+  what colour is the [SIZE] SHAPE?            what size is the COLOUR SHAPE?
+  what shape is the COLOUR object?            what shape is the small COLOUR object?
+  how many (objects|COLOUR objects|SHAPEs) are there?
+  is there a/an COLOUR SHAPE?
+  relations: SHAPE | COLOUR object | COLOUR SHAPE | SIZE SHAPE | SIZE COLOUR SHAPE
+
+A question outside it ("is there a red object?", "is there a red circle"
+without the "?") is well defined in the world but unlike anything a model
+saw, so no model's answer to it, the references' included, can be trusted;
+the audit's question check is strict (audit/editor.py).
 """
 
 from __future__ import annotations
 
 from auditdm_jax.scenes.edits import ARTICLES, parse_ref, ref_text, words_of
-from auditdm_jax.scenes.questions import NUMBERS, SIZE_RANK, Question
+from auditdm_jax.scenes.questions import NUMBERS, SIZE_RANK, Question, article
 from auditdm_jax.scenes.world import Obj, Scene
 
 # "is the A <relation> the B?": relation words -> (skill, answer if A is first/bigger,
@@ -74,6 +89,34 @@ def _named(ref: dict) -> tuple:
   return tuple((k, ref[k]) for k in ("colour", "shape", "size") if ref[k] is not None)
 
 
+# The noun-phrase forms (the attributes named) each template writes.
+_RELATION_FORMS = frozenset({("shape",), ("colour",), ("colour", "shape"), ("size", "shape"),
+                             ("size", "colour", "shape")})
+_TEMPLATE_FORMS = {
+    "what colour": frozenset({("shape",), ("size", "shape")}),
+    "what shape": frozenset({("colour",), ("size", "colour")}),
+    "what size": frozenset({("colour", "shape")}),
+    "how many": frozenset({(), ("colour",), ("shape",)}),
+    "is there": frozenset({("colour", "shape")}),
+    "relation": _RELATION_FORMS,
+}
+
+
+def _form(ref: dict) -> tuple:
+  return tuple(k for k in ("size", "colour", "shape") if ref[k] is not None)
+
+
+def _check_form(kind: str, ref: dict, text: str) -> None:
+  form = _form(ref)
+  if form not in _TEMPLATE_FORMS[kind] or (
+      kind == "what shape" and "size" in form and ref["size"] != "small"):
+    allowed = sorted(" ".join(f) or "(no attribute)" for f in _TEMPLATE_FORMS[kind])
+    raise QuestionError(
+        f"question {text!r}: the noun phrase {ref_text(**ref)!r} names "
+        f"{' + '.join(form) or 'no attribute'}; the world's {kind!r} questions name "
+        f"{' | '.join(allowed)} (strict: only the templates' language)")
+
+
 def _find(words: list[str], seq: tuple[str, ...]) -> int:
   for i in range(len(words) - len(seq) + 1):
     if tuple(words[i:i + len(seq)]) == seq:
@@ -81,12 +124,17 @@ def _find(words: list[str], seq: tuple[str, ...]) -> int:
   return -1
 
 
-def answer_question(scene: Scene, text: str) -> Question:
-  """The Question (exact answer, skill, facets) of free `text` about `scene`."""
+def answer_question(scene: Scene, text: str, strict: bool = False) -> Question:
+  """The Question (exact answer, skill, facets) of free `text` about `scene`;
+  `strict`: only the templates' language (module doc)."""
   words = words_of(text, "?")
   if not words:
     raise QuestionError(f"empty question {text!r}")
   canon = " ".join(words) + "?"
+  if strict and text != canon:
+    raise QuestionError(f"question {text!r} is not in the templates' canonical form "
+                        f"{canon!r} (lowercase, single spaces, a final '?')")
+  check = _check_form if strict else (lambda kind, ref, text: None)
   head = tuple(words[:4])
 
   if head[:3] in (("what", "colour", "is"), ("what", "shape", "is"),
@@ -96,6 +144,7 @@ def answer_question(scene: Scene, text: str) -> Question:
                           f"{' '.join(words[:3])!r}, got {words[3]!r}")
     attr = words[1]
     ref = _ref(words[4:], text)
+    check(f"what {attr}", ref, text)
     o = _one(scene, ref, text)
     answer = getattr(o, attr)
     if attr == "colour":
@@ -113,6 +162,7 @@ def answer_question(scene: Scene, text: str) -> Question:
       raise QuestionError(f"question {text!r}: the form is 'how many [SIZE] [COLOUR] "
                           "(SHAPEs|objects) are there?'")
     ref = _ref(words[2:-2], text, plural=True)
+    check("how many", ref, text)
     n = len(scene.select(**ref))
     return Question(canon, NUMBERS[n], "counting",
                     (("answer", NUMBERS[n]), ("n", n)) + _named(ref))
@@ -121,6 +171,10 @@ def answer_question(scene: Scene, text: str) -> Question:
     if len(words) < 4 or words[2] not in ARTICLES:
       raise QuestionError(f"question {text!r}: the form is 'is there a REF?'")
     ref = _ref(words[3:], text)
+    check("is there", ref, text)
+    if strict and words[2] != article(words[3]):
+      raise QuestionError(f"question {text!r}: the templates write "
+                          f"'{article(words[3])} {words[3]}'")
     answer = "yes" if scene.select(**ref) else "no"
     return Question(canon, answer, "existence", (("answer", answer),) + _named(ref))
 
@@ -129,8 +183,10 @@ def answer_question(scene: Scene, text: str) -> Question:
       i = _find(words, seq)
       if i < 0:
         continue
-      a = _one(scene, _ref(words[2:i], text), text)
-      b = _one(scene, _ref(words[i + len(seq):], text), text)
+      ref_a, ref_b = _ref(words[2:i], text), _ref(words[i + len(seq):], text)
+      check("relation", ref_a, text)
+      check("relation", ref_b, text)
+      a, b = _one(scene, ref_a, text), _one(scene, ref_b, text)
       if a == b:
         raise QuestionError(f"question {text!r} relates an object to itself")
       if attr == "size":
@@ -152,9 +208,10 @@ def answer_question(scene: Scene, text: str) -> Question:
                       "there a' or 'is the'")
 
 
-def try_answer(scene: Scene, text: str) -> tuple[Question | None, str]:
+def try_answer(scene: Scene, text: str, strict: bool = False
+               ) -> tuple[Question | None, str]:
   """(Question, "") or (None, the reason the question cannot be answered)."""
   try:
-    return answer_question(scene, text), ""
+    return answer_question(scene, text, strict), ""
   except QuestionError as e:
     return None, str(e)

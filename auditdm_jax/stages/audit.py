@@ -16,7 +16,12 @@ on the same held-out seeds at the same sample budget, and the ground-truth
 precision of the trained auditor's finds, into `<workdir>/audit.json`:
 
   {"budget", "success_rate": {"trained", "warm_start"}, "precision_gt",
+   "consensus_truth": {"trained", "warm_start"}, "success_by_pairing",
    "steps", "wall_s", ...}
+
+`consensus_truth` is how often the references' consensus is the world's
+answer on the valid probes each auditor wrote (not on the benchmark): the
+reward is only as truthful as that.
 """
 
 from __future__ import annotations
@@ -113,26 +118,30 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, 7919, step])
 
 
-def build_batch(cfg, roll: rollout_lib.Rollout, advantages, seq_len: int, two: bool,
+def build_batch(cfg, roll: rollout_lib.Rollout, advantages, seq_len: int, second_rows: int,
                 loss_agg: str) -> dict[str, np.ndarray]:
-  """GRPO rows: every sample's first text, and (when the mixture has
-  two-text pairings) its second text or an empty, zero-weight row, so the
-  batch shape never changes."""
+  """GRPO rows, packed: every sample's first text, then the second texts of
+  the two-text samples, then zero-weight placeholders up to `second_rows`
+  (`rollout.second_text_budget`), so the batch shape never changes and a
+  one-text sample costs one row, not two."""
+  firsts = list(range(roll.n))
+  seconds = [i for i in range(roll.n) if len(roll.texts[i]) > 1]
+  if len(seconds) > second_rows:
+    raise ValueError(f"{len(seconds)} second texts exceed the batch's budget of "
+                     f"{second_rows} rows (rollout.second_text_budget)")
   images, prompts, comps, adv, live = [], [], [], [], []
-  width = 2 if two else 1
-  for i in range(roll.n):
-    for j in range(width):
-      if j < len(roll.texts[i]):
-        images.append(roll.images_in[i][j])
-        prompts.append(roll.prompts[i][j])
-        comps.append(roll.tokens[i][j] or [0])
-        live.append(True)
-      else:   # a placeholder row: any valid sequence, masked out below
-        images.append(roll.images_in[i][0])
-        prompts.append(roll.prompts[i][0])
-        comps.append(roll.tokens[i][0] or [0])
-        live.append(False)
-      adv.append(advantages[i])
+  for i, j in [(i, 0) for i in firsts] + [(i, 1) for i in seconds]:
+    images.append(roll.images_in[i][j])
+    prompts.append(roll.prompts[i][j])
+    comps.append(roll.tokens[i][j] or [0])
+    adv.append(advantages[i])
+    live.append(True)
+  for _ in range(second_rows - len(seconds)):   # placeholders: any valid row, masked out
+    images.append(roll.images_in[0][0])
+    prompts.append(roll.prompts[0][0])
+    comps.append(roll.tokens[0][0] or [0])
+    adv.append(0.0)
+    live.append(False)
   batch = grpo.grpo_batch(cfg, np.stack(images), prompts, comps, np.asarray(adv), seq_len,
                           loss_agg)
   batch["loss_mask"] &= np.asarray(live)[:, None]
@@ -150,12 +159,20 @@ def _find_rows(roll: rollout_lib.Rollout, step: int, target: str) -> list[dict]:
   return out
 
 
-def step_metrics(roll: rollout_lib.Rollout) -> dict[str, float]:
+def step_metrics(roll: rollout_lib.Rollout, editor=None) -> dict[str, float]:
+  """Per-step figures; with the editor, `consensus_truth` too (how often the
+  references' consensus is the ground truth on this step's probes; NaN when
+  the editor knows no truth). Measurement only, never the reward."""
   firsts = [t[0] for t in roll.texts]
-  return {"reward": float(roll.reward.mean()), "success_rate": float(roll.success.mean()),
-          "consensus_rate": float(roll.has_consensus.mean()),
-          "invalid_rate": float(1.0 - roll.valid.mean()),
-          "distinct": len(set(firsts)) / max(len(firsts), 1)}
+  valid = np.maximum(roll.valid.sum(), 1)
+  out = {"reward": float(roll.reward.mean()), "success_rate": float(roll.success.mean()),
+         "consensus_rate": float(roll.has_consensus.mean()),
+         "invalid_rate": float(1.0 - roll.valid.mean()),
+         "unanswered_rate": float((roll.valid & ~roll.answered).sum() / valid),
+         "distinct": len(set(firsts)) / max(len(firsts), 1)}
+  if editor is not None:
+    out["consensus_truth"] = rollout_lib.consensus_truth(roll, editor)[0]
+  return out
 
 
 def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budget: int,
@@ -184,10 +201,12 @@ def _merge(rolls, keeps) -> rollout_lib.Rollout:
     if isinstance(vals[0], np.ndarray):
       return np.concatenate(vals)
     return [x for v in vals for x in v]
+  by_model = ("answers", "parsed")
   kw = {f.name: cat(f.name) for f in dataclasses.fields(rollout_lib.Rollout)
-        if f.name != "answers"}
-  kw["answers"] = {m: [a for r, k in zip(rolls, keeps) for a in r.answers[m][:k]]
-                   for m in rolls[0].answers}
+        if f.name not in by_model}
+  for field in by_model:
+    kw[field] = {m: [a for r, k in zip(rolls, keeps) for a in getattr(r, field)[m][:k]]
+                 for m in getattr(rolls[0], field)}
   return rollout_lib.Rollout(**kw)
 
 
@@ -207,7 +226,8 @@ def run(config, workdir: str) -> dict:
   aud_name = auditors[0]
   tcfg, gcfg, rcfg = configs_from(config)
   mixture = rollout_lib.check_mixture(dict(a.mixture))
-  two = any(len(rollout_lib.PAIRINGS[p]) == 2 for p in mixture)
+  second_rows = rollout_lib.second_text_budget(mixture, int(a.prompts_per_step),
+                                               gcfg.num_samples)
 
   loaded = {}
   for name in [aud_name, target] + refs:
@@ -220,7 +240,9 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(dict(tcfg.mesh))
   trainer = grpo.GRPOTrainer(auditor.config, tcfg, gcfg, mesh)
   warm_params = jax.device_put(auditor.params, trainer.param_shardings)
-  answerers = {n: Sampler(loaded[n], mesh) for n in [target] + refs}
+  # One prompt-length bucket for every question (one compile per answerer).
+  bucket = int(a.get("answer_bucket", 32))
+  answerers = {n: Sampler(loaded[n], mesh, length_bucket=bucket) for n in [target] + refs}
   auditing = rollout_lib.Auditing(
       Sampler(auditor, mesh), answerers, target, refs, editor_lib.get_editor(a.editor), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a.temperature),
@@ -268,7 +290,8 @@ def run(config, workdir: str) -> dict:
       roll = auditing.run(train_pool.get(idx), pairings, jax.random.key(seed * 100_003 + step))
       adv = np.asarray(grpo.group_advantages(roll.reward, gcfg.num_samples, gcfg.adv_eps,
                                              gcfg.scale_rewards))
-      batch = build_batch(auditor.config, roll, adv, int(a.seq_len), two, gcfg.loss_agg)
+      batch = build_batch(auditor.config, roll, adv, int(a.seq_len), second_rows,
+                          gcfg.loss_agg)
       batch["ref_logp"] = trainer.logprobs(warm_params, batch)
       if mu > 1:
         batch["old_logp"] = trainer.logprobs(state["params"], batch)
@@ -280,7 +303,7 @@ def run(config, workdir: str) -> dict:
               f"audit: non-finite GRPO loss at step {step + 1}: loss={float(m['loss'])}, "
               f"grad_norm={float(m['grad_norm'])}; the update was not applied and the last "
               f"checkpoint in {checkpointer.directory} is intact")
-      row = step_metrics(roll)
+      row = step_metrics(roll, auditing.editor)
       row.update({k: float(m[k]) for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm")})
       row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
       row["step_time"] = time.perf_counter() - t0
@@ -322,12 +345,21 @@ def run(config, workdir: str) -> dict:
   t_eval = time.time()
   batch_n = int(a.get("eval_batch", 64))
   roll_t, res_t = evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed, batch_n)
-  _, res_w = evaluate_search(auditing, warm_params, eval_pool, n_eval, mixture, seed, batch_n)
+  roll_w, res_w = evaluate_search(auditing, warm_params, eval_pool, n_eval, mixture, seed,
+                                  batch_n)
   prec, n_known = rollout_lib.precision_gt(roll_t, auditing.editor)
+  truth = {name: rollout_lib.consensus_truth(r, auditing.editor)[0]
+           for name, r in (("trained", roll_t), ("warm_start", roll_w))}
+  by_pairing = {p: float(roll_t.success[[i for i in range(roll_t.n)
+                                         if roll_t.pairings[i] == p]].mean())
+                for p in sorted(set(roll_t.pairings))}
   out = {"budget": n_eval,
          "success_rate": {"trained": res_t["success_rate"], "warm_start": res_w["success_rate"]},
          "valid_rate": {"trained": res_t["valid_rate"], "warm_start": res_w["valid_rate"]},
          "precision_gt": prec, "finds_with_ground_truth": n_known,
+         "consensus_truth": truth, "success_by_pairing": by_pairing,
+         "unanswered_rate": {"trained": float(np.mean(roll_t.valid & ~roll_t.answered)),
+                             "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
          "steps": steps, "target": target, "references": refs,
          "ratio": (res_t["success_rate"] / res_w["success_rate"]
                    if res_w["success_rate"] > 0 else float("inf")),

@@ -10,7 +10,8 @@ Writes `<workdir>/eval.json`:
    "checks": [{"model", "check", "value", "target", "ok"}], "benchmark": {...}}
 For the auditor, "accuracy" holds the fraction of well-formed outputs per
 route (question / edit / caption) and overall: what the warm start is trained
-to do. The checks are the scene world's targets (docs/scene_world.md):
+to do; once the audit stage has run, the GRPO-trained auditor
+(`<auditor>_trained`) is evaluated too, under that name. The checks are the scene world's targets (docs/scene_world.md):
 references >= 0.9 overall and >= 0.8 on every skill; each target >= 0.8 on
 every skill without a planted gap and, on each gap slice, at most 0.6 times
 its mean accuracy on the healthy skills. A miss is reported, not raised.
@@ -131,7 +132,13 @@ def run(config, workdir: str) -> dict:
   out = {"models": {}, "checks": [],
          "benchmark": {"records": len(bench),
                        "per_skill": {s: sum(r["skill"] == s for r in bench) for s in SKILLS}}}
+  entries = []
   for name, spec in sorted(config.models.items()):
+    entries.append((name, spec))
+    trained = f"{name}_trained"
+    if spec.role == "auditor" and os.path.exists(model_dir(workdir, trained)):
+      entries.append((trained, spec))    # the audit stage's GRPO-trained auditor
+  for name, spec in entries:
     path = model_dir(workdir, name)
     if not os.path.exists(path):
       raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "

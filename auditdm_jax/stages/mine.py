@@ -81,17 +81,18 @@ def dedup_key(question: str, image: np.ndarray) -> str:
 
 def probe_records(roll: rollout_lib.Rollout, seeds, seed_index, k: int, targets, refs,
                   rule: str, editor, auditor: str, step: int) -> list[dict]:
-  """The consensus-backed, well-formed rows of a rollout as store records."""
-  ref_answers = [roll.answers[r] for r in refs]
+  """The consensus-backed, well-formed rows of a rollout as store records.
+  Answers are compared as parsed (`Rollout.parsed`); a target whose answer
+  does not parse has not answered and is not a failure of this probe."""
+  ref_answers = [roll.parsed[r] for r in refs]
   cons, has = rollout_lib.consensus_text(ref_answers, rule)
   skill_of = getattr(editor, "question_skill", None)
   out = []
   for i in range(roll.n):
     if not (roll.valid[i] and has[i]):
       continue
-    pseudo = next(roll.answers[r][i] for r in refs
-                  if reward_lib.normalise(roll.answers[r][i]) == cons[i])
-    failed = [t for t in targets if reward_lib.normalise(roll.answers[t][i]) != cons[i]]
+    pseudo = next(roll.answers[r][i] for r in refs if roll.parsed[r][i] == cons[i])
+    failed = [t for t in targets if roll.parsed[t][i] and roll.parsed[t][i] != cons[i]]
     skill = skill_of(roll.context[i], roll.question[i]) if skill_of else ""
     texts = roll.texts[i]
     s = i // k
@@ -229,7 +230,8 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(dict(config.audit.get("mesh", {"data": 1, "fsdp": -1,
                                                              "model": 1})))
   loaded = {n: models.load(model_dir(workdir, n)) for n in targets + refs}
-  answerers = {n: Sampler(loaded[n], mesh) for n in targets + refs}
+  bucket = int(config.audit.get("answer_bucket", 32))   # one compile per answerer
+  answerers = {n: Sampler(loaded[n], mesh, length_bucket=bucket) for n in targets + refs}
   editor = editor_lib.get_editor(config.audit.editor)
   auditing = None
   seed = int(config.seed)
