@@ -130,6 +130,32 @@ def test_grouping_ranks_merges_counts_and_normalises_shares():
     ft.group(probes, ["s", "l"], "x")
 
 
+def test_ranking_is_by_failures_in_excess_of_the_base_rate():
+  """A big type failed at the target's usual rate (here "counting: 0", a
+  habit) holds more failures than a small type failed every time, but less
+  excess: the small one ranks first."""
+  probes, i = [], 0
+  def add(n, skill, label, fails):
+    nonlocal i
+    for j in range(n):
+      probes.append(_probe(i, skill, label, ["s"] if j < fails else []))
+      i += 1
+  add(40, "counting", "0", 12)
+  add(6, "colour", "purple", 6)
+  add(100, "shape", "circle", 10)
+  types = ft.group(probes, ["s"], "s")
+  base = 28 / 146
+  by = {t.name: t for t in types}
+  assert by["counting: 0"].count("s") > by["colour: purple"].count("s")
+  assert by["colour: purple"].excess["s"] == pytest.approx(6 - 6 * base)
+  assert by["counting: 0"].excess["s"] == pytest.approx(12 - 40 * base)
+  assert [t.name for t in types][:2] == ["colour: purple", "counting: 0"]
+  assert by["shape: circle"].excess["s"] < 0
+  truth = {p.id: (p.skill, {"answer": p.label}, p.label) for p in probes}.get
+  res = ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=1)
+  assert res["colour:purple"]["found"] and res["colour:purple"]["rank"] == 1
+
+
 def test_gap_recall_and_precision_against_the_truth():
   # Truth: p0-p3 are purple-colour questions (the gap), p4-p5 red ones.
   facets = {f"p{i}": ("colour", {"answer": "purple"}, "purple") for i in range(4)}

@@ -295,13 +295,15 @@ class Auditing:
     two = [i for i in range(n) if len(PAIRINGS[pair[i]]) == 2]
     if two:
       qprompt = self.tok.prompt(AUDITOR_TASKS["question"])
-      rows2, texts2 = self._sample(image, [qprompt] * n, self.sp1, rng2)
-      for i in two:
-        texts[i].append(texts2[i])
-        toks[i].append(rows2[i])
+      # Only the two-text rows, padded to a multiple of 8 rows (few shapes).
+      pad = two + [two[0]] * (-len(two) % 8)
+      rows2, texts2 = self._sample(image[pad], [qprompt] * len(pad), self.sp1, rng2)
+      for j, i in enumerate(two):
+        texts[i].append(texts2[j])
+        toks[i].append(rows2[j])
         prm[i].append(qprompt)
         imgs_in[i].append(image[i])
-        question[i] = texts2[i]
+        question[i] = texts2[j]
 
     # Is the final question one the world can pose about the final image?
     checks = self.editor.check_question(context, question)
@@ -309,13 +311,17 @@ class Auditing:
       if valid[i] and not ok:
         valid[i], reason[i] = False, f"question: {why}"
 
-    answers = self.answer(image, question)
+    # Invalid rows are not asked (their answers cannot matter): a placeholder
+    # keeps the batch shape, and every prompt within one length bucket.
+    asked = [q if ok else "" for q, ok in zip(question, valid)]
+    answers = self.answer(image, asked)
+    answers = {m: [a if ok else "" for a, ok in zip(v, valid)] for m, v in answers.items()}
     parsed = self.parse(answers, context, question)
     scored = self.score(parsed, valid)
     cons, _ = consensus_text([parsed[r] for r in self.references], self.rcfg.consensus)
     if self.rcfg.soft_weight:
       scored["reward"] = np.asarray(reward_lib.add_soft_term(
-          scored["reward"], self.target_nll(image, question, answers, parsed, cons),
+          scored["reward"], self.target_nll(image, asked, answers, parsed, cons),
           scored["has_consensus"], valid, self.rcfg.soft_weight))
     return Rollout(pairings=pair, texts=texts, tokens=toks, prompts=prm, images_in=imgs_in,
                    question=question, image=image, context=context, valid=valid,

@@ -15,8 +15,13 @@ one range ("counting: 4-6").
 Per failure type and target: `probes` (consensus-backed probes of the type),
 `failures` (probes where the target differs from the consensus), `rate`
 (failures / probes) and `share` (the target's rate normalised over the
-targets, the paper's 3B-vs-28B comparison: shares of one type sum to 1).
-Types are ranked by the focus target's failures.
+targets, the paper's 3B-vs-28B comparison: shares of one type sum to 1) and
+`excess` (failures - probes x the target's base rate, its failure rate over
+all probes: the failures the type holds beyond what an average type of that
+size would). Types are ranked by the focus target's excess, so a big type
+the target fails at its usual rate (a habit of the references, an easy skill
+asked often) does not crowd out a small type it fails far more often than
+usual.
 
 Nothing here reads the ground truth; `gap_recall` / `exemplar_precision`
 measure the result against the scene world's truth (planted gaps, exact
@@ -56,6 +61,7 @@ class FailureType:
   share: dict[str, float]
   factors: dict[str, int]    # visual factor -> failures of the focus target
   ids: list[str]             # the focus target's failure exemplars, in mining order
+  excess: dict[str, float] = dataclasses.field(default_factory=dict)  # beyond base rate
 
   def count(self, target: str) -> int:
     return self.failures.get(target, 0)
@@ -63,8 +69,8 @@ class FailureType:
   def to_json(self, focus: str) -> dict:
     return {"name": self.name, "skill": self.skill, "labels": list(self.labels),
             "count": self.count(focus), "probes": self.probes, "failures": self.failures,
-            "rate": self.rate, "share": self.share, "factors": self.factors,
-            "examples": self.ids[:8]}
+            "rate": self.rate, "share": self.share, "excess": self.excess,
+            "factors": self.factors, "examples": self.ids[:8]}
 
 
 FACTOR_WORDS = {"scene": "a regenerated scene"}
@@ -105,8 +111,7 @@ def _make(skill: str, labels: Sequence[str], members: Sequence[Probe],
 
 def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
           merge_rate: float = 0.5, min_probes: int = 3) -> list[FailureType]:
-  """Failure types of `probes`, ranked by the focus target's failures (then
-  its rate). Adjacent numeric answers of one skill merge when the focus
+  """Failure types of `probes`, ranked for the focus target (`rank_types`). Adjacent numeric answers of one skill merge when the focus
   target fails on each at >= merge_rate (each with >= min_probes probes)."""
   if focus not in targets:
     raise ValueError(f"focus target {focus!r} is not among the targets {list(targets)}")
@@ -131,8 +136,17 @@ def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
     for labs in groups:
       members = [p for lab in labs for p in by_cat[(skill, lab)]]
       out.append(_make(skill, labs, members, targets, focus))
-  out.sort(key=lambda t: (-t.count(focus), -np.nan_to_num(t.rate[focus]), t.name))
-  return out
+  n_all = max(len(probes), 1)
+  for t in targets:
+    base = sum(t in p.failed for p in probes) / n_all
+    for ty in out:
+      ty.excess[t] = ty.count(t) - ty.probes * base
+  return rank_types(out, focus)
+
+
+def rank_types(types: Sequence[FailureType], target: str) -> list[FailureType]:
+  """Best first for `target`: by excess failures, then failures, then name."""
+  return sorted(types, key=lambda t: (-t.excess.get(target, 0.0), -t.count(target), t.name))
 
 
 # -- measured against the truth ------------------------------------------------------
@@ -143,9 +157,9 @@ TruthFn = Callable[[str], "tuple[str, object, str] | None"]   # id -> (skill, fa
 def gap_recall(types: Sequence[FailureType], target: str, gaps: Sequence[str],
                truth: TruthFn, top_k: int, purity: float = 0.5) -> dict[str, dict]:
   """For each planted gap of `target`: found when one of the target's top_k
-  failure types (ranked by its failures) holds mostly (>= purity) exemplars
+  failure types (ranked for it, `rank_types`) holds mostly (>= purity) exemplars
   that lie in the gap's slice by the ground truth."""
-  ranked = sorted(types, key=lambda t: (-t.count(target), t.name))[:top_k]
+  ranked = rank_types(types, target)[:top_k]
   out = {}
   for spec in gaps_lib.parse_gaps(list(gaps)):
     hit = None

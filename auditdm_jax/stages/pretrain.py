@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import flax
@@ -267,11 +268,18 @@ def run(config, workdir: str) -> dict:
   for i, (name, spec) in enumerate(sorted(specs.items())):
     if spec.role not in ANSWERER_ROLES:
       continue
-    if status.done(name) and os.path.exists(model_dir(workdir, name)):
-      results[name] = status.data[name]
-      continue
-    cfg = presets.get_preset(spec.preset)
     gaps = tuple(spec.get("gaps", ()))
+    if status.done(name) and os.path.exists(model_dir(workdir, name)):
+      old = status.data[name]
+      if list(old.get("gaps", [])) == list(gaps) and old.get("preset") == spec.preset:
+        results[name] = old
+        continue
+      # Trained for other gaps (or another preset): train it again from the
+      # base, not from its old checkpoints.
+      print(f"pretrain: {name} was trained with gaps {old.get('gaps')} ({old.get('preset')}); "
+            f"the config asks for {list(gaps)} ({spec.preset}): training it again", flush=True)
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    cfg = presets.get_preset(spec.preset)
     params = derive_params(base_params, base_cfg, cfg)
     task = _vqa_task(cfg, tok, pc, pc.finetune, gaps=gaps,
                      gap_mode=str(spec.get("gap_mode", "corrupt")))
