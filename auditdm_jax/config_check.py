@@ -114,6 +114,22 @@ def pretrain_problems(config) -> list[str]:
     ps = rc.get("phrase_skills", ())
     if isinstance(ps, str) or any(k not in SKILLS for k in ps):
       problems.append(f"pretrain.{name}.phrase_skills must be a list of {SKILLS}, got {ps!r}")
+  aud = pc.get("auditor", None)
+  if aud:
+    from auditdm_jax.audit.rollout import PAIRINGS  # pylint: disable=import-outside-toplevel
+    from auditdm_jax.scenes.text import AUDITOR_TASKS  # pylint: disable=import-outside-toplevel
+    ROUTES = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
+    routes = aud.get("routes", ROUTES)
+    if isinstance(routes, str) or not routes or any(r not in ROUTES for r in routes):
+      problems.append(f"pretrain.auditor.routes must be a non-empty list of {ROUTES}, "
+                      f"got {routes!r}")
+    elif "audit" in config:
+      used = {t for p, w in dict(config.audit.get("mixture", {})).items() if w
+              for t in PAIRINGS.get(p, ())}
+      missing = sorted(used - set(routes))
+      if missing:
+        problems.append(f"audit.mixture asks the auditor for {missing} texts, but "
+                        f"pretrain.auditor.routes {tuple(routes)} does not warm-start them")
   first = pc.get("base_first", None)
   if first and int(first.get("steps", 0) or 0) > 0:
     skills = first.get("skills", ())

@@ -66,7 +66,12 @@ def get_config(arg=None):
                      checkpoint_every=500, log_every=250),
       finetune=dict(steps=250, batch=64, lr=1e-3, warmup=20, end_lr=1e-4, frozen=frozen,
                     checkpoint_every=150, log_every=100),
-      auditor=dict(steps=400, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=100,
+      # The routes the audit mixture uses (no captions): rows of <= 41 ids,
+      # so 1000 steps cost what 400 did at seq_len 100 (captions need ~95),
+      # and strict validity rises from 0.45 / 0.32 to 0.63 / 0.46
+      # (question / edit; docs/loop.md).
+      auditor=dict(steps=1000, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=48,
+                   routes=("question", "edit"),
                    frozen=frozen, checkpoint_every=250, log_every=100),
   ))
   # GRPO training of the auditor against one target (audit stage).
@@ -82,9 +87,13 @@ def get_config(arg=None):
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0),
       eval_budget=256, eval_batch=64, checkpoint_every=20, log_every=10, log_examples=2,
   ))
-  # One pass of the trained auditor over the seed images (mine stage).
+  # One pass of two auditor checkpoints over the seed images (mine stage):
+  # the trained one finds the most failures but has narrowed onto its best
+  # probes (4 of 409 exemplars were purple ones); the warm start's broader
+  # probes add coverage (25 purple exemplars of 588) for the repair (the
+  # paper mines with several checkpoints).
   c.mine = ml_collections.ConfigDict(dict(
-      auditors=("auditor_trained",), seeds=256,   # 0: every seed image
+      auditors=("auditor", "auditor_trained"), seeds=256,   # 0: every seed image
       samples_per_seed=8, chunk_seeds=32, temperature=1.0,
       top_k=5, purity=0.5, merge_rate=0.5, min_probes=3))
   # Fine-tuning the audited target on its exemplars (rectify stage).

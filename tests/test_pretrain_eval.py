@@ -73,6 +73,23 @@ def test_pretrain_rerun_skips_finished_work(workdir, capsys):
 
 
 @slow
+def test_pretrain_retrains_a_target_whose_gaps_changed(workdir, capsys):
+  c = micro_config()
+  c.models.target_large.gaps = ("shape:colour=blue",)
+  before = {n: os.path.getmtime(os.path.join(workdir, "models", n))
+            for n in ("ref_a", "target_large")}
+  pretrain.run(c, workdir)
+  out = capsys.readouterr().out
+  assert "target_large was trained with gaps ['existence:no', 'spatial:left']" in out
+  assert os.path.getmtime(os.path.join(workdir, "models", "ref_a")) == before["ref_a"]
+  assert os.path.getmtime(os.path.join(workdir, "models", "target_large")) > before["target_large"]
+  with open(os.path.join(workdir, "pretrain.json")) as f:
+    assert json.load(f)["target_large"]["gaps"] == ["shape:colour=blue"]
+  pretrain.run(micro_config(), workdir)      # back to the config's gaps, for the tests after
+  assert "target_large was trained with gaps ['shape:colour=blue']" in capsys.readouterr().out
+
+
+@slow
 def test_eval_json_schema(workdir):
   out = evaluate.run(micro_config(), workdir)
   with open(os.path.join(workdir, "eval.json")) as f:

@@ -9,16 +9,21 @@ Writes `<workdir>/eval.json`:
                      "gap_accuracy": {SPEC: acc}, "healthy": {SKILL: acc}, ...}},
    "checks": [{"model", "check", "value", "target", "ok"}], "benchmark": {...}}
 For the auditor, "accuracy" holds the fraction of well-formed outputs per
-route (question / edit / caption) and overall: what the warm start is trained
+route it was warm-started on (`pretrain.auditor.routes`; question / edit /
+caption) and overall: what the warm start is trained
 to do; once the audit stage has run, the GRPO-trained auditor
 (`<auditor>_trained`) is evaluated too, under that name. The checks are the scene world's targets (docs/scene_world.md):
 references >= 0.9 overall and >= 0.8 on every skill; each target >= 0.8 on
 every skill without a planted gap and, on each gap slice, at most 0.6 times
 its mean accuracy on the healthy skills. A miss is reported, not raised.
+Answerer reports are cached by weights (`cached_report`): what rectify
+measured is not measured again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 
@@ -41,6 +46,27 @@ TARGET_HEALTHY, GAP_RATIO = 0.8, 0.6
 def _records(src, n: int | None = None) -> list[dict]:
   n = len(src) if n is None else min(n, len(src))
   return [src[i] for i in range(n)]
+
+
+def cached_report(workdir: str, model, records: list[dict], gaps: list[str]) -> dict:
+  """benchmark.evaluate_answerer, remembered in `<workdir>/eval_cache/`: keyed by
+  a digest of the weights (`mine.params_fingerprint`), the benchmark's
+  questions and the gap specs, so the rectify stage's measurements are not
+  repeated by `eval`, and rerunning `all` repeats no evaluation."""
+  from auditdm_jax.stages.mine import params_fingerprint  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha1(params_fingerprint(model.params).encode())
+  for r in records:
+    h.update(f"{r['question']}|{r['answer']}|{r.get('scene', '')}\n".encode())
+  h.update("|".join(gaps).encode())
+  path = os.path.join(workdir, "eval_cache", h.hexdigest()[:20] + ".json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  rep = benchmark.evaluate_answerer(model, records, gaps)
+  if sharding.is_primary():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, benchmark.dumps(rep))
+  return json.loads(benchmark.dumps(rep))
 
 
 def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
@@ -147,11 +173,13 @@ def run(config, workdir: str) -> dict:
     gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
     t1 = time.time()
     if spec.role == "auditor":
-      rep = benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed))
+      routes = config.get("pretrain", {}).get("auditor", {}).get("routes", None)
+      rep = benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed),
+                                       routes=routes)
       entry = {"role": "auditor", "gaps": [], "accuracy": rep["validity"],
                "gap_accuracy": {}, "examples": rep["examples"]}
     else:
-      rep = benchmark.evaluate_answerer(model, bench, gaps)
+      rep = cached_report(workdir, model, bench, gaps)
       entry = {"role": spec.role, "gaps": gaps, **rep}
     entry["wall_s"] = time.time() - t1
     out["models"][name] = entry

@@ -309,7 +309,8 @@ def run(config, workdir: str) -> dict:
     params = models.VLM.random(cfg, seed=seed + 7).params
     params = scale_post_norms(dict(params, img={k: v for k, v in img.items() if k != "head"}),
                               float(pc.get("post_norm_init", 1.0)))
-    task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed)
+    task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed,
+                             routes=tuple(pc.auditor.get("routes", tasks.ROUTES)))
     it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
     params, summary = sft.train(cfg, params, it, train_config(pc.auditor, seed + 7),
                                 os.path.join(root, name), tokenizer=atok)

@@ -107,8 +107,8 @@ def _fits(task: tasks.RectifyTask, src: Subset) -> Subset:
   return Subset(src.source, src.indices[keep])
 
 
-def accuracy(model, bench, gaps) -> dict:
-  rep = benchmark.evaluate_answerer(model, bench, gaps)
+def accuracy(workdir: str, model, bench, gaps) -> dict:
+  rep = evaluate.cached_report(workdir, model, bench, gaps)
   return {"accuracy": rep["accuracy"], "gap_accuracy": rep["gap_accuracy"]}
 
 
@@ -217,10 +217,10 @@ def run(config, workdir: str) -> dict:
   for name in answerers:
     g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
     m = model if name == target else models.load(model_dir(workdir, name))
-    rep = accuracy(m, bench, g)
+    rep = accuracy(workdir, m, bench, g)
     before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
     if name == target:
-      rep = accuracy(rect, bench, g)
+      rep = accuracy(workdir, rect, bench, g)
     after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
   others = [t for t in roles(config, "target") if t != target]
   out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
