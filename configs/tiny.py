@@ -117,7 +117,8 @@ def _smoke(c):
     r.update(dict(steps=2, batch=batch, warmup=1, checkpoint_every=2, log_every=2,
                   compiler_options={"xla_backend_optimization_level": 0}))
   c.eval.auditor_samples = 8
-  c.mine.update(dict(seeds=8, samples_per_seed=2, chunk_seeds=4))
+  c.mine.update(dict(seeds=8, samples_per_seed=2, chunk_seeds=4,
+                     auditors=("auditor_trained",)))
   c.rounds = 2          # exercises the re-audit wiring
   c.rectify.update(dict(steps=2, batch=4, checkpoint_every=1, log_every=1))
   c.audit.update(dict(steps=2, prompts_per_step=2, eval_budget=4, eval_batch=4,

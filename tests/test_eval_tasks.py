@@ -153,3 +153,26 @@ def test_checks_follow_the_targets():
   rep_bad = {"accuracy": acc_t, "gap_accuracy": {"counting:n>=4": 0.7}}
   bad = [c for c in evaluate.checks_for("t", "target", ["counting:n>=4"], rep_bad) if not c["ok"]]
   assert [c["check"] for c in bad] == ["gap counting:n>=4"]
+
+
+def test_cached_report_is_keyed_by_weights(records, tmp_path, monkeypatch):
+  """The eval cache: the same weights on the same records are measured once;
+  other weights (one step of training later) are measured again."""
+  from auditdm_jax import models  # pylint: disable=import-outside-toplevel
+  cfg = presets.tiny_paligemma2(vocab_size=512, width=32, depth=1, image_size=48,
+                                patch_size=16, vision_width=16, vision_depth=1,
+                                sliding_window=None)
+  m = models.VLM.random(cfg, seed=0, tokenizer=world_tokenizer("paligemma"))
+  calls = []
+  real = benchmark.evaluate_answerer
+  monkeypatch.setattr(benchmark, "evaluate_answerer",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  recs = records[:8]
+  first = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  again = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  assert len(calls) == 1 and again == first and "overall" in first["accuracy"]
+  evaluate.cached_report(str(tmp_path), m, recs, [])                 # other gaps
+  bumped = models.VLM(cfg, {**m.params, "llm": {**m.params["llm"], "final_norm": {
+      "scale": np.asarray(m.params["llm"]["final_norm"]["scale"]) + 1e-3}}}, m.tokenizer)
+  evaluate.cached_report(str(tmp_path), bumped, recs, ["colour:purple"])   # other weights
+  assert len(calls) == 3

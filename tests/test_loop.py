@@ -38,15 +38,16 @@ def workdir(tmp_path_factory):
   return wd
 
 
-def scripted_run(self, seeds, pairings, rng, num_samples=None):
+def scripted_run(self, seeds, pairings, rng, num_samples=None, small_says="blue"):
   del pairings, rng
   k = self.k if num_samples is None else num_samples
   rows = [s for s in seeds for _ in range(k)]
   n = len(rows)
   truth = [parse.try_answer(Scene.from_json(s.context), s.question)[0].answer for s in rows]
   answers = {"ref_a": truth, "ref_b": list(truth), "target_large": list(truth),
-             "target_small": ["blue"] * n}
-  parsed = {m: [reward_lib.normalise(a) for a in v] for m, v in answers.items()}
+             "target_small": [small_says] * n}
+  # The real answer reading (answer spaces of the scene editor).
+  parsed = self.parse(answers, [s.context for s in rows], [s.question for s in rows])
   cons, has = rollout_lib.consensus_text([parsed[r] for r in self.references], "majority")
   fails = np.array([reward_lib.normalise(a) != c for a, c in zip(answers[self.target], cons)])
   return rollout_lib.Rollout(
@@ -67,6 +68,7 @@ def test_mine_restart_continues_where_it_stopped(workdir, scripted):
   del scripted
   c = tiny.get_config("smoke")
   c.mine.seeds = 12                      # 3 chunks of 4 seeds
+  c.mine.auditors = ("auditor_trained",)  # one checkpoint: 3 chunks in all
   out = mine.run(c, workdir)
   chunks_dir, _ = mine.store_paths(workdir)
   files = store.chunk_files(chunks_dir)
@@ -104,10 +106,32 @@ def test_mine_restart_continues_where_it_stopped(workdir, scripted):
     assert set(t["share"]) == set(data["targets"]) and t["count"] >= 0
 
 
+def test_babbling_target_yields_no_exemplars(workdir, monkeypatch, tmp_path):
+  """The reward-hacking case at the mining end: a target that answers
+  "nononono" to every question (outside every answer space) has not
+  answered, so it fails nothing: no exemplar, no failure type of it."""
+  def babble(self, seeds, pairings, rng, num_samples=None):
+    return scripted_run(self, seeds, pairings, rng, num_samples, small_says="nononono")
+  monkeypatch.setattr(rollout_lib.Auditing, "run", babble)
+  wd = str(tmp_path / "wd")
+  os.makedirs(os.path.join(wd, "models"))
+  for name in os.listdir(os.path.join(workdir, "models")):
+    os.symlink(os.path.join(workdir, "models", name), os.path.join(wd, "models", name))
+  os.symlink(os.path.join(workdir, "data"), os.path.join(wd, "data"))
+  c = tiny.get_config("smoke")
+  c.mine.seeds = 8
+  c.mine.auditors = ("auditor_trained",)
+  out = mine.run(c, wd)
+  assert out["probes"] == 8
+  assert out["exemplars_of"]["target_small"] == 0 and out["exemplars_of"]["target_large"] == 0
+  assert all(t["count"] == 0 for t in out["failure_types"])
+
+
 def test_rectify_trains_saves_and_resumes(workdir, scripted):
   del scripted
   c = tiny.get_config("smoke")
   c.mine.seeds = 12
+  c.mine.auditors = ("auditor_trained",)
   mine.run(c, workdir)
   c.rectify.steps = 2
   out = rectify.run(c, workdir)

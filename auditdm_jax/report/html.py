@@ -70,6 +70,7 @@ def render(facts: Mapping | None, gallery: Sequence[Mapping] = ()) -> str:
   `facts` (every key optional; missing or None renders as "not available"):
     title, workdir: str
     planted_gap_recall, exemplar_precision: float
+    label_precision, search_trained, search_warm_start: float (shown when present)
     planted_gaps: {MODEL: {SPEC: {"found": bool, "rank": int, "type": str}}}
     failure_types: [{"name", "count", "share": {MODEL: f}, "rate": {MODEL: f}}],
       ranked best first
@@ -204,8 +205,12 @@ def _same_answer(a, b) -> bool:
 def _header(facts: Mapping, title: str) -> str:
   stats = "".join(
       f"<div class=\"stat\">{_e(label)}<b>{_pct(facts.get(key))}</b></div>"
-      for label, key in (("planted-gap recall", "planted_gap_recall"),
-                         ("exemplar precision", "exemplar_precision")))
+      for label, key in (("search success, trained auditor", "search_trained"),
+                         ("search success, warm start", "search_warm_start"),
+                         ("planted-gap recall", "planted_gap_recall"),
+                         ("exemplar precision", "exemplar_precision"),
+                         ("pseudo-label precision", "label_precision"))
+      if key in facts or key in ("planted_gap_recall", "exemplar_precision"))
   wall = _mapping(facts, "wall_s")
   if wall:
     rows = "".join(f"<tr><td>{_e(stage)}</td><td class=\"num\">{_duration(s)}</td></tr>"
