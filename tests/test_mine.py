@@ -130,10 +130,10 @@ def test_grouping_ranks_merges_counts_and_normalises_shares():
     ft.group(probes, ["s", "l"], "x")
 
 
-def test_ranking_is_by_failures_in_excess_of_the_base_rate():
+def test_ranking_is_by_reliable_failure_rate_beyond_the_base_rate():
   """A big type failed at the target's usual rate (here "counting: 0", a
   habit) holds more failures than a small type failed every time, but less
-  excess: the small one ranks first."""
+  excess and a lower score: the small one ranks first."""
   probes, i = [], 0
   def add(n, skill, label, fails):
     nonlocal i
@@ -151,6 +151,11 @@ def test_ranking_is_by_failures_in_excess_of_the_base_rate():
   assert by["counting: 0"].excess["s"] == pytest.approx(12 - 40 * base)
   assert [t.name for t in types][:2] == ["colour: purple", "counting: 0"]
   assert by["shape: circle"].excess["s"] < 0
+  assert by["colour: purple"].score["s"] == pytest.approx(ft.wilson_lower(6, 6) - base)
+  # The Wilson bound: 3 of 3 is less sure than 30 of 30, and 0 of n is 0.
+  assert ft.wilson_lower(3, 3) < ft.wilson_lower(30, 30) < 1.0
+  assert ft.wilson_lower(0, 10) == pytest.approx(0.0, abs=1e-12)
+  assert ft.wilson_lower(5, 10) == pytest.approx(0.2366, abs=1e-3)
   truth = {p.id: (p.skill, {"answer": p.label}, p.label) for p in probes}.get
   res = ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=1)
   assert res["colour:purple"]["found"] and res["colour:purple"]["rank"] == 1
@@ -324,3 +329,44 @@ def test_journal_is_kept_only_for_the_same_settings_and_models(tmp_path, capsys)
   store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [_record(0)])
   with pytest.raises(ValueError, match="holds chunks but no manifest.json"):
     mine_stage.check_journal(chunks, ident)
+
+
+def test_attribute_types_find_a_gap_that_follows_the_question_not_the_answer():
+  """A gap like shape:colour=green spreads over every shape answer; the type
+  named by what the questions name of their subject gathers it. Attribute
+  types that re-cut better types are dropped."""
+  probes, i = [], 0
+  def add(n, skill, label, fails, named=()):
+    nonlocal i
+    for j in range(n):
+      probes.append(ft.Probe(f"p{i}", skill, label, "", ("s",) if j < fails else (),
+                             tuple(named)))
+      i += 1
+  for shape in ("circle", "square", "triangle", "diamond"):
+    add(4, "shape", shape, 4, [("colour", "green")])    # the gap: green subjects
+    add(12, "shape", shape, 1, [("colour", "red")])
+  add(40, "counting", "5", 30, [("shape", "circle")])   # a type that explains itself
+  types = ft.group(probes, ["s"], "s")
+  names = [t.name for t in types]
+  green = types[names.index("shape: colour=green")]
+  assert green.count("s") == 16 and green.probes == 16 and green.attribute == ("colour", "green")
+  assert names.index("shape: colour=green") < min(names.index(f"shape: {x}") for x in
+                                                  ("circle", "square", "triangle", "diamond"))
+  assert "counting: shape=circle" not in names       # all its failures are "counting: 5"'s
+  assert "shape: colour=red" not in names            # below the base rate
+  truth = {p.id: (p.skill, {"answer": p.label, **dict(p.named)}, p.label) for p in probes}.get
+  res = ft.gap_recall(types, "s", ["shape:colour=green"], truth, top_k=2)
+  assert res["shape:colour=green"]["found"]
+  assert ft.group(probes, ["s"], "s")[0].to_json("s")["attribute"] is not None
+
+
+def test_subject_attributes_read_the_question_only():
+  from auditdm_jax.scenes import parse  # pylint: disable=import-outside-toplevel
+  assert parse.subject_attributes("what shape is the green object?") == {"colour": "green"}
+  assert parse.subject_attributes("how many objects are there?") == {}
+  assert parse.subject_attributes("how many circles are there?") == {"shape": "circle"}
+  assert parse.subject_attributes("is the small red circle left or right of the square?") == \
+      {"size": "small", "colour": "red", "shape": "circle"}
+  assert parse.subject_attributes("why is the sky blue?") == {}
+  assert parse.subject_attributes("what colour is the flying dog?") == {}
+

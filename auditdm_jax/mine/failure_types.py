@@ -10,7 +10,11 @@ Similar categories are then grouped into failure types: the visual factors of
 one skill and answer form one type ("colour: purple"; the factors are kept as
 counts), and within a skill whose answers are ordered numbers (counting),
 adjacent answers on which the target fails at the same high rate merge into
-one range ("counting: 4-6").
+one range ("counting: 4-6"). Besides these answer types, *attribute types*
+gather a skill's probes by an attribute the question names of its subject
+("shape: colour=green": shape questions about green objects), for failures
+that follow what is asked about rather than what is answered; one is kept
+only where most of its failures are not already in a better-ranked type.
 
 Per failure type and target: `probes` (consensus-backed probes of the type),
 `failures` (probes where the target differs from the consensus), `rate`
@@ -18,10 +22,12 @@ Per failure type and target: `probes` (consensus-backed probes of the type),
 targets, the paper's 3B-vs-28B comparison: shares of one type sum to 1) and
 `excess` (failures - probes x the target's base rate, its failure rate over
 all probes: the failures the type holds beyond what an average type of that
-size would). Types are ranked by the focus target's excess, so a big type
-the target fails at its usual rate (a habit of the references, an easy skill
-asked often) does not crowd out a small type it fails far more often than
-usual.
+size would) and `score` (the Wilson lower bound of the type's failure rate
+minus the base rate). Types are ranked by the focus target's score: by how
+reliably the target fails there beyond its usual rate, so a big type it
+fails at its usual rate (a habit of the references, a skill asked often)
+does not crowd out a small type it fails every time, and three failures of
+three probes do not outrank thirty of thirty.
 
 Nothing here reads the ground truth; `gap_recall` / `exemplar_precision`
 measure the result against the scene world's truth (planted gaps, exact
@@ -48,6 +54,8 @@ class Probe:
   label: str                 # the normalised consensus answer
   factor: str                # the visual factor changed ("" for a plain question)
   failed: tuple[str, ...]    # targets whose answer differs from the consensus
+  named: tuple[tuple[str, str], ...] = ()   # attributes the question names of its
+                                            # subject, e.g. (("colour", "green"),)
 
 
 @dataclasses.dataclass
@@ -62,14 +70,18 @@ class FailureType:
   factors: dict[str, int]    # visual factor -> failures of the focus target
   ids: list[str]             # the focus target's failure exemplars, in mining order
   excess: dict[str, float] = dataclasses.field(default_factory=dict)  # beyond base rate
+  score: dict[str, float] = dataclasses.field(default_factory=dict)   # ranking score
+  attribute: tuple[str, str] | None = None   # (key, value) of an attribute type
 
   def count(self, target: str) -> int:
     return self.failures.get(target, 0)
 
   def to_json(self, focus: str) -> dict:
     return {"name": self.name, "skill": self.skill, "labels": list(self.labels),
+            "attribute": list(self.attribute) if self.attribute else None,
             "count": self.count(focus), "probes": self.probes, "failures": self.failures,
             "rate": self.rate, "share": self.share, "excess": self.excess,
+            "score": self.score,
             "factors": self.factors, "examples": self.ids[:8]}
 
 
@@ -90,7 +102,8 @@ def _is_num(label: str) -> bool:
 
 
 def _make(skill: str, labels: Sequence[str], members: Sequence[Probe],
-          targets: Sequence[str], focus: str) -> FailureType:
+          targets: Sequence[str], focus: str,
+          attribute: tuple[str, str] | None = None) -> FailureType:
   fails = {t: sum(t in p.failed for p in members) for t in targets}
   n = len(members)
   rate = {t: fails[t] / n if n else float("nan") for t in targets}
@@ -100,13 +113,15 @@ def _make(skill: str, labels: Sequence[str], members: Sequence[Probe],
   for p in members:
     if focus in p.failed:
       factors[p.factor or "none"] = factors.get(p.factor or "none", 0) + 1
-  if len(labels) == 1:
+  if attribute:
+    name = f"{skill or UNKNOWN_SKILL}: {attribute[0]}={attribute[1]}"
+  elif len(labels) == 1:
     name = category(skill, labels[0])
   else:
     name = f"{skill or UNKNOWN_SKILL}: {labels[0]}-{labels[-1]}"
   return FailureType(name=name, skill=skill or UNKNOWN_SKILL, labels=tuple(labels),
                      probes=n, failures=fails, rate=rate, share=share, factors=factors,
-                     ids=[p.id for p in members if focus in p.failed])
+                     ids=[p.id for p in members if focus in p.failed], attribute=attribute)
 
 
 def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
@@ -136,17 +151,53 @@ def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
     for labs in groups:
       members = [p for lab in labs for p in by_cat[(skill, lab)]]
       out.append(_make(skill, labs, members, targets, focus))
+  # Attribute types: a skill's probes whose question names one value of an
+  # attribute of its subject ("shape: colour=green"), for gaps that follow
+  # what is asked about rather than the answer.
+  by_attr: dict[tuple[str, str, str], list[Probe]] = {}
+  for p in probes:
+    for key, value in p.named:
+      by_attr.setdefault((p.skill, key, value), []).append(p)
+  attr_types = [_make(skill, (), members, targets, focus, (key, value))
+                for (skill, key, value), members in sorted(by_attr.items())
+                if len(members) >= min_probes]
   n_all = max(len(probes), 1)
   for t in targets:
     base = sum(t in p.failed for p in probes) / n_all
-    for ty in out:
+    for ty in out + attr_types:
       ty.excess[t] = ty.count(t) - ty.probes * base
-  return rank_types(out, focus)
+      ty.score[t] = wilson_lower(ty.count(t), ty.probes) - base
+  # An attribute type is kept only where it explains failures the answer
+  # types ranked above it do not: at most half of its focus failures may
+  # already lie in better types (else it is a re-cut of them).
+  kept, covered = [], set()
+  for ty in rank_types(out + attr_types, focus):
+    ids = set(ty.ids)
+    if ty.attribute is not None and (not ids or ty.score.get(focus, 0.0) <= 0
+                                     or len(ids & covered) > len(ids) / 2):
+      continue
+    kept.append(ty)
+    if ty.score.get(focus, 0.0) > 0:
+      covered |= ids
+  return rank_types(kept, focus)
+
+
+def wilson_lower(k: int, n: int, z: float = 1.96) -> float:
+  """The Wilson score interval's lower end for k successes in n trials (0 when
+  n is 0): a failure rate that small types must earn with enough probes."""
+  if n <= 0:
+    return 0.0
+  p = k / n
+  centre = p + z * z / (2 * n)
+  margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return float((centre - margin) / (1 + z * z / n))
 
 
 def rank_types(types: Sequence[FailureType], target: str) -> list[FailureType]:
-  """Best first for `target`: by excess failures, then failures, then name."""
-  return sorted(types, key=lambda t: (-t.excess.get(target, 0.0), -t.count(target), t.name))
+  """Best first for `target`: by `score` (the Wilson lower bound of its failure
+  rate on the type, minus its failure rate over all probes), then failures,
+  then name."""
+  return sorted(types, key=lambda t: (-t.score.get(target, 0.0), -t.count(target), t.name))
 
 
 # -- measured against the truth ------------------------------------------------------

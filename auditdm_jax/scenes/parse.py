@@ -215,3 +215,34 @@ def try_answer(scene: Scene, text: str, strict: bool = False
     return answer_question(scene, text, strict), ""
   except QuestionError as e:
     return None, str(e)
+
+
+def subject_attributes(text: str) -> dict[str, str]:
+  """The attributes a question names of its subject (the first noun phrase),
+  from the text alone, no scene: "what shape is the green object?" ->
+  {"colour": "green"}; "how many red objects are there?" -> {"colour": "red"};
+  {} for a question outside the world's wordings. What mining may group by
+  besides the answer (the question's own words, not the truth)."""
+  try:
+    words = words_of(text, "?")
+  except TypeError:
+    return {}
+  ref = None
+  try:
+    if len(words) > 4 and words[0] == "what" and words[1] in ("colour", "shape", "size") \
+        and words[2:4] == ["is", "the"]:
+      ref = parse_ref(words[4:])
+    elif words[:2] == ["how", "many"] and words[-2:] == ["are", "there"]:
+      ref = parse_ref(words[2:-2], plural=True)
+    elif words[:2] == ["is", "there"] and len(words) > 3:
+      ref = parse_ref(words[3:])
+    elif words[:2] == ["is", "the"]:
+      for seq in _RELATIONS:
+        i = _find(words, seq)
+        if i >= 0:
+          ref = parse_ref(words[2:i])
+          break
+  except ValueError:
+    return {}
+  return {} if ref is None else {k: v for k, v in ref.items() if v is not None}
+

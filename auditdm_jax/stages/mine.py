@@ -174,7 +174,9 @@ def scene_truth(records_by_id: dict[str, dict]):
 def analyse(config, records: list[dict], targets: list[str], focus: str, m: dict) -> dict:
   """Failure types and, in the scene world, their truth measurements."""
   probes = [ft.Probe(r["id"], r["skill"], reward_lib.normalise(r["pseudo_label"]),
-                     r["factor"], tuple(r["failed"])) for r in records]
+                     r["factor"], tuple(r["failed"]),
+                     tuple(sorted(parse.subject_attributes(r["question"]).items())))
+            for r in records]
   types = ft.group(probes, targets, focus, float(m["merge_rate"]), int(m["min_probes"]))
   types = [t for t in types if sum(t.failures.values())]   # no target fails: not a failure type
   by_id = {r["id"]: r for r in records}
