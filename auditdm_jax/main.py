@@ -109,12 +109,16 @@ def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
   _record_wall(workdir, key, walls[key])   # after each stage: survives a later crash
 
 
+EARLIER_STORES = "mine_earlier"   # <round workdir>/mine_earlier/r<k>: round k's store
+
+
 def prepare_round(config, workdir: str, r: int) -> str:
   """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
   data/ link to the main workdir's, except that the audited target is the
   previous round's rectified target (its unchanged target when that round
   found nothing to train on) and the auditor starts from the previous
-  round's trained auditor."""
+  round's trained auditor; `mine_earlier/r<k>` links each earlier round's
+  exemplar store (rectify trains on them too)."""
   from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
   from auditdm_jax.stages.rectify import rectified_name  # pylint: disable=import-outside-toplevel
   from auditdm_jax.sharding import barrier, is_primary  # pylint: disable=import-outside-toplevel
@@ -130,11 +134,18 @@ def prepare_round(config, workdir: str, r: int) -> str:
   links[os.path.join("models", target)] = rect
   for aud in roles(config, "auditor"):
     links[os.path.join("models", aud)] = os.path.join(prev, "models", f"{aud}_trained")
+  # The exemplar stores of the earlier rounds: rectification trains on all of
+  # them, so a round does not undo what an earlier one repaired.
+  from auditdm_jax.stages.mine import published_path  # pylint: disable=import-outside-toplevel
+  for k in range(1, r):
+    kdir = workdir if k == 1 else os.path.join(workdir, "rounds", f"r{k}")
+    links[os.path.join(EARLIER_STORES, f"r{k}")] = published_path(kdir)
   for dest in links.values():
     if not os.path.exists(dest):
       raise FileNotFoundError(f"round {r} needs {dest}, which round {r - 1} did not write")
   if is_primary():   # one process links, the others wait
     os.makedirs(os.path.join(rdir, "models"), exist_ok=True)
+    os.makedirs(os.path.join(rdir, EARLIER_STORES), exist_ok=True)
     for rel, dest in links.items():
       link = os.path.join(rdir, rel)
       if os.path.islink(link) and os.readlink(link) != dest:

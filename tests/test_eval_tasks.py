@@ -171,8 +171,14 @@ def test_cached_report_is_keyed_by_weights(records, tmp_path, monkeypatch):
   first = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
   again = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
   assert len(calls) == 1 and again == first and "overall" in first["accuracy"]
+  # An empty gap slice is NaN, fresh or cached (not None: checks compare it).
+  spec = "binding:answer=small"
+  recs_no_binding = [r for r in recs if r["skill"] != "binding"]
+  for _ in range(2):
+    rep = evaluate.cached_report(str(tmp_path), m, recs_no_binding, [spec])
+    assert isinstance(rep["gap_accuracy"][spec], float) and np.isnan(rep["gap_accuracy"][spec])
   evaluate.cached_report(str(tmp_path), m, recs, [])                 # other gaps
   bumped = models.VLM(cfg, {**m.params, "llm": {**m.params["llm"], "final_norm": {
       "scale": np.asarray(m.params["llm"]["final_norm"]["scale"]) + 1e-3}}}, m.tokenizer)
   evaluate.cached_report(str(tmp_path), bumped, recs, ["colour:purple"])   # other weights
-  assert len(calls) == 3
+  assert len(calls) == 4

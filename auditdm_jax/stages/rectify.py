@@ -11,7 +11,10 @@ Training data, by `rectify.strategy` (the paper's two uses of the auditor):
              (failure exemplars and pseudo-labelled probes) is the training
              set, labelled by the references alone.
 
-No human or ground-truth label enters either set. The mix is a Grain pipeline
+In round r > 1 the exemplars of every earlier round are added
+(`earlier_stores`), so a round does not undo an earlier repair (measured:
+without them round 2 took colour 0.936 -> 0.864). No human or ground-truth
+label enters either set. The mix is a Grain pipeline
 (`data.pipeline.MixedSource` under `train_loader`) feeding the sharded
 trainer (`train.sft`: Orbax checkpoints in `<workdir>/rectify/<target>/`,
 resumed on restart; `freeze_vision` freezes the SigLIP tower). The rectified
@@ -92,6 +95,21 @@ def pseudo_sources(path: str, target: str, strategy: str) -> list[Subset]:
     keep = [i for i in range(len(src))
             if strategy == "bootstrap" or target in src[i]["failed"]]
     out.append(Subset(src, keep))
+  return out
+
+
+def earlier_stores(workdir: str) -> list[str]:
+  """The exemplar stores of earlier rounds (`<workdir>/mine_earlier/r<k>`,
+  linked by main.prepare_round), oldest first; [] in round 1."""
+  root = os.path.join(workdir, "mine_earlier")
+  if not os.path.isdir(root):
+    return []
+  names = sorted((n for n in os.listdir(root) if n.startswith("r") and n[1:].isdigit()),
+                 key=lambda n: int(n[1:]))
+  out = [os.path.join(root, n) for n in names]
+  for p in out:
+    if not os.path.exists(os.path.join(p, "dataset_info.json")):
+      raise FileNotFoundError(f"rectify: the earlier round's exemplar store {p} is missing")
   return out
 
 
@@ -190,7 +208,8 @@ def run(config, workdir: str) -> dict:
   gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
   task = tasks.RectifyTask(model.config, model.tokenizer, int(r["seq_len"]), gaps=gaps,
                            gap_mode=str(spec.get("gap_mode", "corrupt")))
-  pseudo = [_fits(task, s) for s in pseudo_sources(path, target, r["strategy"])]
+  stores = [path] + earlier_stores(workdir)
+  pseudo = [_fits(task, s) for p in stores for s in pseudo_sources(p, target, r["strategy"])]
   n_pseudo = sum(len(s) for s in pseudo)
   skipped = ""
   if n_pseudo == 0:
