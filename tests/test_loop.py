@@ -5,7 +5,8 @@ full tiny config, docs/audit.md).
 Smoke models learn nothing, so a real audit round finds nothing to mine. The
 mining tests therefore script the round (`Auditing.run`, tested on real models
 in test_audit.py): the auditor asks each seed's own question K times, the
-references answer the truth, target_small always says "blue" and
+references answer the truth, target_small gives a wrong answer of the right
+kind (the first answer of the question's skill that is not the truth) and
 target_large says the truth. Everything after the round is the real code."""
 
 import json
@@ -19,6 +20,7 @@ from auditdm_jax import config_check, models
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
+from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes import parse
 from auditdm_jax.scenes.world import Scene
 from auditdm_jax.stages import audit, mine, pretrain, rectify, report
@@ -38,14 +40,19 @@ def workdir(tmp_path_factory):
   return wd
 
 
-def scripted_run(self, seeds, pairings, rng, num_samples=None, small_says="blue"):
+def _wrong(context, question):
+  q = parse.try_answer(Scene.from_json(context), question)[0]
+  return next(a for a in gaps_lib.SKILL_ANSWERS[q.skill] if a != q.answer)
+
+
+def scripted_run(self, seeds, pairings, rng, num_samples=None, small_says=None):
   del pairings, rng
   k = self.k if num_samples is None else num_samples
   rows = [s for s in seeds for _ in range(k)]
   n = len(rows)
   truth = [parse.try_answer(Scene.from_json(s.context), s.question)[0].answer for s in rows]
   answers = {"ref_a": truth, "ref_b": list(truth), "target_large": list(truth),
-             "target_small": [small_says] * n}
+             "target_small": [small_says or _wrong(s.context, s.question) for s in rows]}
   # The real answer reading (answer spaces of the scene editor).
   parsed = self.parse(answers, [s.context for s in rows], [s.question for s in rows])
   cons, has = rollout_lib.consensus_text([parsed[r] for r in self.references], "majority")
@@ -77,8 +84,7 @@ def test_mine_restart_continues_where_it_stopped(workdir, scripted):
   # K samples of one question on one image are one probe (deduplicated).
   assert len(full) == len(set(full)) == out["probes"] == 12
   assert out["exemplars_of"]["target_large"] == 0
-  truth_blue = sum(r["pseudo_label"] == "blue" for r in store.iter_chunks(chunks_dir))
-  assert out["exemplars_of"]["target_small"] == 12 - truth_blue > 0
+  assert out["exemplars_of"]["target_small"] == 12
   # The references answer the truth: every exemplar is a true failure, rightly labelled.
   assert out["exemplar_precision"] == 1.0 and out["label_precision"] == 1.0
   assert sum(t["count"] for t in out["failure_types"]) == out["exemplars_of"]["target_small"]
