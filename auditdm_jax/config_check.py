@@ -118,10 +118,10 @@ def pretrain_problems(config) -> list[str]:
   if aud:
     from auditdm_jax.audit.rollout import PAIRINGS  # pylint: disable=import-outside-toplevel
     from auditdm_jax.scenes.text import AUDITOR_TASKS  # pylint: disable=import-outside-toplevel
-    ROUTES = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
-    routes = aud.get("routes", ROUTES)
-    if isinstance(routes, str) or not routes or any(r not in ROUTES for r in routes):
-      problems.append(f"pretrain.auditor.routes must be a non-empty list of {ROUTES}, "
+    known = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
+    routes = aud.get("routes", known)
+    if isinstance(routes, str) or not routes or any(r not in known for r in routes):
+      problems.append(f"pretrain.auditor.routes must be a non-empty list of {known}, "
                       f"got {routes!r}")
     elif "audit" in config:
       used = {t for p, w in dict(config.audit.get("mixture", {})).items() if w

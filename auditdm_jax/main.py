@@ -109,9 +109,6 @@ def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
   _record_wall(workdir, key, walls[key])   # after each stage: survives a later crash
 
 
-EARLIER_STORES = "mine_earlier"   # <round workdir>/mine_earlier/r<k>: round k's store
-
-
 def prepare_round(config, workdir: str, r: int) -> str:
   """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
   data/ link to the main workdir's, except that the audited target is the
@@ -120,7 +117,7 @@ def prepare_round(config, workdir: str, r: int) -> str:
   round's trained auditor; `mine_earlier/r<k>` links each earlier round's
   exemplar store (rectify trains on them too)."""
   from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.stages.rectify import rectified_name  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.stages.rectify import EARLIER_STORES, rectified_name  # pylint: disable=import-outside-toplevel
   from auditdm_jax.sharding import barrier, is_primary  # pylint: disable=import-outside-toplevel
   prev = workdir if r == 2 else os.path.join(workdir, "rounds", f"r{r - 1}")
   rdir = os.path.join(workdir, "rounds", f"r{r}")

@@ -182,3 +182,10 @@ def test_cached_report_is_keyed_by_weights(records, tmp_path, monkeypatch):
       "scale": np.asarray(m.params["llm"]["final_norm"]["scale"]) + 1e-3}}}, m.tokenizer)
   evaluate.cached_report(str(tmp_path), bumped, recs, ["colour:purple"])   # other weights
   assert len(calls) == 4
+  # A corrupt cache entry is measured again (and rewritten), not a crash.
+  for path in (tmp_path / "eval_cache").iterdir():
+    path.write_text("{not json")
+  again = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  assert len(calls) == 5 and again == first
+  assert evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"]) == first
+  assert len(calls) == 5

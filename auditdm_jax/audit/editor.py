@@ -68,7 +68,11 @@ def _rejected(reason: str) -> Rendered:
 
 
 class SceneEditor:
-  """The exact editor of the scene world (contexts are scene JSON strings)."""
+  """The exact editor of the scene world (contexts are scene JSON strings);
+  `strict=False` accepts any wording the parser understands (module doc)."""
+
+  def __init__(self, strict: bool = True):
+    self.strict = bool(strict)
 
   def edit(self, images, commands, contexts) -> list[Rendered]:
     if not len(images) == len(commands) == len(contexts):
@@ -92,9 +96,6 @@ class SceneEditor:
       out.append(_rejected(why) if scene is None else
                  Rendered(world.render(scene), scene.to_json(), True, "", "scene"))
     return out
-
-  def __init__(self, strict: bool = True):
-    self.strict = bool(strict)
 
   def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
     out = []

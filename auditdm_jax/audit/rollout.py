@@ -336,7 +336,13 @@ def consensus_truth(roll: Rollout, editor: Editor) -> tuple[float, int]:
   ground truth, #such probes with a known truth): how far the references can
   be trusted on the questions the auditor writes. Measurement only: the
   reward never sees the truth."""
-  idx = np.nonzero(roll.valid & roll.has_consensus)[0]
+  return _consensus_is_truth(roll, editor, roll.valid & roll.has_consensus)
+
+
+def _consensus_is_truth(roll: Rollout, editor: Editor, rows) -> tuple[float, int]:
+  """(fraction of `rows` whose consensus is the ground truth, #rows with a
+  known truth); NaN when there are none."""
+  idx = np.nonzero(rows)[0]
   truth = editor.ground_truth([roll.context[i] for i in idx], [roll.question[i] for i in idx])
   known = [(roll.consensus[i], t) for i, t in zip(idx, truth) if t is not None]
   if not known:
@@ -347,10 +353,4 @@ def consensus_truth(roll: Rollout, editor: Editor) -> tuple[float, int]:
 def precision_gt(roll: Rollout, editor: Editor) -> tuple[float, int]:
   """(fraction of successes whose consensus is the ground truth, #successes
   with a known ground truth); NaN when there are none."""
-  idx = np.nonzero(roll.success)[0]
-  truth = editor.ground_truth([roll.context[i] for i in idx], [roll.question[i] for i in idx])
-  known = [(roll.consensus[i], t) for i, t in zip(idx, truth) if t is not None]
-  if not known:
-    return float("nan"), 0
-  ok = [c == reward_lib.normalise(t) for c, t in known]
-  return float(np.mean(ok)), len(known)
+  return _consensus_is_truth(roll, editor, roll.success)

@@ -126,8 +126,10 @@ def _make(skill: str, labels: Sequence[str], members: Sequence[Probe],
 
 def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
           merge_rate: float = 0.5, min_probes: int = 3) -> list[FailureType]:
-  """Failure types of `probes`, ranked for the focus target (`rank_types`). Adjacent numeric answers of one skill merge when the focus
-  target fails on each at >= merge_rate (each with >= min_probes probes)."""
+  """Failure types of `probes`, ranked for the focus target (`rank_types`).
+  Adjacent numeric answers of one skill merge when the focus target fails on
+  each at >= merge_rate (each with >= min_probes probes); attribute types
+  need >= min_probes probes too."""
   if focus not in targets:
     raise ValueError(f"focus target {focus!r} is not among the targets {list(targets)}")
   by_cat: dict[tuple[str, str], list[Probe]] = {}

@@ -10,9 +10,10 @@ Writes `<workdir>/eval.json`:
    "checks": [{"model", "check", "value", "target", "ok"}], "benchmark": {...}}
 For the auditor, "accuracy" holds the fraction of well-formed outputs per
 route it was warm-started on (`pretrain.auditor.routes`; question / edit /
-caption) and overall: what the warm start is trained
-to do; once the audit stage has run, the GRPO-trained auditor
-(`<auditor>_trained`) is evaluated too, under that name. The checks are the scene world's targets (docs/scene_world.md):
+caption) and overall: what the warm start is trained to do; once the audit
+stage has run, the GRPO-trained auditor (`<auditor>_trained`) is evaluated
+too, under that name. The checks are the scene world's targets
+(docs/scene_world.md):
 references >= 0.9 overall and >= 0.8 on every skill; each target >= 0.8 on
 every skill without a planted gap and, on each gap slice, at most 0.6 times
 its mean accuracy on the healthy skills. A miss is reported, not raised.
@@ -60,8 +61,11 @@ def cached_report(workdir: str, model, records: list[dict], gaps: list[str]) -> 
   h.update("|".join(gaps).encode())
   path = os.path.join(workdir, "eval_cache", h.hexdigest()[:20] + ".json")
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, ValueError) as e:   # a corrupt entry: measure again, rewrite it
+      print(f"eval: cache entry {path} is unreadable ({e}); measuring again", flush=True)
   rep = benchmark.evaluate_answerer(model, records, gaps)
   # Plain JSON with NaN kept as NaN (an empty gap slice), so a cached report
   # reads back exactly as a fresh one.

@@ -98,10 +98,13 @@ def pseudo_sources(path: str, target: str, strategy: str) -> list[Subset]:
   return out
 
 
+EARLIER_STORES = "mine_earlier"   # <round workdir>/mine_earlier/r<k>: round k's store
+
+
 def earlier_stores(workdir: str) -> list[str]:
   """The exemplar stores of earlier rounds (`<workdir>/mine_earlier/r<k>`,
   linked by main.prepare_round), oldest first; [] in round 1."""
-  root = os.path.join(workdir, "mine_earlier")
+  root = os.path.join(workdir, EARLIER_STORES)
   if not os.path.isdir(root):
     return []
   names = sorted((n for n in os.listdir(root) if n.startswith("r") and n[1:].isdigit()),
