@@ -18,7 +18,7 @@ from auditdm_jax.scenes import examples, questions
 from auditdm_jax.scenes.world import Obj, Scene, render
 from auditdm_jax.stages import mine as mine_stage
 from auditdm_jax.stages import report as report_stage
-from auditdm_jax.stages.rectify import Subset, checks
+from auditdm_jax.stages.rectify import Subset, anchor_sources, checks
 
 flags.FLAGS.mark_as_parsed()
 
@@ -249,6 +249,28 @@ def test_rectify_task_trains_pseudo_labels_and_keeps_gaps_on_original_data():
   row = task(rec)
   answer_ids = row["tokens"][row["mask_ar"].astype(bool)].tolist()
   assert tok.decode([t for t in answer_ids if t != tok.eos_id]).strip() != "purple"
+
+
+def test_anchor_sources_are_agreed_probes_of_the_exemplars_skills(tmp_path):
+  """Anchors: the pseudo-labelled probes (every target agreed) of the skills
+  the focus target's exemplars have, from every store given; none of
+  another skill, no exemplar."""
+  chunks = str(tmp_path / "chunks")
+  recs = [_record(0), _record(1, skill="counting", label="five"),
+          _record(2, failed=()), _record(3, failed=(), skill="counting", label="two"),
+          _record(4, failed=(), skill="shape", label="circle"),
+          _record(5, failed=(), skill="colour", label="blue")]
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), recs)
+  path = store.publish(chunks, str(tmp_path / "tfds"))
+  ex = store.data_source(path, "exemplars")
+  only_colour = Subset(ex, [i for i in range(len(ex)) if ex[i]["skill"] == "colour"])
+  got = anchor_sources([path], [only_colour])
+  assert [len(s) for s in got] == [2]
+  assert sorted(got[0][i]["id"] for i in range(len(got[0]))) == ["id0002", "id0005"]
+  assert all(not got[0][i]["failed"] for i in range(len(got[0])))
+  both = anchor_sources([path, path], [Subset(ex, range(len(ex)))])
+  assert [len(s) for s in both] == [3, 3]
+  assert {both[0][i]["skill"] for i in range(3)} == {"colour", "counting"}
 
 
 def test_rectify_checks():

@@ -7,6 +7,10 @@ Training data, by `rectify.strategy` (the paper's two uses of the auditor):
              real configs' `data.rectify_train` dataset) mixed
              with its failure exemplars (question -> reference consensus on
              the image it failed on) at `mix_ratio` exemplar rows per row;
+             with `anchor_ratio` > 0 that share of the exemplar rows are
+             anchors instead (`anchor_sources`: consensus-backed probes of
+             the exemplars' skills on which every target agreed), so the
+             healthy part of a repaired skill stays in place;
   bootstrap  no labelled data: every consensus-backed probe of the store
              (failure exemplars and pseudo-labelled probes) is the training
              set, labelled by the references alone.
@@ -53,7 +57,8 @@ from auditdm_jax.train import sft, tasks
 from auditdm_jax.utils.fileio import atomic_write_text
 
 STRATEGIES = ("augment", "bootstrap")
-DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, freeze_vision=True, seq_len=32,
+DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
+                freeze_vision=True, seq_len=32,
                 steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
                 checkpoint_every=100, log_every=50)
 GAIN, HEALTHY_COST = 0.20, 0.02    # issue targets: gapped skills +20 points, healthy -2 at most
@@ -66,6 +71,8 @@ def settings(config) -> dict:
     raise ValueError(f"rectify.strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
   if not 0.0 < float(r["mix_ratio"]) <= 1.0:
     raise ValueError(f"rectify.mix_ratio must be in (0, 1], got {r['mix_ratio']!r}")
+  if not 0.0 <= float(r["anchor_ratio"]) < 1.0:
+    raise ValueError(f"rectify.anchor_ratio must be in [0, 1), got {r['anchor_ratio']!r}")
   return r
 
 
@@ -95,6 +102,21 @@ def pseudo_sources(path: str, target: str, strategy: str) -> list[Subset]:
     keep = [i for i in range(len(src))
             if strategy == "bootstrap" or target in src[i]["failed"]]
     out.append(Subset(src, keep))
+  return out
+
+
+def anchor_sources(paths, exemplars) -> list[Subset]:
+  """Anchors for `augment`: the consensus-backed probes on which every target
+  agreed with the references (`pseudo_labelled`), of the question skills
+  (`skill`, read from the question text when mined) that the exemplars
+  have. They keep the healthy part of a repaired skill in place: exemplars
+  of one failing slice alone (e.g. only large counts) pull the answers of
+  the rest of the skill towards it. Labels are the reference consensus."""
+  skills = {s.source[int(i)]["skill"] for s in exemplars for i in s.indices}
+  out = []
+  for p in paths:
+    src = store.data_source(p, "pseudo_labelled")
+    out.append(Subset(src, [i for i in range(len(src)) if src[i]["skill"] in skills]))
   return out
 
 
@@ -153,18 +175,23 @@ def checks(target: str, gaps: list[str], before: dict, after: dict, others: list
   return out
 
 
-def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_pseudo: int):
+def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_pseudo: int,
+           anchors=()):
   """Fine-tunes `model` on the mix; returns (rectified VLM, training summary)."""
   seed = int(config.seed)
   cfg = model.config
   pseudo = [s for s in pseudo if len(s)]
+  anchors = [s for s in anchors if len(s)]
   if r["strategy"] == "augment":
     orig = labelled_source(config, workdir, cfg.vision.image_size)
     ratio = float(r["mix_ratio"])
-    sources = [orig] + pseudo
-    weights = [1.0 - ratio] + [ratio * len(s) / n_pseudo for s in pseudo]
+    a = float(r["anchor_ratio"]) if anchors else 0.0
+    n_anchor = sum(len(s) for s in anchors)
+    sources = [orig] + pseudo + anchors
+    weights = ([1.0 - ratio] + [ratio * (1 - a) * len(s) / n_pseudo for s in pseudo]
+               + [ratio * a * len(s) / n_anchor for s in anchors])
     if ratio == 1.0:
-      sources, weights = pseudo, weights[1:]
+      sources, weights = sources[1:], weights[1:]
   else:
     sources, weights = pseudo, [len(s) / n_pseudo for s in pseudo]
   mixed = pipeline.MixedSource(sources, weights, seed=seed)
@@ -214,6 +241,10 @@ def run(config, workdir: str) -> dict:
   stores = [path] + earlier_stores(workdir)
   pseudo = [_fits(task, s) for p in stores for s in pseudo_sources(p, target, r["strategy"])]
   n_pseudo = sum(len(s) for s in pseudo)
+  anchors = []
+  if r["strategy"] == "augment" and float(r["anchor_ratio"]) > 0 and n_pseudo:
+    anchors = [_fits(task, s) for s in anchor_sources(stores, pseudo)]
+  n_anchor = sum(len(s) for s in anchors)
   skipped = ""
   if n_pseudo == 0:
     # Nothing was found (or nothing fits seq_len): the target stays as it is.
@@ -223,7 +254,8 @@ def run(config, workdir: str) -> dict:
     print(f"rectify: {skipped}", flush=True)
     rect, summary = model, {"steps": 0, "resumed": False, "final": {}, "wall_s": 0.0}
   else:
-    rect, summary = _train(config, workdir, r, target, model, task, pseudo, n_pseudo)
+    rect, summary = _train(config, workdir, r, target, model, task, pseudo, n_pseudo,
+                           anchors)
   out_name = rectified_name(target)
   if not skipped:
     rect.save(model_dir(workdir, out_name))
@@ -248,7 +280,8 @@ def run(config, workdir: str) -> dict:
   out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
          "strategy": r["strategy"],
          "mix_ratio": float(r["mix_ratio"]), "freeze_vision": bool(r["freeze_vision"]),
-         "pseudo_labelled_rows": n_pseudo, "gaps": gaps,
+         "pseudo_labelled_rows": n_pseudo, "anchor_ratio": float(r["anchor_ratio"]),
+         "anchor_rows": n_anchor, "gaps": gaps,
          "gapped_skills": sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps}),
          "accuracy_before": before, "accuracy_after": after,
          "gap_accuracy_before": gap_before, "gap_accuracy_after": gap_after,
