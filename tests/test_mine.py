@@ -18,7 +18,7 @@ from auditdm_jax.scenes import examples, questions
 from auditdm_jax.scenes.world import Obj, Scene, render
 from auditdm_jax.stages import mine as mine_stage
 from auditdm_jax.stages import report as report_stage
-from auditdm_jax.stages.rectify import Subset, anchor_sources, checks
+from auditdm_jax.stages.rectify import Subset, anchor_sources, checks, skill_weights
 
 flags.FLAGS.mark_as_parsed()
 
@@ -271,6 +271,26 @@ def test_anchor_sources_are_agreed_probes_of_the_exemplars_skills(tmp_path):
   both = anchor_sources([path, path], [Subset(ex, range(len(ex)))])
   assert [len(s) for s in both] == [3, 3]
   assert {both[0][i]["skill"] for i in range(3)} == {"colour", "counting"}
+
+
+def test_skill_weights_temper_each_skills_share():
+  """power 0: the records' own proportions (the subsets as given); 1: every
+  skill the same share; 0.5: shares as sqrt(n). Within a skill, subsets
+  (stores) keep their sizes' proportions."""
+  recs = [{"skill": "counting"}] * 80 + [{"skill": "colour"}] * 20
+  a, b = Subset(recs, range(0, 50)), Subset(recs, range(50, 100))   # b: 30 counts, 20 colours
+  parts, w = skill_weights([a, b], 0.0)
+  assert [len(p) for p in parts] == [50, 50] and np.allclose(w, [0.5, 0.5])
+  share = lambda parts, w, k: sum(x for p, x in zip(parts, w) if recs[int(p.indices[0])]["skill"] == k)
+  for power, colour in ((1.0, 0.5), (0.5, np.sqrt(20) / (np.sqrt(20) + np.sqrt(80)))):
+    parts, w = skill_weights([a, b], power)
+    assert np.isclose(sum(w), 1.0)
+    assert all(len({recs[int(i)]["skill"] for i in p.indices}) == 1 for p in parts)
+    assert sorted(len(p) for p in parts) == [20, 30, 50]
+    assert np.isclose(share(parts, w, "colour"), colour)
+    counting = [(len(p), x) for p, x in zip(parts, w) if recs[int(p.indices[0])]["skill"] == "counting"]
+    (n1, w1), (n2, w2) = counting
+    assert np.isclose(w1 / w2, n1 / n2)
 
 
 def test_rectify_checks():

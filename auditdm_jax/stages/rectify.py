@@ -10,7 +10,9 @@ Training data, by `rectify.strategy` (the paper's two uses of the auditor):
              with `anchor_ratio` > 0 that share of the exemplar rows are
              anchors instead (`anchor_sources`: consensus-backed probes of
              the exemplars' skills on which every target agreed), so the
-             healthy part of a repaired skill stays in place;
+             healthy part of a repaired skill stays in place; with
+             `skill_balance` p > 0 the exemplars' skills get shares
+             proportional to n_s ** (1 - p) (`skill_weights`);
   bootstrap  no labelled data: every consensus-backed probe of the store
              (failure exemplars and pseudo-labelled probes) is the training
              set, labelled by the references alone.
@@ -58,7 +60,7 @@ from auditdm_jax.utils.fileio import atomic_write_text
 
 STRATEGIES = ("augment", "bootstrap")
 DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
-                freeze_vision=True, seq_len=32,
+                skill_balance=0.0, freeze_vision=True, seq_len=32,
                 steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
                 checkpoint_every=100, log_every=50)
 GAIN, HEALTHY_COST = 0.20, 0.02    # issue targets: gapped skills +20 points, healthy -2 at most
@@ -73,6 +75,8 @@ def settings(config) -> dict:
     raise ValueError(f"rectify.mix_ratio must be in (0, 1], got {r['mix_ratio']!r}")
   if not 0.0 <= float(r["anchor_ratio"]) < 1.0:
     raise ValueError(f"rectify.anchor_ratio must be in [0, 1), got {r['anchor_ratio']!r}")
+  if not 0.0 <= float(r["skill_balance"]) <= 1.0:
+    raise ValueError(f"rectify.skill_balance must be in [0, 1], got {r['skill_balance']!r}")
   return r
 
 
@@ -138,6 +142,31 @@ def earlier_stores(workdir: str) -> list[str]:
   return out
 
 
+def skill_weights(subsets, power: float) -> tuple[list[Subset], list[float]]:
+  """`subsets` split by their records' `skill`, with weights (summing to 1)
+  that give skill s a share proportional to n_s ** (1 - power) (n_s: its records
+  over all subsets): 0 keeps the records' own proportions, 1 gives every
+  skill the same share (temperature sampling, as multilingual mixtures
+  do). A skill with few exemplars (a colour among counts) is then not
+  drowned by the biggest failure skill."""
+  if power == 0:
+    total = sum(len(s) for s in subsets)
+    return list(subsets), [len(s) / total for s in subsets]
+  parts, skill_of = [], []
+  for sub in subsets:
+    by: dict[str, list[int]] = {}
+    for i in sub.indices:
+      by.setdefault(sub.source[int(i)]["skill"], []).append(int(i))
+    for k in sorted(by):
+      parts.append(Subset(sub.source, by[k]))
+      skill_of.append(k)
+  n = {k: sum(len(p) for p, q in zip(parts, skill_of) if q == k) for k in set(skill_of)}
+  mass = {k: float(v) ** (1.0 - power) for k, v in n.items()}
+  total = sum(mass.values())
+  weights = [mass[k] / total * len(p) / n[k] for p, k in zip(parts, skill_of)]
+  return parts, weights
+
+
 def _fits(task: tasks.RectifyTask, src: Subset) -> Subset:
   """Drops records whose question + pseudo-label exceed the task's seq_len."""
   keep = []
@@ -187,8 +216,9 @@ def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_ps
     ratio = float(r["mix_ratio"])
     a = float(r["anchor_ratio"]) if anchors else 0.0
     n_anchor = sum(len(s) for s in anchors)
+    pseudo, w_pseudo = skill_weights(pseudo, float(r["skill_balance"]))
     sources = [orig] + pseudo + anchors
-    weights = ([1.0 - ratio] + [ratio * (1 - a) * len(s) / n_pseudo for s in pseudo]
+    weights = ([1.0 - ratio] + [ratio * (1 - a) * w for w in w_pseudo]
                + [ratio * a * len(s) / n_anchor for s in anchors])
     if ratio == 1.0:
       sources, weights = sources[1:], weights[1:]
