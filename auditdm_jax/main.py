@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, stages
+from auditdm_jax.pipeline import rounds
 from auditdm_jax.utils.fileio import atomic_write_text
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,7 +33,6 @@ _WORKDIR = flags.DEFINE_string(
     "(default: the config's `workdir`).")
 
 
-LOOP = ("audit", "mine", "rectify")   # the stages a later round repeats
 
 
 def initialize_distributed() -> None:
@@ -109,50 +109,6 @@ def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
   _record_wall(workdir, key, walls[key])   # after each stage: survives a later crash
 
 
-def prepare_round(config, workdir: str, r: int) -> str:
-  """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
-  data/ link to the main workdir's, except that the audited target is the
-  previous round's rectified target (its unchanged target when that round
-  found nothing to train on) and the auditor starts from the previous
-  round's trained auditor; `mine_earlier/r<k>` links each earlier round's
-  exemplar store (rectify trains on them too)."""
-  from auditdm_jax.stages.audit import audit_target, roles  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.stages.rectify import EARLIER_STORES, rectified_name  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.sharding import barrier, is_primary  # pylint: disable=import-outside-toplevel
-  prev = workdir if r == 2 else os.path.join(workdir, "rounds", f"r{r - 1}")
-  rdir = os.path.join(workdir, "rounds", f"r{r}")
-  target = audit_target(config)
-  links = {"data": os.path.join(workdir, "data")}
-  for name in config.models:
-    links[os.path.join("models", name)] = os.path.join(workdir, "models", name)
-  rect = os.path.join(prev, "models", rectified_name(target))
-  if not os.path.exists(rect):   # the previous round found nothing to train on
-    rect = os.path.realpath(os.path.join(prev, "models", target))
-  links[os.path.join("models", target)] = rect
-  for aud in roles(config, "auditor"):
-    links[os.path.join("models", aud)] = os.path.join(prev, "models", f"{aud}_trained")
-  # The exemplar stores of the earlier rounds: rectification trains on all of
-  # them, so a round does not undo what an earlier one repaired.
-  from auditdm_jax.stages.mine import published_path  # pylint: disable=import-outside-toplevel
-  for k in range(1, r):
-    kdir = workdir if k == 1 else os.path.join(workdir, "rounds", f"r{k}")
-    links[os.path.join(EARLIER_STORES, f"r{k}")] = published_path(kdir)
-  for dest in links.values():
-    if not os.path.exists(dest):
-      raise FileNotFoundError(f"round {r} needs {dest}, which round {r - 1} did not write")
-  if is_primary():   # one process links, the others wait
-    os.makedirs(os.path.join(rdir, "models"), exist_ok=True)
-    os.makedirs(os.path.join(rdir, EARLIER_STORES), exist_ok=True)
-    for rel, dest in links.items():
-      link = os.path.join(rdir, rel)
-      if os.path.islink(link) and os.readlink(link) != dest:
-        os.unlink(link)
-      if not os.path.lexists(link):
-        os.symlink(dest, link)
-  barrier(f"auditdm round {r} links")
-  return rdir
-
-
 def run(config, workdir: str) -> dict:
   """Runs config.stage ('all' or one stage); returns {stage: wall seconds}.
 
@@ -171,15 +127,13 @@ def run(config, workdir: str) -> dict:
     stages.get(config.stage)  # raises StageNotImplemented / ValueError early
     _run_stage(config, config.stage, workdir, config.stage, walls)
   else:
-    rounds = int(config.get("rounds", 1))
-    for name in stages.ORDER:
-      _run_stage(config, name, workdir, name, walls)
-      if name == LOOP[-1]:
-        for r in range(2, rounds + 1):
-          rdir = prepare_round(config, workdir, r)
-          for loop_name in LOOP:
-            _run_stage(config, loop_name, rdir, f"{loop_name}_r{r}", walls)
-            _record_wall(workdir, f"{loop_name}_r{r}", walls[f"{loop_name}_r{r}"])
+    dirs = {1: workdir}
+    for name, r, key in rounds.schedule(stages.STAGES, int(config.get("rounds", 1))):
+      if r not in dirs:
+        dirs[r] = rounds.prepare_round(config, workdir, r)
+      _run_stage(config, name, dirs[r], key, walls)
+      if r > 1:                         # the main workdir's stages.json has every round
+        _record_wall(workdir, key, walls[key])
   print(f"done: {', '.join(f'{k} {v:.1f}s' for k, v in walls.items())}; "
         f"outputs in {workdir}", flush=True)
   report = os.path.join(workdir, "report.html")

@@ -1,7 +1,7 @@
 """Controlled learnability harness for the scene models (docs/scene_world.md).
 
 Trains one scene-world answering model (built by `vlm.build`, the project's
-loss `sft.loss_fn`, rows made by `tasks.VQATask` from `scenes.examples`) on a
+loss `loss_lib.loss_fn`, rows made by `tasks.VQATask` from `scenes.examples`) on a
 chosen set of skills, changing one factor at a time, and prints held-out
 per-skill accuracy (every answer token right, teacher-forced) at fixed steps.
 
@@ -175,7 +175,8 @@ def main():
   from auditdm_jax.scenes import questions as Q  # pylint: disable=import-outside-toplevel
   from auditdm_jax.scenes.text import world_tokenizer  # pylint: disable=import-outside-toplevel
   from auditdm_jax.stages.pretrain import scale_post_norms  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.train import sft, tasks, vision  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.train import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.train import tasks, vision  # pylint: disable=import-outside-toplevel
 
   skills = Q.SKILLS if args.skills == "all" else tuple(args.skills.split(","))
   t0 = time.time()
@@ -263,7 +264,7 @@ def main():
   def total_loss(q, batch):
     q, heads = ({k: v for k, v in q.items() if not k.startswith("aux_")},
                 {k: v for k, v in q.items() if k.startswith("aux_")})
-    loss, _ = sft.loss_fn(cfg, q, batch)
+    loss, _ = loss_lib.loss_fn(cfg, q, batch)
     if not args.phrase_aux:
       return loss
     h = module.apply({"params": q}, batch["images"], batch["tokens"], batch["input_mask"],
@@ -289,8 +290,8 @@ def main():
   @jax.jit
   def correct(p, batch):
     p = {k: v for k, v in p.items() if not k.startswith("aux_")}
-    _, ok = sft.token_stats(cfg, p, batch)
-    m = sft.loss_mask(batch)
+    _, ok = loss_lib.token_stats(cfg, p, batch)
+    m = loss_lib.loss_mask(batch)
     return jnp.all(ok | ~m, axis=-1)
 
   def evaluate(p):

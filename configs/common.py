@@ -103,8 +103,7 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       answer_tokens=16,                  # greedy answer length of the target and references
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0,
                   max_answer_tokens=16),
-      eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2,
-      mesh=dict(c.mesh)))
+      eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2))
   # Mining: the trained auditor over 20K seed images (the paper's audit
   # budget on VQAv2), K probes each.
   c.mine = ml_collections.ConfigDict(dict(
@@ -116,14 +115,10 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       seq_len=answer_prompt_len + 32, steps=2000, batch=256, lr=1e-5, warmup=0.05,
       end_lr=0.0, checkpoint_every=500, log_every=50))
   c.eval = ml_collections.ConfigDict(dict(max_examples=0, batch=64))
-  c.rl = ml_collections.ConfigDict(dict(
-      steps=steps, global_batch=prompts * k, num_samples=k, lr=3e-6, final_lr=1e-6,
-      warmup_fraction=0.1, clip_epsilon=0.2, kl_beta=0.04, temperature=1.0,
-      max_new_tokens=new_tokens, train_vision=False, grad_accum=grad_accum))
-  c.answers = ml_collections.ConfigDict(dict(max_new_tokens=c.audit.answer_tokens,
-                                             temperature=0.0))
+  # The planner's own knobs; its workload (GRPO batch, token counts, what
+  # trains) it reads from the audit section above (tools/plan.workload).
   c.plan = ml_collections.ConfigDict(dict(
-      slices=(c.slice,), auditor_prompt_len=prompt_len, answer_prompt_len=answer_prompt_len,
+      slices=(c.slice,), answer_prompt_len=answer_prompt_len,
       kv_cache_dtype="bfloat16", activation_dtype="bfloat16", hbm_headroom=0.9))
 
 
@@ -143,8 +138,8 @@ def runlocal(c, auditor="tiny-gemma3", answerer="tiny-paligemma2"):
                       checkpoint_every=1, log_every=1, max_new_tokens=8, seq_len=96))
   c.audit.grpo.num_samples = 2
   c.audit.optim.update(dict(lr=1e-3, grad_accum=1))
-  c.audit.mesh = dict(data=1, fsdp=-1, model=1)
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))   # every model's mesh
   c.mine.update(dict(seeds=4, samples_per_seed=2, chunk_seeds=2, min_probes=1))
   c.rectify.update(dict(steps=2, batch=4, seq_len=64, checkpoint_every=1, log_every=1))
   c.eval.update(dict(max_examples=4, batch=4))
-  c.audit.answer_tokens = c.answers.max_new_tokens = 4
+  c.audit.answer_tokens = 4

@@ -13,14 +13,22 @@ ALLOWED = {
                            "auditdm_jax.sharding", "auditdm_jax.sampling",
                            "auditdm_jax.scenes", "auditdm_jax.data", "auditdm_jax.train",
                            "auditdm_jax.eval", "auditdm_jax.audit", "auditdm_jax.mine",
-                           "auditdm_jax.report"},
+                           "auditdm_jax.report", "auditdm_jax.pipeline"},
+    "auditdm_jax.pipeline": {"auditdm_jax.models", "auditdm_jax.utils", "auditdm_jax.sharding",
+                             "auditdm_jax.sampling", "auditdm_jax.scenes", "auditdm_jax.data",
+                             "auditdm_jax.train", "auditdm_jax.eval", "auditdm_jax.audit",
+                             "auditdm_jax.mine", "auditdm_jax.pipeline"},
     "auditdm_jax.config_check": {"auditdm_jax.models", "auditdm_jax.scenes",
                                  "auditdm_jax.stages", "auditdm_jax.audit", "auditdm_jax.data",
-                                 "auditdm_jax.utils"},
+                                 "auditdm_jax.utils", "auditdm_jax.pipeline",
+                                 "auditdm_jax.sharding"},
     "auditdm_jax.audit": {"auditdm_jax.models", "auditdm_jax.sharding", "auditdm_jax.sampling",
                           "auditdm_jax.scenes",
-                          "auditdm_jax.train", "auditdm_jax.eval", "auditdm_jax.audit"},
-    "auditdm_jax.mine": {"auditdm_jax.audit", "auditdm_jax.scenes", "auditdm_jax.mine"},
+                          "auditdm_jax.train", "auditdm_jax.eval", "auditdm_jax.audit",
+                          "auditdm_jax.utils"},
+    "auditdm_jax.mine": {"auditdm_jax.audit", "auditdm_jax.scenes", "auditdm_jax.mine",
+                         "auditdm_jax.data", "auditdm_jax.sharding", "auditdm_jax.train",
+                         "auditdm_jax.utils"},
     "auditdm_jax.report": {"auditdm_jax.utils", "auditdm_jax.data.records",
                            "auditdm_jax.report"},
     "auditdm_jax.scenes": {"auditdm_jax.scenes", "auditdm_jax.models.tokenizer"},
@@ -32,7 +40,8 @@ ALLOWED = {
     "auditdm_jax.sharding": set(),
     "auditdm_jax.sampling": {"auditdm_jax.models", "auditdm_jax.sharding"},
     "auditdm_jax.tools": {"auditdm_jax.models", "auditdm_jax.sharding",
-                          "auditdm_jax.config_check", "auditdm_jax.tools"},
+                          "auditdm_jax.config_check", "auditdm_jax.tools",
+                          "auditdm_jax.pipeline"},
 }
 FORBIDDEN_EVERYWHERE = ("torch", "transformers")
 
@@ -78,3 +87,53 @@ def test_every_package_has_a_rule():
   uncovered = [p for p in packages
                if not any(p == k or p.startswith(k + ".") for k in ALLOWED)]
   assert not uncovered, f"add these to docs/architecture.md and ALLOWED: {uncovered}"
+
+
+def _stage_modules():
+  return {m: p for m, p in _modules() if m.startswith("auditdm_jax.stages.")}
+
+
+def test_no_stage_imports_another_stage():
+  """A stage is wiring: what two stages share lives in auditdm_jax.pipeline
+  (or below), never in another stage's module."""
+  violations = []
+  for mod, path in _stage_modules().items():
+    for name in set(_imports(path)):
+      other = next((m for m in _stage_modules() if name == m or name.startswith(m + ".")), None)
+      if other is not None and other != mod:
+        violations.append(f"{mod} imports {name}")
+      if name == "auditdm_jax.stages":
+        violations.append(f"{mod} imports the stage registry")
+  assert not violations, "\n".join(violations)
+
+
+def test_every_stage_module_declares_its_stage():
+  from auditdm_jax import stages   # pylint: disable=import-outside-toplevel
+  declared = {s.run.__module__ for s in stages.STAGES}
+  assert declared == set(_stage_modules()), (declared, set(_stage_modules()))
+  assert len(set(stages.ORDER)) == len(stages.ORDER)
+
+
+def test_stage_table_in_docs_is_the_declarations():
+  """docs/architecture.md's stage table is exactly `stages.table()` (the
+  declarations' reads and writes), so the two cannot drift apart."""
+  from auditdm_jax import stages   # pylint: disable=import-outside-toplevel
+  doc = open(os.path.join(os.path.dirname(ROOT), "docs", "architecture.md")).read()
+  assert stages.table() in doc, ("docs/architecture.md's stage table differs from the "
+                                 "declarations; paste stages.table():\n" + stages.table())
+
+
+def test_model_name_suffixes_have_one_home():
+  """`<auditor>_trained` and `<target>_rectified` are spelled only in
+  pipeline/layout.py (code, not docstrings or comments)."""
+  offenders = []
+  for mod, path in _modules():
+    if mod == "auditdm_jax.pipeline.layout":
+      continue
+    for node in ast.walk(ast.parse(open(path).read())):
+      # the suffix as a piece of a name being built: f"{name}_trained", x + "_trained",
+      # name.endswith("_trained")
+      if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+          and node.value.startswith(("_trained", "_rectified"))):
+        offenders.append(f"{mod}:{node.lineno}: {node.value!r}")
+  assert not offenders, "\n".join(offenders)

@@ -326,7 +326,7 @@ def test_rollout_with_tiny_random_models(tiny_models):
     if roll.pairings[i] == "edit" and roll.valid[i]:
       assert roll.question[i] == "how many objects are there?"
   # GRPO rows: a placeholder second row for one-text pairings has no loss tokens
-  from auditdm_jax.stages.audit import build_batch
+  from auditdm_jax.audit.learner import build_batch
   adv = np.asarray(grpo.group_advantages(roll.reward, k))
   # Packed: 6 first texts, the 2 second texts, then 3 placeholders of a budget of 5.
   batch = build_batch(auditor.config, roll, adv, 112, 5, "token_mean")

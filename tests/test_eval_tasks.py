@@ -11,6 +11,7 @@ from auditdm_jax.models import presets
 from auditdm_jax.scenes import examples, gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.pipeline import evaluation
 from auditdm_jax.stages import evaluate
 from auditdm_jax.train import tasks
 
@@ -168,24 +169,24 @@ def test_cached_report_is_keyed_by_weights(records, tmp_path, monkeypatch):
   monkeypatch.setattr(benchmark, "evaluate_answerer",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   recs = records[:8]
-  first = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
-  again = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  first = evaluation.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  again = evaluation.cached_report(str(tmp_path), m, recs, ["colour:purple"])
   assert len(calls) == 1 and again == first and "overall" in first["accuracy"]
   # An empty gap slice is NaN, fresh or cached (not None: checks compare it).
   spec = "binding:answer=small"
   recs_no_binding = [r for r in recs if r["skill"] != "binding"]
   for _ in range(2):
-    rep = evaluate.cached_report(str(tmp_path), m, recs_no_binding, [spec])
+    rep = evaluation.cached_report(str(tmp_path), m, recs_no_binding, [spec])
     assert isinstance(rep["gap_accuracy"][spec], float) and np.isnan(rep["gap_accuracy"][spec])
-  evaluate.cached_report(str(tmp_path), m, recs, [])                 # other gaps
+  evaluation.cached_report(str(tmp_path), m, recs, [])                 # other gaps
   bumped = models.VLM(cfg, {**m.params, "llm": {**m.params["llm"], "final_norm": {
       "scale": np.asarray(m.params["llm"]["final_norm"]["scale"]) + 1e-3}}}, m.tokenizer)
-  evaluate.cached_report(str(tmp_path), bumped, recs, ["colour:purple"])   # other weights
+  evaluation.cached_report(str(tmp_path), bumped, recs, ["colour:purple"])   # other weights
   assert len(calls) == 4
   # A corrupt cache entry is measured again (and rewritten), not a crash.
   for path in (tmp_path / "eval_cache").iterdir():
     path.write_text("{not json")
-  again = evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"])
+  again = evaluation.cached_report(str(tmp_path), m, recs, ["colour:purple"])
   assert len(calls) == 5 and again == first
-  assert evaluate.cached_report(str(tmp_path), m, recs, ["colour:purple"]) == first
+  assert evaluation.cached_report(str(tmp_path), m, recs, ["colour:purple"]) == first
   assert len(calls) == 5

@@ -23,6 +23,7 @@ from auditdm_jax.scenes import questions as Q
 from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.scenes.world import random_scene, render
 from auditdm_jax.stages.pretrain import scale_post_norms
+from auditdm_jax.train import loss as loss_lib
 from auditdm_jax.train import sft, tasks, vision
 
 STEPS, BATCH = 400, 64
@@ -91,8 +92,8 @@ def test_two_object_selection_leaves_chance(trained):
   cfg, task, params, _, held, _ = trained
   rows = [task(r) for r in held]
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  _, ok = sft.token_stats(cfg, params, batch)
-  ok = np.asarray(ok | ~np.asarray(sft.loss_mask(batch))).all(-1)
+  _, ok = loss_lib.token_stats(cfg, params, batch)
+  ok = np.asarray(ok | ~np.asarray(loss_lib.loss_mask(batch))).all(-1)
   n = np.array([r["n"] for r in held])
   one, two = ok[n == 1].mean(), ok[n == 2].mean()
   print(json.dumps({"one_object": float(one), "two_objects": float(two)}))

@@ -23,6 +23,7 @@ from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes import parse
 from auditdm_jax.scenes.world import Scene
+from auditdm_jax.pipeline import layout
 from auditdm_jax.stages import audit, mine, pretrain, rectify, report
 from configs import tiny
 
@@ -77,7 +78,7 @@ def test_mine_restart_continues_where_it_stopped(workdir, scripted):
   c.mine.seeds = 12                      # 3 chunks of 4 seeds
   c.mine.auditors = ("auditor_trained",)  # one checkpoint: 3 chunks in all
   out = mine.run(c, workdir)
-  chunks_dir, _ = mine.store_paths(workdir)
+  chunks_dir, _ = layout.store_paths(workdir)
   files = store.chunk_files(chunks_dir)
   assert len(files) == 3 and out["chunks_mined_now"] == 3
   full = [r["id"] for r in store.iter_chunks(chunks_dir)]
@@ -98,8 +99,8 @@ def test_mine_restart_continues_where_it_stopped(workdir, scripted):
   assert again["chunks_mined_now"] == 1
   assert [os.path.getmtime(f) for f in files[:2]] == mtimes
   assert [r["id"] for r in store.iter_chunks(chunks_dir)] == full
-  src = store.data_source(mine.published_path(workdir), "exemplars")
-  pl = store.data_source(mine.published_path(workdir), "pseudo_labelled")
+  src = store.data_source(layout.published_path(workdir), "exemplars")
+  pl = store.data_source(layout.published_path(workdir), "pseudo_labelled")
   assert len(src) + len(pl) == again["probes"]
   for i in range(len(src)):
     r = src[i]
@@ -182,7 +183,7 @@ def test_rectify_without_exemplars_keeps_the_target(workdir, tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
   wd = str(tmp_path / "empty")
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("mine", "rectify", "*_rectified"))
-  chunks, tfds_dir = mine.store_paths(wd)
+  chunks, tfds_dir = layout.store_paths(wd)
   store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [])
   store.publish(chunks, tfds_dir)
   c = tiny.get_config("smoke")

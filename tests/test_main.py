@@ -51,6 +51,8 @@ def test_config_errors_name_every_problem():
   config.models.target_small.finetune_steps = -5
   config.pretrain.base_first = dict(steps=10, skills=("spatial", "colours"))
   config.pretrain.base.phrase_aux = -1.0
+  config.mesh = {"data": 1, "fsdp": -1, "tensor": -1}
+  config.models.target_small.partition_rules = [["(unclosed", [None]]]
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
@@ -60,7 +62,9 @@ def test_config_errors_name_every_problem():
                "does not exist",
                "models.target_small.finetune_steps must be an int >= 0",
                "pretrain.base_first.skills must be a non-empty list of",
-               "pretrain.base.phrase_aux must be a number >= 0"):
+               "pretrain.base.phrase_aux must be a number >= 0",
+               "mesh must map data / fsdp / model to sizes",
+               "models.target_small.partition_rules: partition rule 0: bad regex"):
     assert part in msg
 
 
@@ -79,3 +83,14 @@ def test_cli_names_a_missing_input(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "no exemplar store" in proc.stderr and "run the mine stage first" in proc.stderr
+
+
+def test_rounds_schedule_comes_from_the_declarations():
+  """`all` with rounds=3: the stages in order, rounds 2 and 3 of the stages
+  that declare in_rounds right after the last of them."""
+  from auditdm_jax.pipeline import rounds  # pylint: disable=import-outside-toplevel
+  keys = [k for _, _, k in rounds.schedule(stages.STAGES, 3)]
+  assert stages.LOOP == ("audit", "mine", "rectify")
+  assert keys == ["init", "pretrain", "audit", "mine", "rectify", "audit_r2", "mine_r2",
+                  "rectify_r2", "audit_r3", "mine_r3", "rectify_r3", "eval", "report"]
+  assert [k for _, _, k in rounds.schedule(stages.STAGES, 1)] == list(stages.ORDER)

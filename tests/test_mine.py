@@ -16,7 +16,8 @@ from auditdm_jax.data import pipeline
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.scenes import examples, questions
 from auditdm_jax.scenes.world import Obj, Scene, render
-from auditdm_jax.stages import mine as mine_stage
+from auditdm_jax.mine import analysis, journal, probes
+from auditdm_jax.pipeline import layout
 from auditdm_jax.stages import report as report_stage
 from auditdm_jax.stages.rectify import Subset, anchor_sources, checks, skill_weights
 
@@ -87,12 +88,12 @@ def test_store_rejects_bad_records_and_names_corrupt_chunks(tmp_path):
 
 def test_dedup_key_is_question_normalised_and_image_exact():
   img = np.zeros((48, 48, 3), np.uint8)
-  k = mine_stage.dedup_key("What colour is the circle?", img)
-  assert k == mine_stage.dedup_key("what colour is  the circle", img)
+  k = probes.dedup_key("What colour is the circle?", img)
+  assert k == probes.dedup_key("what colour is  the circle", img)
   other = img.copy()
   other[0, 0, 0] = 1
-  assert k != mine_stage.dedup_key("what colour is the circle?", other)
-  assert k != mine_stage.dedup_key("what shape is the circle?", img)
+  assert k != probes.dedup_key("what colour is the circle?", other)
+  assert k != probes.dedup_key("what shape is the circle?", img)
 
 
 # -- failure types -------------------------------------------------------------------
@@ -190,9 +191,9 @@ def test_gap_recall_and_precision_against_the_truth():
 def test_scene_truth_reads_the_world():
   scene = Scene((Obj(0, 0, "circle", "purple", "large"), Obj(2, 2, "square", "red", "small")))
   rec = {"context": scene.to_json(), "question": "what colour is the circle?"}
-  skill, fac, answer = mine_stage.scene_truth({"a": rec})("a")
+  skill, fac, answer = analysis.scene_truth({"a": rec})("a")
   assert (skill, answer) == ("colour", "purple") and dict(fac)["answer"] == "purple"
-  assert mine_stage.scene_truth({"a": dict(rec, context="")})("a") is None
+  assert analysis.scene_truth({"a": dict(rec, context="")})("a") is None
 
 
 # -- the rectification mix -------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_subset():
 
 def test_report_stage_collects_every_figure(tmp_path):
   wd = str(tmp_path)
-  chunks, tfds_dir = mine_stage.store_paths(wd)
+  chunks, tfds_dir = layout.store_paths(wd)
   scene = Scene((Obj(0, 0, "circle", "purple", "large"),))
   rec = _record(0, label="red", context=scene.to_json())
   rec["image"] = render(scene)
@@ -359,18 +360,18 @@ def test_report_stage_collects_every_figure(tmp_path):
 def test_journal_is_kept_only_for_the_same_settings_and_models(tmp_path, capsys):
   chunks = str(tmp_path / "chunks")
   ident = {"seeds": 8, "params": {"auditor_trained": "abc"}}
-  mine_stage.check_journal(chunks, ident)
+  journal.check_journal(chunks, ident)
   store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [_record(0)])
-  mine_stage.check_journal(chunks, dict(ident))           # same: kept
+  journal.check_journal(chunks, dict(ident))           # same: kept
   assert len(store.chunk_files(chunks)) == 1
-  mine_stage.check_journal(chunks, dict(ident, params={"auditor_trained": "xyz"}))
+  journal.check_journal(chunks, dict(ident, params={"auditor_trained": "xyz"}))
   assert store.chunk_files(chunks) == []                  # another auditor: mined again
   assert len(store.chunk_files(chunks + ".previous")) == 1
   assert "mined with other ['params']" in capsys.readouterr().out
   os.remove(os.path.join(chunks, "manifest.json"))
   store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), [_record(0)])
   with pytest.raises(ValueError, match="holds chunks but no manifest.json"):
-    mine_stage.check_journal(chunks, ident)
+    journal.check_journal(chunks, ident)
 
 
 def test_attribute_types_find_a_gap_that_follows_the_question_not_the_answer():

@@ -19,6 +19,7 @@ from PIL import Image
 from auditdm_jax import config_check, models
 from auditdm_jax.models import presets
 from auditdm_jax.models.tokenizer import train_sentencepiece
+from auditdm_jax.tools import plan as plan_lib
 from tests.test_plan import _load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +105,11 @@ def test_missing_checkpoints_and_datasets_are_named_before_any_model(tmp_path):
 def test_real_config_arguments_and_slices():
   c = _load("audit_paligemma2", "size=10b,res=896,slice=v6e-32,runlocal=false")
   assert c.models.target.preset == "paligemma2-10b-896" and c.slice == "v6e-32"
-  assert c.audit.optim.grad_accum == c.rl.grad_accum == 1 and tuple(c.plan.slices) == ("v6e-32",)
-  assert c.audit.prompts_per_step * c.audit.grpo.num_samples == c.rl.global_batch == 256
+  w = plan_lib.workload(c)
+  assert c.audit.optim.grad_accum == w.grad_accum == 1 and tuple(c.plan.slices) == ("v6e-32",)
+  assert c.audit.prompts_per_step * c.audit.grpo.num_samples == w.global_batch == 256
+  c.audit.max_new_tokens = 32         # an override of the audit section reaches the plan
+  assert plan_lib.workload(c).max_new_tokens == 32 and not w.train_vision
   assert c.audit.editor == "none" and dict(c.audit.mixture) == {"question": 1.0}
   with pytest.raises(ValueError, match="slice must be one of"):
     _load("audit_gemma3", "slice=v9-8")

@@ -592,3 +592,60 @@ def _main(argv):
 
 if __name__ == "__main__":
   _main(sys.argv[1:])
+
+
+# -- the one training loop (train/loop.py) -------------------------------------------
+
+
+class _FakeCheckpointer:
+  directory = "/fake/ckpt"
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, meta):
+    self.saved.append((step, state, meta["step"]))
+
+
+def test_loop_cadences_number_rows_and_checkpoints_by_update(tmp_path):
+  from auditdm_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.train.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+
+  def step_fn(state, step):
+    return loop.StepOut(state + 1, {"finite": True, "loss": 0.5, "grad_norm": 1.0},
+                        {"loss": 0.5, "seen": step})
+
+  ck = _FakeCheckpointer()
+  cfg = loop.LoopConfig(steps=7, checkpoint_every=3, log_every=2, updates_per_step=2,
+                        tensorboard=False, progress=False)
+  logged = []
+  res = loop.run(10, 1, cfg, step_fn, ck, str(tmp_path), {"m": 1},
+                 extra_row=lambda s, step: {"eval/x": 1.0} if step == 5 else {},
+                 on_log=lambda step, row: logged.append(step))
+  assert res.state == 16 and res.step == 7 and res.last == {"loss": 0.5, "seen": 6}
+  # loop steps 2..7 ran (resumed at 1); checkpoints at loop steps 3, 6 and the last
+  assert [(s, st, m) for s, st, m in ck.saved] == [(6, 12, 6), (12, 15, 12), (14, 16, 14)]
+  assert res.last_saved == 14
+  rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [4, 8, 10, 12, 14]    # log cadence + the eval at 5
+  assert [r.get("eval/x") for r in rows] == [None, None, 1.0, None, None]
+  assert logged == [2, 4, 5, 6, 7]
+
+
+def test_loop_non_finite_step_raises_before_saving(tmp_path):
+  from auditdm_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  def step_fn(state, step):
+    ok = step < 2
+    return loop.StepOut(state + 1, {"finite": ok, "loss": 1.0 if ok else float("nan"),
+                                    "grad_norm": 1.0}, {"loss": 1.0} if ok else {})
+
+  ck = _FakeCheckpointer()
+  cfg = loop.LoopConfig(steps=5, checkpoint_every=1, log_every=1, name="audit",
+                        tensorboard=False, progress=False)
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"audit: non-finite loss at step 3.*checkpoint \(step 2\)"):
+    loop.run(0, 0, cfg, step_fn, ck, str(tmp_path), {})
+  assert [s for s, _, _ in ck.saved] == [1, 2]
+  with pytest.raises(ValueError, match="LoopConfig.log_every must be an integer >= 1"):
+    loop.LoopConfig(steps=1, checkpoint_every=1, log_every=0)

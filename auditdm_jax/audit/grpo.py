@@ -44,7 +44,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from auditdm_jax import sharding
 from auditdm_jax.models import logical
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.train import sft
+from auditdm_jax.train import batches as batches_lib
+from auditdm_jax.train import loss as loss_lib
+from auditdm_jax.train import step as step_lib
+from auditdm_jax.train.config import TrainConfig
+from auditdm_jax.train.trainer import Trainer
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 GRPO_KEYS = ("advantages", "old_logp", "ref_logp", "weights")
@@ -140,14 +144,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
 
 def policy_stats(cfg: VLMConfig, params, batch):
   """(log pi(token) [B, T], entropy of pi at that position [B, T])."""
-  pred, target = sft.aligned_logits(cfg, params, batch)
+  pred, target = loss_lib.aligned_logits(cfg, params, batch)
   lsm = jax.nn.log_softmax(pred, axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
   ent = -jnp.sum(jnp.exp(lsm) * lsm, axis=-1)
-  return sft.pad_to_tokens(cfg, lp), sft.pad_to_tokens(cfg, ent)
+  return loss_lib.pad_to_tokens(cfg, lp), loss_lib.pad_to_tokens(cfg, ent)
 
 
-def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, mask, mesh,
+def make_grpo_step(cfg: VLMConfig, tcfg: TrainConfig, gcfg: GRPOConfig, tx, mask, mesh,
                    state_shardings, batch_shardings):
   """The jitted (state, batch) -> (state, metrics) GRPO step (state donated).
 
@@ -156,7 +160,7 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
   ref_logp [N, T] and weights [N, T] (`aggregation_weights` of the whole batch).
   """
   accum = tcfg.grad_accum
-  parts = sft.step_parts(tcfg, mask, mesh, state_shardings, batch_shardings)
+  parts = step_lib.step_parts(tcfg, mask, mesh, state_shardings, batch_shardings)
   split, merge = parts.split, parts.merge
   act_rules, param_sh, micro_sh = parts.act_rules, parts.param_sh, parts.micro_sh
   use_old = gcfg.updates_per_batch > 1
@@ -166,7 +170,7 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
     old = mb["old_logp"] if use_old else jax.lax.stop_gradient(logp)
     per_tok, kl, clipped = token_objective(logp, old, mb["ref_logp"], mb["advantages"],
                                            gcfg.clip_eps, gcfg.eps_high, gcfg.kl_beta)
-    m = sft.loss_mask(mb)
+    m = loss_lib.loss_mask(mb)
     loss = jnp.sum(jnp.where(m, mb["weights"] * per_tok, 0.0))
     sums = {"kl": jnp.sum(jnp.where(m, kl, 0.0)), "entropy": jnp.sum(jnp.where(m, ent, 0.0)),
             "clipped": jnp.sum(clipped & m).astype(jnp.float32),
@@ -177,7 +181,7 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
     with logical.activation_sharding(mesh, act_rules):
       params = state["params"]
       train_p, frozen_p = split(params)
-      micro = {k: jax.lax.with_sharding_constraint(sft.split_microbatches(v, accum), micro_sh[k])
+      micro = {k: jax.lax.with_sharding_constraint(step_lib.split_microbatches(v, accum), micro_sh[k])
                for k, v in batch.items()}
       grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -194,7 +198,7 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
       s0 = {k: zero for k in ("kl", "entropy", "clipped", "tokens")}
       (g, loss, s), _ = jax.lax.scan(body, (g0, zero, s0), micro)
       g = {k: v.astype(train_p[k].dtype) for k, v in g.items()}
-      new_state, grad_norm, finite = sft.guarded_update(tx, parts, state, g, train_p,
+      new_state, grad_norm, finite = step_lib.guarded_update(tx, parts, state, g, train_p,
                                                         frozen_p, loss)
       n = jnp.maximum(s["tokens"], 1.0)
       metrics = {"loss": loss, "kl": s["kl"] / n, "entropy": s["entropy"] / n,
@@ -207,11 +211,11 @@ def make_grpo_step(cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, tx, 
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
-class GRPOTrainer(sft.Trainer):
-  """sft.Trainer with the GRPO objective; `logprobs` gives the per-token
+class GRPOTrainer(Trainer):
+  """train.Trainer with the GRPO objective; `logprobs` gives the per-token
   log-probabilities of a batch under any params (pi_old, pi_ref)."""
 
-  def __init__(self, cfg: VLMConfig, tcfg: sft.TrainConfig, gcfg: GRPOConfig, mesh=None):
+  def __init__(self, cfg: VLMConfig, tcfg: TrainConfig, gcfg: GRPOConfig, mesh=None):
     super().__init__(cfg, tcfg, mesh)
     self.gcfg = gcfg
     self._logprob_fns = {}
@@ -227,7 +231,7 @@ class GRPOTrainer(sft.Trainer):
     missing = [k for k in GRPO_KEYS + ("loss_mask",) if k not in batch]
     if missing:
       raise ValueError(f"GRPO batch lacks {missing}; use grpo_batch()")
-    out = sft.check_batch(self.cfg, batch, self.tcfg.grad_accum)
+    out = batches_lib.check_batch(self.cfg, batch, self.tcfg.grad_accum)
     b, t = out["tokens"].shape
     adv = np.asarray(batch["advantages"], np.float32)
     if adv.shape != (b,):
@@ -267,7 +271,7 @@ def grpo_batch(cfg: VLMConfig, images, prompts: Sequence[Sequence[int]],
   """Model inputs of (image, prompt, completion) rows, with loss_mask over
   the completions, the advantages and the aggregation weights; old_logp and
   ref_logp are filled by the caller (zeros here)."""
-  batch = sft.sft_batch(cfg, images, prompts, completions, seq_len)
+  batch = batches_lib.sft_batch(cfg, images, prompts, completions, seq_len)
   batch["loss_mask"] = batch["mask_ar"].astype(bool) & batch["input_mask"]
   batch["advantages"] = np.asarray(advantages, np.float32)
   batch["weights"] = np.asarray(aggregation_weights(batch["loss_mask"], loss_agg))

@@ -95,9 +95,12 @@ def accuracy_report(records: Sequence[dict], answers: Sequence[str],
 
 
 def evaluate_answerer(model: VLM, records: Sequence[dict], gap_specs=(), *,
-                      batch_size: int = 256) -> dict:
+                      batch_size: int = 256, sampler: Sampler | None = None) -> dict:
+  """Per-skill accuracy and gap slices of `model` on scene records; `sampler`
+  (default: one on all devices with the default rules) places the model."""
   images = np.stack([r["image"] for r in records])
-  answers = answer(model, images, [r["question"] for r in records], batch_size=batch_size)
+  answers = answer(model, images, [r["question"] for r in records], batch_size=batch_size,
+                   sampler=sampler)
   report = accuracy_report(records, answers, gap_specs)
   report["examples"] = [
       {"question": r["question"], "answer": r["answer"], "model": a, "skill": r["skill"]}
@@ -121,9 +124,11 @@ def route_validity(route: str, scene: Scene, text: str) -> tuple[bool, str]:
 
 def evaluate_auditor(model: VLM, records: Sequence[dict], *, batch_size: int = 128,
                      temperature: float = 1.0, seed: int = 0,
-                     routes: Sequence[str] | None = None) -> dict:
+                     routes: Sequence[str] | None = None,
+                     sampler: Sampler | None = None) -> dict:
   """Fraction of well-formed auditor outputs per route (default: every route;
-  `overall` is their mean), sampled at `temperature`."""
+  `overall` is their mean), sampled at `temperature`; `sampler` places the
+  model (default: all devices, default rules)."""
   routes = tuple(AUDITOR_TASKS) if routes is None else tuple(routes)
   bad = [r for r in routes if r not in AUDITOR_TASKS]
   if bad or not routes:
@@ -132,7 +137,7 @@ def evaluate_auditor(model: VLM, records: Sequence[dict], *, batch_size: int = 1
   if model.tokenizer is None:
     raise ValueError("the auditor has no tokenizer")
   tok = model.tokenizer
-  sampler = Sampler(model)
+  sampler = sampler or Sampler(model)
   images = np.stack([r["image"] for r in records])
   scenes = [Scene.from_json(r["scene"]) for r in records]
   validity, examples = {}, {}

@@ -23,57 +23,23 @@ measured is not measured again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
 import numpy as np
 
 from auditdm_jax import models, sharding
-from auditdm_jax.data import named
 from auditdm_jax.eval import benchmark
-from auditdm_jax.sampling import Sampler
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
-from auditdm_jax.stages import pretrain
-from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.pipeline import layout, placement
+from auditdm_jax.pipeline.evaluation import cached_report, evaluate_named, records
+from auditdm_jax.pipeline.layout import model_dir
+from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.utils.fileio import atomic_write_text
 
 REFERENCE_OVERALL, REFERENCE_SKILL = 0.9, 0.8
 TARGET_HEALTHY, GAP_RATIO = 0.8, 0.6
-
-
-def _records(src, n: int | None = None) -> list[dict]:
-  n = len(src) if n is None else min(n, len(src))
-  return [src[i] for i in range(n)]
-
-
-def cached_report(workdir: str, model, records: list[dict], gaps: list[str]) -> dict:
-  """benchmark.evaluate_answerer, remembered in `<workdir>/eval_cache/`: keyed by
-  a digest of the weights (`mine.params_fingerprint`), the benchmark's
-  questions and the gap specs, so the rectify stage's measurements are not
-  repeated by `eval`, and rerunning `all` repeats no evaluation."""
-  from auditdm_jax.stages.mine import params_fingerprint  # pylint: disable=import-outside-toplevel
-  h = hashlib.sha1(params_fingerprint(model.params).encode())
-  for r in records:
-    h.update(f"{r['question']}|{r['answer']}|{r.get('scene', '')}\n".encode())
-  h.update("|".join(gaps).encode())
-  path = os.path.join(workdir, "eval_cache", h.hexdigest()[:20] + ".json")
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        return json.load(f)
-    except (OSError, ValueError) as e:   # a corrupt entry: measure again, rewrite it
-      print(f"eval: cache entry {path} is unreadable ({e}); measuring again", flush=True)
-  rep = benchmark.evaluate_answerer(model, records, gaps)
-  # Plain JSON with NaN kept as NaN (an empty gap slice), so a cached report
-  # reads back exactly as a fresh one.
-  text = json.dumps(rep, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-  if sharding.is_primary():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, text)
-  return json.loads(text)
 
 
 def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
@@ -98,48 +64,8 @@ def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
   return out
 
 
-def benchmark_records(config) -> dict[str, list[dict]]:
-  """{name: records} of the config's named benchmarks (`data.benchmarks`),
-  each cut to `eval.max_examples` (0: all)."""
-  d = config.get("data", {})
-  limit = int(config.get("eval", {}).get("max_examples", 0) or 0)
-  out = {}
-  for name, spec in sorted(dict(d.get("benchmarks", {}) or {}).items()):
-    src = named.open_source(dict(spec))
-    n = min(len(src), limit) if limit else len(src)
-    out[name] = [src[i] for i in range(n)]
-  return out
-
-
-def evaluate_named(config, workdir: str, answerers: list[str], swap=None,
-                   benches=None) -> dict:
-  """{model: {"accuracy": {benchmark: acc, "mean": acc}, "examples": ...}} of
-  the answering models on the named benchmarks; `swap` maps a name to another
-  checkpoint directory (rectify's "after"); `benches`: benchmark_records(config),
-  when the caller already read them."""
-  benches = benchmark_records(config) if benches is None else benches
-  max_new = int(config.get("answers", {}).get("max_new_tokens", 16))
-  batch = int(config.get("eval", {}).get("batch", 64))
-  out = {}
-  for name in answerers:
-    path = (swap or {}).get(name, model_dir(workdir, name))
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
-                              "init stage first")
-    model = models.load(path)
-    sampler = Sampler(model)
-    acc, examples = {}, {}
-    for b, recs in benches.items():
-      rep = benchmark.evaluate_named(model, recs, max_new_tokens=max_new, batch_size=batch,
-                                     sampler=sampler)
-      acc[b], examples[b] = rep["accuracy"], rep["examples"][:4]
-    acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
-    out[name] = {"accuracy": acc, "examples": examples}
-  return out
-
-
 def _run_named(config, workdir: str, t0: float) -> dict:
-  answerers = sorted(n for n, s in config.models.items() if s.role in ("target", "reference"))
+  answerers = sorted(n for n, s in config.models.items() if s.role in layout.ANSWERER_ROLES)
   res = evaluate_named(config, workdir, answerers)
   out = {"models": {n: {"role": config.models[n].role, **res[n]} for n in answerers},
          "checks": [], "benchmarks": sorted(dict(config.data.benchmarks))}
@@ -159,8 +85,8 @@ def run(config, workdir: str) -> dict:
   if "world" not in config:
     print("eval: this config names no scene-world benchmark; nothing to evaluate", flush=True)
     return {}
-  pretrain.ensure_data(config, workdir)
-  bench = _records(pretrain.source(config, workdir, "benchmark"))
+  layout.ensure_data(config, workdir)
+  bench = records(layout.scene_source(config, workdir, "benchmark"))
   n_aud = int(config.get("eval", {}).get("auditor_samples", 96))
   out = {"models": {}, "checks": [],
          "benchmark": {"records": len(bench),
@@ -168,7 +94,7 @@ def run(config, workdir: str) -> dict:
   entries = []
   for name, spec in sorted(config.models.items()):
     entries.append((name, spec))
-    trained = f"{name}_trained"
+    trained = layout.trained_name(name)
     if spec.role == "auditor" and os.path.exists(model_dir(workdir, trained)):
       entries.append((trained, spec))    # the audit stage's GRPO-trained auditor
   for name, spec in entries:
@@ -182,11 +108,12 @@ def run(config, workdir: str) -> dict:
     if spec.role == "auditor":
       routes = config.get("pretrain", {}).get("auditor", {}).get("routes", None)
       rep = benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed),
-                                       routes=routes)
+                                       routes=routes,
+                                       sampler=placement.sampler(config, name, model))
       entry = {"role": "auditor", "gaps": [], "accuracy": rep["validity"],
                "gap_accuracy": {}, "examples": rep["examples"]}
     else:
-      rep = cached_report(workdir, model, bench, gaps)
+      rep = cached_report(workdir, model, bench, gaps, config=config, name=name)
       entry = {"role": spec.role, "gaps": gaps, **rep}
     entry["wall_s"] = time.time() - t1
     out["models"][name] = entry
@@ -208,3 +135,13 @@ def run(config, workdir: str) -> dict:
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
   return out
+
+
+STAGE = Stage(
+    name="eval", run=run,
+    reads="`models/` (with `<auditor>_trained/` when audited), `data/` benchmark, or "
+          "`data.benchmarks`",
+    writes="`eval.json` (scene: per-skill accuracy, gap slices, checks; named benchmarks: "
+           "exact-match accuracy per benchmark), `eval_cache/` (answerer reports keyed by "
+           "weights, shared with rectify)",
+    section="eval")

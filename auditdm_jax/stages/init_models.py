@@ -20,14 +20,9 @@ from absl import logging
 
 from auditdm_jax import models, sharding
 from auditdm_jax.models.ckpt.common import flatten
+from auditdm_jax.pipeline.layout import model_dir
+from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.utils.fileio import atomic_write_text
-
-ROLES = ("target", "reference", "auditor")
-
-
-def model_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "models", name)
-
 
 def build_model(spec, seed: int) -> models.VLM:
   """A VLM from one `config.models` entry (checkpoint path or preset)."""
@@ -80,3 +75,8 @@ def run(config, workdir: str) -> dict:
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "models.json"), json.dumps(summary, indent=2))
   return summary
+
+
+STAGE = Stage(
+    name="init", run=run, reads="config (`models`)",
+    writes="`models/<name>/` (our Orbax format), `models.json`")

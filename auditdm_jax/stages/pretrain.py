@@ -42,61 +42,18 @@ import ml_collections
 import numpy as np
 
 from auditdm_jax import models, sharding
-from auditdm_jax.data import pipeline, scene_tfds
+from auditdm_jax.data import pipeline
 from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import common as ckpt_common
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.scenes.text import world_tokenizer
-from auditdm_jax.scenes.world import GRID
-from auditdm_jax.stages.init_models import model_dir
+from auditdm_jax.pipeline.layout import (ANSWERER_ROLES, ensure_data, is_scene_model, model_dir,
+                                         scene_source)
+from auditdm_jax.pipeline.placement import placed
+from auditdm_jax.pipeline.recipes import recipe_config
+from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.train import sft, tasks, vision
 from auditdm_jax.utils.fileio import atomic_write_text
-
-ANSWERER_ROLES = ("target", "reference")
-
-
-def is_scene_model(spec) -> bool:
-  return bool(spec.get("preset", "")) and spec.preset.startswith("scene-") and \
-      not spec.get("checkpoint", "")
-
-
-def data_sizes(config) -> dict:
-  w = config.world
-  return {"train_size": int(w.train_size), "benchmark_size": int(w.benchmark_size),
-              "seed_images_size": int(w.get("seed_images_size", 0))}
-
-
-def data_dir(config, workdir: str) -> str:
-  return config.world.get("data_dir", "") or os.path.join(workdir, "data")
-
-
-def ensure_data(config, workdir: str):
-  d = data_dir(config, workdir)
-  sizes = data_sizes(config)
-  if sharding.is_primary() and not scene_tfds.is_built(d, **sizes):
-    t0 = time.time()
-    scene_tfds.build(d, **sizes, num_workers=int(config.world.get("build_workers", 1)))
-    print(f"pretrain: built the scene dataset in {d} ({sizes['train_size']} train, "
-          f"{sizes['benchmark_size']} benchmark) in {time.time() - t0:.0f}s", flush=True)
-  sharding.barrier(f"auditdm scene data {d}")   # process 0 built it; the others read it
-  return d
-
-
-def source(config, workdir: str, split: str):
-  return scene_tfds.data_source(data_dir(config, workdir), split, **data_sizes(config))
-
-
-def train_config(rc, seed: int, steps_key: str = "steps") -> sft.TrainConfig:
-  """TrainConfig from one recipe ConfigDict of the pretrain section."""
-  return sft.TrainConfig(
-      steps=int(rc[steps_key]), lr=float(rc.lr), warmup_steps=rc.get("warmup", 0.05),
-      end_lr=float(rc.get("end_lr", 0.0)), weight_decay=float(rc.get("weight_decay", 0.0)),
-      b2=float(rc.get("b2", 0.99)), grad_clip=float(rc.get("grad_clip", 1.0)),
-      frozen=tuple(rc.get("frozen", ())), checkpoint_every=int(rc.get("checkpoint_every", 200)),
-      log_every=int(rc.get("log_every", 100)), seed=seed, tensorboard=True,
-      progress=False, compiler_options=tuple(dict(rc.get("compiler_options", {})).items()),
-      phrase_aux=float(rc.get("phrase_aux", 0.0)), phrase_classes=GRID)
-
 
 def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig,
                   keep=None) -> dict:
@@ -123,6 +80,11 @@ def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig,
   out["llm"] = dict(out["llm"])
   out["llm"]["layers"] = jax.tree.map(lambda a: a[keep], out["llm"]["layers"])
   return out
+
+
+# The base model every scene model is fine-tuned from; not a configured model,
+# so the config's partition rules place it.
+BASE = "base"
 
 
 def scale_post_norms(params: dict, gain: float) -> dict:
@@ -171,7 +133,7 @@ class _Status:
 
 def _loader(config, workdir, task, batch: int, seed: int):
   # `batch` is global: each process reads its rows of every global batch.
-  return pipeline.train_loader(source(config, workdir, "train"),
+  return pipeline.train_loader(scene_source(config, workdir, "train"),
                                batch_size=pipeline.process_batch(batch), seed=seed,
                                transforms=[task], shard_mode="batch_rows",
                                worker_count=int(config.world.get("loader_workers", 0)))
@@ -240,13 +202,15 @@ def run(config, workdir: str) -> dict:
       if not status.done("base_first"):
         task = _vqa_task(base_cfg, tok, pc, first, skills=tuple(first.get("skills", ())))
         it = _loader(config, workdir, task, int(first.get("batch", pc.base.batch)), seed + 2)
-        tcfg = dataclasses.replace(train_config(first, seed + 2), export_final=True)
+        tcfg = dataclasses.replace(placed(recipe_config(first, seed + 2), config, BASE),
+                                 export_final=True)
         _, summary = sft.train(base_cfg, params, it, tcfg, first_dir, tokenizer=tok)
         status.mark("base_first", dict(summary, skills=list(first.get("skills", ()))))
       params = jax.tree.map(np.asarray, models.load(os.path.join(first_dir, "final")).params)
     task = _vqa_task(base_cfg, tok, pc, pc.base)
     it = _loader(config, workdir, task, int(pc.base.batch), seed)
-    tcfg = dataclasses.replace(train_config(pc.base, seed), export_final=True)
+    tcfg = dataclasses.replace(placed(recipe_config(pc.base, seed), config, BASE),
+                               export_final=True)
     _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
     status.mark("base", summary)
   # -- 3b. optional second base phase (e.g. the tower unfrozen at a low lr) ----
@@ -257,7 +221,8 @@ def run(config, workdir: str) -> dict:
       task = _vqa_task(base_cfg, tok, pc, pc.base_tune)
       it = _loader(config, workdir, task, int(pc.base_tune.get("batch", pc.base.batch)),
                    seed + 1)
-      tcfg = dataclasses.replace(train_config(pc.base_tune, seed + 1), export_final=True)
+      tcfg = dataclasses.replace(placed(recipe_config(pc.base_tune, seed + 1), config, BASE),
+                                 export_final=True)
       _, summary = sft.train(base_cfg, params, it, tcfg, tune_dir, tokenizer=tok)
       status.mark("base_tune", summary)
     base_dir = tune_dir
@@ -288,7 +253,7 @@ def run(config, workdir: str) -> dict:
     rc = pc.finetune
     if spec.get("finetune_steps", 0):        # a model that needs more steps (a shallower one)
       rc = ml_collections.ConfigDict(dict(rc.to_dict(), steps=int(spec.finetune_steps)))
-    params, summary = sft.train(cfg, params, it, train_config(rc, mseed),
+    params, summary = sft.train(cfg, params, it, placed(recipe_config(rc, mseed), config, name),
                                 os.path.join(root, name), tokenizer=tok)
     models.VLM(cfg, sharding.to_host(params), tok).save(model_dir(workdir, name))
     results[name] = dict(summary, gaps=list(gaps), preset=spec.preset)
@@ -312,7 +277,8 @@ def run(config, workdir: str) -> dict:
     task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed,
                              routes=tuple(pc.auditor.get("routes", tasks.ROUTES)))
     it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
-    params, summary = sft.train(cfg, params, it, train_config(pc.auditor, seed + 7),
+    params, summary = sft.train(cfg, params, it,
+                                placed(recipe_config(pc.auditor, seed + 7), config, name),
                                 os.path.join(root, name), tokenizer=atok)
     models.VLM(cfg, sharding.to_host(params), atok).save(model_dir(workdir, name))
     results[name] = dict(summary, preset=spec.preset)
@@ -321,3 +287,54 @@ def run(config, workdir: str) -> dict:
           f"final loss {summary['final'].get('loss', float('nan')):.4f}", flush=True)
   print(f"pretrain: done in {time.time() - t_stage:.0f}s", flush=True)
   return results
+
+
+def problems(config) -> list[str]:
+  """The pretrain recipes' curriculum skills and phrase-loss weights."""
+  problems: list[str] = []
+  pc = config.get("pretrain", None)
+  if not pc:
+    return problems
+  from auditdm_jax.scenes.questions import SKILLS  # pylint: disable=import-outside-toplevel
+  for name in ("base_first", "base", "base_tune", "finetune"):
+    rc = pc.get(name, None)
+    if not rc:
+      continue
+    w = rc.get("phrase_aux", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+      problems.append(f"pretrain.{name}.phrase_aux must be a number >= 0, got {w!r}")
+    ps = rc.get("phrase_skills", ())
+    if isinstance(ps, str) or any(k not in SKILLS for k in ps):
+      problems.append(f"pretrain.{name}.phrase_skills must be a list of {SKILLS}, got {ps!r}")
+  aud = pc.get("auditor", None)
+  if aud:
+    from auditdm_jax.audit.rollout import PAIRINGS  # pylint: disable=import-outside-toplevel
+    from auditdm_jax.scenes.text import AUDITOR_TASKS  # pylint: disable=import-outside-toplevel
+    known = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
+    routes = aud.get("routes", known)
+    if isinstance(routes, str) or not routes or any(r not in known for r in routes):
+      problems.append(f"pretrain.auditor.routes must be a non-empty list of {known}, "
+                      f"got {routes!r}")
+    elif "audit" in config:
+      used = {t for p, w in dict(config.audit.get("mixture", {})).items() if w
+              for t in PAIRINGS.get(p, ())}
+      missing = sorted(used - set(routes))
+      if missing:
+        problems.append(f"audit.mixture asks the auditor for {missing} texts, but "
+                        f"pretrain.auditor.routes {tuple(routes)} does not warm-start them")
+  first = pc.get("base_first", None)
+  if first and int(first.get("steps", 0) or 0) > 0:
+    skills = first.get("skills", ())
+    if isinstance(skills, str) or not skills or any(k not in SKILLS for k in skills):
+      problems.append(f"pretrain.base_first.skills must be a non-empty list of {SKILLS}, "
+                      f"got {skills!r}")
+  return problems
+
+
+
+
+STAGE = Stage(
+    name="pretrain", run=run, reads="config (`world`, `pretrain`, model `gaps`)",
+    writes="`data/` (TFDS scene VQA), `pretrain/` (training runs), trained `models/<name>/`, "
+           "`pretrain.json`",
+    section="pretrain", problems=problems)

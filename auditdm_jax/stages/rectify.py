@@ -51,10 +51,11 @@ from auditdm_jax.eval import benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.data import named
-from auditdm_jax.stages import evaluate, pretrain
-from auditdm_jax.stages.audit import audit_target, roles
-from auditdm_jax.stages.init_models import model_dir
-from auditdm_jax.stages.mine import published_path
+from auditdm_jax.pipeline import evaluation, layout, placement
+from auditdm_jax.pipeline.layout import (audit_target, earlier_stores, model_dir, published_path,
+                                         rectified_name, roles)
+from auditdm_jax.pipeline.recipes import recipe_config
+from auditdm_jax.pipeline.spec import Stage, unknown_keys
 from auditdm_jax.train import sft, tasks
 from auditdm_jax.utils.fileio import atomic_write_text
 
@@ -78,10 +79,6 @@ def settings(config) -> dict:
   if not 0.0 <= float(r["skill_balance"]) <= 1.0:
     raise ValueError(f"rectify.skill_balance must be in [0, 1], got {r['skill_balance']!r}")
   return r
-
-
-def rectified_name(target: str) -> str:
-  return f"{target}_rectified"
 
 
 class Subset:
@@ -124,24 +121,6 @@ def anchor_sources(paths, exemplars) -> list[Subset]:
   return out
 
 
-EARLIER_STORES = "mine_earlier"   # <round workdir>/mine_earlier/r<k>: round k's store
-
-
-def earlier_stores(workdir: str) -> list[str]:
-  """The exemplar stores of earlier rounds (`<workdir>/mine_earlier/r<k>`,
-  linked by main.prepare_round), oldest first; [] in round 1."""
-  root = os.path.join(workdir, EARLIER_STORES)
-  if not os.path.isdir(root):
-    return []
-  names = sorted((n for n in os.listdir(root) if n.startswith("r") and n[1:].isdigit()),
-                 key=lambda n: int(n[1:]))
-  out = [os.path.join(root, n) for n in names]
-  for p in out:
-    if not os.path.exists(os.path.join(p, "dataset_info.json")):
-      raise FileNotFoundError(f"rectify: the earlier round's exemplar store {p} is missing")
-  return out
-
-
 def skill_weights(subsets, power: float) -> tuple[list[Subset], list[float]]:
   """`subsets` split by their records' `skill`, with weights (summing to 1)
   that give skill s a share proportional to n_s ** (1 - power) (n_s: its records
@@ -179,8 +158,8 @@ def _fits(task: tasks.RectifyTask, src: Subset) -> Subset:
   return Subset(src.source, src.indices[keep])
 
 
-def accuracy(workdir: str, model, bench, gaps) -> dict:
-  rep = evaluate.cached_report(workdir, model, bench, gaps)
+def accuracy(config, workdir: str, name: str, model, bench, gaps) -> dict:
+  rep = evaluation.cached_report(workdir, model, bench, gaps, config=config, name=name)
   return {"accuracy": rep["accuracy"], "gap_accuracy": rep["gap_accuracy"]}
 
 
@@ -229,7 +208,7 @@ def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_ps
                              seed=seed + 4242, transforms=[task], shard_mode="batch_rows",
                              worker_count=int(config.get("world", {}).get("loader_workers", 0)))
   rc = dict(r, frozen=("^img/",) if r["freeze_vision"] else ())
-  tcfg = pretrain.train_config(_Recipe(rc), seed + 4242)
+  tcfg = placement.placed(recipe_config(rc, seed + 4242), config, target)
   params, summary = sft.train(cfg, jax.tree.map(np.asarray, model.params), it, tcfg,
                               os.path.join(workdir, "rectify", target),
                               tokenizer=model.tokenizer)
@@ -246,7 +225,7 @@ def labelled_source(config, workdir: str, image_size: int):
   if "world" not in config:
     raise ValueError("rectify.strategy 'augment' needs labelled data: name it in "
                      "data.rectify_train, or use the 'bootstrap' strategy")
-  return pretrain.source(config, workdir, "train")
+  return layout.scene_source(config, workdir, "train")
 
 
 def run(config, workdir: str) -> dict:
@@ -294,17 +273,17 @@ def run(config, workdir: str) -> dict:
   if real:
     return _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summary,
                          t0, t_eval)
-  bench_src = pretrain.source(config, workdir, "benchmark")
+  bench_src = layout.scene_source(config, workdir, "benchmark")
   bench = [bench_src[i] for i in range(len(bench_src))]
   answerers = roles(config, "target") + roles(config, "reference")
   before, after, gap_before, gap_after = {}, {}, {}, {}
   for name in answerers:
     g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
     m = model if name == target else models.load(model_dir(workdir, name))
-    rep = accuracy(workdir, m, bench, g)
+    rep = accuracy(config, workdir, name, m, bench, g)
     before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
     if name == target:
-      rep = accuracy(workdir, rect, bench, g)
+      rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
     after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
   others = [t for t in roles(config, "target") if t != target]
   out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
@@ -334,11 +313,11 @@ def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summa
   """rectify.json of a run on named benchmarks: per-benchmark accuracy of
   every answering model before, and of the target after."""
   answerers = roles(config, "target") + roles(config, "reference")
-  benches = evaluate.benchmark_records(config)   # read and decoded once for both
-  before = evaluate.evaluate_named(config, workdir, answerers, benches=benches)
+  benches = evaluation.benchmark_records(config)   # read and decoded once for both
+  before = evaluation.evaluate_named(config, workdir, answerers, benches=benches)
   after = dict(before)
   if not skipped:
-    after.update(evaluate.evaluate_named(config, workdir, [target], benches=benches,
+    after.update(evaluation.evaluate_named(config, workdir, [target], benches=benches,
                                          swap={target: model_dir(workdir, out_name)}))
   acc0 = {n: v["accuracy"] for n, v in before.items()}
   acc1 = {n: v["accuracy"] for n, v in after.items()}
@@ -359,12 +338,30 @@ def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summa
   return out
 
 
-class _Recipe(dict):
-  """A dict with attribute access, as pretrain.train_config reads recipes."""
+def problems(config) -> list[str]:
+  given = dict(config.get("rectify", {}))
+  problems = unknown_keys("rectify", given, DEFAULTS)
+  try:
+    r = settings(config)
+  except ValueError as e:
+    return problems + [str(e)]
+  t = r["target"]
+  if t and (t not in config.models or config.models[t].get("role", "") != "target"):
+    problems.append(f"rectify.target {t!r} is not a model with role 'target'")
+  for key in ("steps", "batch", "seq_len", "checkpoint_every", "log_every"):
+    v = r[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      problems.append(f"rectify.{key} must be an int >= 1, got {v!r}")
+  if not isinstance(r["lr"], (int, float)) or not r["lr"] > 0:
+    problems.append(f"rectify.lr must be > 0, got {r['lr']!r}")
+  return problems
 
-  def __getattr__(self, k):
-    try:
-      return self[k]
-    except KeyError:
-      raise AttributeError(k) from None
 
+STAGE = Stage(
+    name="rectify", run=run,
+    reads="exemplar store, labelled data (`data/` train split, or `data.rectify_train`), "
+          "benchmarks, config (`rectify`)",
+    writes="`rectify/<target>/` (training run), `models/<target>_rectified/`, `rectify.json` "
+           "(accuracy before / after, checks), `eval_cache/`",
+    section="rectify", defaults=DEFAULTS, problems=problems, needs=("audit", "models"),
+    in_rounds=True)

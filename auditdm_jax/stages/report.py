@@ -17,7 +17,6 @@ A missing input (a stage not run) leaves its figures out rather than failing.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -27,7 +26,9 @@ from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.report import html
 from auditdm_jax.scenes import gaps as gaps_lib
-from auditdm_jax.stages.mine import published_path, scene_truth
+from auditdm_jax.mine.analysis import scene_truth
+from auditdm_jax.pipeline.layout import published_path, round_dirs
+from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.utils.fileio import atomic_write_text
 
 GALLERY_TYPES, PER_TYPE = 6, 4
@@ -38,13 +39,6 @@ def _load(path: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def round_dirs(workdir: str) -> list[str]:
-  """Workdirs of rounds 2.. (`rounds/r2`, ...), in order."""
-  dirs = glob.glob(os.path.join(workdir, "rounds", "r*"))
-  return sorted((d for d in dirs if os.path.basename(d)[1:].isdigit()),
-                key=lambda d: int(os.path.basename(d)[1:]))
 
 
 def gallery(workdir: str, mine: dict, limit_types: int = GALLERY_TYPES,
@@ -170,3 +164,7 @@ def _notes(audit: dict, mine: dict, rect: dict, rounds: list) -> list[str]:
     notes.append(f"Rectification ({rect.get('strategy')}, {rect.get('pseudo_labelled_rows')} "
                  f"pseudo-labelled rows) in round 1: {what}; {len(rounds)} round(s) in all.")
   return notes
+
+
+STAGE = Stage(
+    name="report", run=run, reads="everything above", writes="`report.html`, `report.json`")

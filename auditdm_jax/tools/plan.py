@@ -7,7 +7,7 @@ config's partition rules evaluated on each slice's mesh shape. Per device:
 
   params        every model, in its param_dtype, sharded by the rules
   grads         the auditor's trainable params (the LLM; the vision tower too
-                if rl.train_vision), same sharding and dtype
+                unless audit.optim.frozen freezes `^img/`), same sharding and dtype
   optimizer     AdamW's two float32 moments for those params
   init policy   a frozen copy of the auditor (the GRPO KL reference)
   decode copy   the per-layer 2-D weights `Sampler` builds for one decoding
@@ -15,9 +15,18 @@ config's partition rules evaluated on each slice's mesh shape. Per device:
   kv cache      the sampling workload's caches: global layers hold prompt +
                 new tokens, sliding-window layers a window (bf16 by default)
   activations   the GRPO step with per-layer remat, per micro-batch
-                (rl.grad_accum micro-batches a step): the scanned carries
+                (audit.optim.grad_accum micro-batches a step): the scanned carries
                 (L x rows x T x D), one layer's working set, the attention
                 scores and the float32 logits + log-softmax over the vocabulary
+
+The workload is read from the sections the stages run (`workload`): the GRPO
+batch is audit.prompts_per_step x audit.grpo.num_samples, the auditor writes
+audit.max_new_tokens after a prompt of audit.seq_len - max_new_tokens, the
+answerers audit.answer_tokens; an override of `audit.*` reaches the plan.
+`plan` keeps only what is the planner's own: slices, the answer prompt
+length, the KV-cache and activation dtypes and the HBM headroom. Each
+model's parameters are placed by its own partition rules
+(`pipeline/placement.rules`).
 
 Peak = resident (params, init policy, optimizer, grads) + the largest phase:
 auditor sampling, one answering model at a time, or the training step. A
@@ -38,6 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, models, sharding
+from auditdm_jax.pipeline import placement
 
 
 GIB = 1 << 30
@@ -116,11 +126,34 @@ def _train_activation_bytes(cfg, rows_dev, seq, act_dtype, mesh_shape) -> int:
   return carries + layer + scores + logits
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """The GRPO and answering workload, from the audit section."""
+  global_batch: int
+  num_samples: int
+  max_new_tokens: int
+  auditor_prompt_len: int
+  answer_tokens: int
+  train_vision: bool
+  grad_accum: int
+
+
+def workload(config) -> Workload:
+  a = config.audit
+  frozen = tuple(a.optim.get("frozen", ()))
+  return Workload(
+      global_batch=int(a.prompts_per_step) * int(a.grpo.num_samples),
+      num_samples=int(a.grpo.num_samples), max_new_tokens=int(a.max_new_tokens),
+      auditor_prompt_len=int(a.seq_len) - int(a.max_new_tokens),
+      answer_tokens=int(a.get("answer_tokens", 4)),
+      train_vision=not any(re.search(f, "img/x") for f in frozen),
+      grad_accum=int(a.optim.get("grad_accum", 1)))
+
+
 def plan(config, slices=None) -> dict:
   """{slice: {...}} per-device bytes; see the module docstring."""
-  rules = sharding.rules_from_config(config.get("partition_rules", None))
   p = config.plan
-  rl = config.rl
+  rl = workload(config)
   cfgs = {name: _model_config(spec) for name, spec in config.models.items()}
   roles = {name: spec.role for name, spec in config.models.items()}
   auditors = [n for n, r in roles.items() if r == "auditor"]
@@ -135,6 +168,7 @@ def plan(config, slices=None) -> dict:
     rows_dev = _rows_per_device(rl.global_batch, mesh_shape)
     rows = {}
     for m, cfg in cfgs.items():
+      rules = placement.rules(config, m)
       params = _param_bytes(cfg, mesh_shape, rules)
       llm = _param_bytes(cfg, mesh_shape, rules, only="llm/")
       r = {"role": roles[m], "params": params, "decode_copy": llm}
@@ -144,16 +178,15 @@ def plan(config, slices=None) -> dict:
         r["grads"] = trainable
         r["optimizer"] = 2 * n_trainable * 4
         r["init_policy"] = params
-        r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.auditor_prompt_len,
+        r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, rl.auditor_prompt_len,
                                         rl.max_new_tokens, p.kv_cache_dtype, mesh_shape)
-        accum = int(rl.get("grad_accum", 1))   # micro-batches of the GRPO step
+        accum = rl.grad_accum   # micro-batches of the GRPO step
         r["activations"] = _train_activation_bytes(
-            cfg, -(-rows_dev // accum), p.auditor_prompt_len + rl.max_new_tokens, p.activation_dtype,
+            cfg, -(-rows_dev // accum), rl.auditor_prompt_len + rl.max_new_tokens, p.activation_dtype,
             mesh_shape)
       else:
         r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.answer_prompt_len,
-                                        config.answers.max_new_tokens, p.kv_cache_dtype,
-                                        mesh_shape)
+                                        rl.answer_tokens, p.kv_cache_dtype, mesh_shape)
       rows[m] = r
     resident = sum(r["params"] + r.get("grads", 0) + r.get("optimizer", 0)
                    + r.get("init_policy", 0) for r in rows.values())
@@ -175,13 +208,13 @@ def _gib(n) -> str:
 
 def format_plan(result: dict, config) -> str:
   lines = []
-  rl, p = config.rl, config.plan
+  rl, p = workload(config), config.plan
   lines.append("Per-device memory plan (GiB; estimates from jax.eval_shape and the "
                "partition rules)")
   lines.append(f"workload: GRPO batch {rl.global_batch} = {rl.global_batch // rl.num_samples}"
-               f" prompts x {rl.num_samples} samples; auditor prompt {p.auditor_prompt_len}"
+               f" prompts x {rl.num_samples} samples; auditor prompt {rl.auditor_prompt_len}"
                f" + {rl.max_new_tokens} new tokens; answers: prompt {p.answer_prompt_len} + "
-               f"{config.answers.max_new_tokens} new tokens; kv cache {p.kv_cache_dtype}")
+               f"{rl.answer_tokens} new tokens; kv cache {p.kv_cache_dtype}")
   cols = ("params", "grads", "optimizer", "init_policy", "decode_copy", "kv_cache",
           "activations")
   for name, r in result.items():

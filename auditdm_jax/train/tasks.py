@@ -34,7 +34,7 @@ from auditdm_jax.scenes import captions, edits
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.scenes.world import COLOURS, GRID, SHAPES, SIZES, Scene
-from auditdm_jax.train.sft import sft_example
+from auditdm_jax.train.batches import sft_example
 
 ROUTES = tuple(AUDITOR_TASKS)
 

@@ -1,0 +1,211 @@
+"""The auditor's GRPO learner: one audit step is a rollout and its update(s).
+
+Every step draws `prompts_per_step` seed images (a deterministic function of
+the run's seed and the step, so a resumed run sees what an uninterrupted one
+would), gives each a pairing from the mixture, samples K auditor texts per
+seed (`rollout.Auditing`), scores them with the jitted disagreement reward and
+takes `updates_per_batch` GRPO updates (`grpo.GRPOTrainer`) with a k3 KL to
+the warm-start auditor. `GRPOLearner.step` is the step function of the one
+training loop (`train/loop.py`); the loop owns resume, SIGTERM, the finite
+guard, checkpoints, metrics rows and the bar.
+
+Also here: the seed pool, the packed GRPO batch, the per-step figures, the
+finds journal and the held-out search measurement (`evaluate_search`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from auditdm_jax import sharding
+from auditdm_jax.audit import grpo
+from auditdm_jax.audit import rollout as rollout_lib
+from auditdm_jax.train import loop as loop_lib
+from auditdm_jax.utils.fileio import atomic_write_text
+
+
+class SeedPool:
+  """Seed images (image, context, seed question) of a seed source: the scene
+  world's (context: the scene) or a named dataset's (no context)."""
+
+  def __init__(self, src, start: int = 0, stop: int | None = None):
+    self.src = src
+    self.start, self.stop = start, len(src) if stop is None else min(stop, len(src))
+    if self.stop - self.start < 1:
+      raise ValueError(f"the seed-image pool [{start}, {stop}) is empty "
+                       f"(the split holds {len(src)} records)")
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def get(self, indices) -> list[rollout_lib.Seed]:
+    out = []
+    for i in indices:
+      r = self.src[self.start + int(i) % len(self)]
+      out.append(rollout_lib.Seed(np.asarray(r["image"]), r.get("scene", None),
+                                  r["question"]))
+    return out
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+  return np.random.default_rng([seed, 7919, step])
+
+
+def build_batch(cfg, roll: rollout_lib.Rollout, advantages, seq_len: int, second_rows: int,
+                loss_agg: str) -> dict[str, np.ndarray]:
+  """GRPO rows, packed: every sample's first text, then the second texts of
+  the two-text samples, then zero-weight placeholders up to `second_rows`
+  (`rollout.second_text_budget`), so the batch shape never changes and a
+  one-text sample costs one row, not two."""
+  firsts = list(range(roll.n))
+  seconds = [i for i in range(roll.n) if len(roll.texts[i]) > 1]
+  if len(seconds) > second_rows:
+    raise ValueError(f"{len(seconds)} second texts exceed the batch's budget of "
+                     f"{second_rows} rows (rollout.second_text_budget)")
+  images, prompts, comps, adv, live = [], [], [], [], []
+  for i, j in [(i, 0) for i in firsts] + [(i, 1) for i in seconds]:
+    images.append(roll.images_in[i][j])
+    prompts.append(roll.prompts[i][j])
+    comps.append(roll.tokens[i][j] or [0])
+    adv.append(advantages[i])
+    live.append(True)
+  for _ in range(second_rows - len(seconds)):   # placeholders: any valid row, masked out
+    images.append(roll.images_in[0][0])
+    prompts.append(roll.prompts[0][0])
+    comps.append(roll.tokens[0][0] or [0])
+    adv.append(0.0)
+    live.append(False)
+  batch = grpo.grpo_batch(cfg, np.stack(images), prompts, comps, np.asarray(adv), seq_len,
+                          loss_agg)
+  batch["loss_mask"] &= np.asarray(live)[:, None]
+  batch["weights"] = np.asarray(grpo.aggregation_weights(batch["loss_mask"], loss_agg))
+  return batch
+
+
+def find_rows(roll: rollout_lib.Rollout, step: int, target: str) -> list[dict]:
+  out = []
+  for i in np.nonzero(roll.success)[0]:
+    out.append({"step": step, "pairing": roll.pairings[i], "texts": roll.texts[i],
+                "question": roll.question[i], "factor": roll.factor[i],
+                "context": roll.context[i], "consensus": roll.consensus[i],
+                "target": target, "answers": {k: v[i] for k, v in roll.answers.items()}})
+  return out
+
+
+def step_metrics(roll: rollout_lib.Rollout, editor=None) -> dict[str, float]:
+  """Per-step figures; with the editor, `consensus_truth` too (how often the
+  references' consensus is the ground truth on this step's probes; NaN when
+  the editor knows no truth). Measurement only, never the reward."""
+  firsts = [t[0] for t in roll.texts]
+  valid = np.maximum(roll.valid.sum(), 1)
+  out = {"reward": float(roll.reward.mean()), "success_rate": float(roll.success.mean()),
+         "consensus_rate": float(roll.has_consensus.mean()),
+         "invalid_rate": float(1.0 - roll.valid.mean()),
+         "unanswered_rate": float((roll.valid & ~roll.answered).sum() / valid),
+         "distinct": len(set(firsts)) / max(len(firsts), 1)}
+  if editor is not None:
+    out["consensus_truth"] = rollout_lib.consensus_truth(roll, editor)[0]
+  return out
+
+
+def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budget: int,
+                    mixture, seed: int, batch: int) -> tuple[rollout_lib.Rollout, dict]:
+  """One sample per held-out seed, `budget` seeds, with `params` as the policy."""
+  auditing.auditor.params = jax.device_put(params, auditing.auditor.param_shardings)
+  rng = np.random.default_rng([seed, 104729])
+  pairings = rollout_lib.draw_pairings(mixture, budget, rng)
+  rolls = []
+  for start in range(0, budget, batch):
+    idx = list(range(start, min(start + batch, budget)))
+    idx += [idx[0]] * (batch - len(idx))              # fixed shape; extra rows dropped
+    roll = auditing.run(pool.get(idx), [pairings[i] for i in idx],
+                        jax.random.key(seed * 1000 + start), num_samples=1)
+    keep = min(batch, budget - start)
+    rolls.append((roll, keep))
+  success = np.concatenate([r.success[:k] for r, k in rolls])
+  valid = np.concatenate([r.valid[:k] for r, k in rolls])
+  merged = merge_rollouts([r for r, _ in rolls], [k for _, k in rolls])
+  return merged, {"success_rate": float(success.mean()), "valid_rate": float(valid.mean())}
+
+
+def merge_rollouts(rolls, keeps) -> rollout_lib.Rollout:
+  def cat(field):
+    vals = [getattr(r, field)[:k] for r, k in zip(rolls, keeps)]
+    if isinstance(vals[0], np.ndarray):
+      return np.concatenate(vals)
+    return [x for v in vals for x in v]
+  by_model = ("answers", "parsed")
+  kw = {f.name: cat(f.name) for f in dataclasses.fields(rollout_lib.Rollout)
+        if f.name not in by_model}
+  for field in by_model:
+    kw[field] = {m: [a for r, k in zip(rolls, keeps) for a in getattr(r, field)[m][:k]]
+                 for m in getattr(rolls[0], field)}
+  return rollout_lib.Rollout(**kw)
+
+
+class GRPOLearner:
+  """The audit step: seeds -> rollout -> advantages -> packed batch -> GRPO
+  update(s). Successful finds are appended to `finds_path` (process 0)."""
+
+  def __init__(self, trainer: grpo.GRPOTrainer, auditing: rollout_lib.Auditing,
+               pool: SeedPool, mixture, *, seed: int, prompts_per_step: int, seq_len: int,
+               warm_params, finds_path: str, log_examples: int = 2):
+    self.trainer, self.auditing, self.pool, self.mixture = trainer, auditing, pool, mixture
+    self.gcfg = trainer.gcfg
+    self.seed, self.prompts_per_step, self.seq_len = seed, prompts_per_step, seq_len
+    self.second_rows = rollout_lib.second_text_budget(mixture, prompts_per_step,
+                                                      self.gcfg.num_samples)
+    self.warm_params, self.finds_path, self.log_examples = warm_params, finds_path, log_examples
+    self._finds: list[dict] = []
+
+  def step(self, state, step: int) -> loop_lib.StepOut:
+    t0 = time.perf_counter()
+    trainer, auditing, gcfg = self.trainer, self.auditing, self.gcfg
+    rng = step_rng(self.seed, step)
+    idx = rng.integers(0, len(self.pool), self.prompts_per_step)
+    pairings = rollout_lib.draw_pairings(self.mixture, len(idx), rng)
+    auditing.auditor.params = jax.device_put(state["params"], auditing.auditor.param_shardings)
+    roll = auditing.run(self.pool.get(idx), pairings, jax.random.key(self.seed * 100_003 + step))
+    adv = np.asarray(grpo.group_advantages(roll.reward, gcfg.num_samples, gcfg.adv_eps,
+                                           gcfg.scale_rewards))
+    batch = build_batch(trainer.cfg, roll, adv, self.seq_len, self.second_rows, gcfg.loss_agg)
+    batch["ref_logp"] = trainer.logprobs(self.warm_params, batch)
+    if gcfg.updates_per_batch > 1:
+      batch["old_logp"] = trainer.logprobs(state["params"], batch)
+    local = sharding.local_rows(batch)   # every process holds the same rollouts
+    for _ in range(gcfg.updates_per_batch):
+      state, m = trainer.step(state, local)
+      if not m["finite"]:                # the loop raises; nothing more is applied
+        return loop_lib.StepOut(state, m, {})
+    row = step_metrics(roll, auditing.editor)
+    row.update({k: float(m[k]) for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm")})
+    row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
+    row["step_time"] = time.perf_counter() - t0
+    self._finds = find_rows(roll, step + 1, auditing.target)
+    if self._finds and sharding.is_primary():
+      with open(self.finds_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self._finds)
+    return loop_lib.StepOut(state, m, row)
+
+  def on_log(self, step: int, row: dict) -> None:
+    del step, row
+    target = self.auditing.target
+    for r in self._finds[:self.log_examples]:
+      print(f"audit: find [{r['pairing']}] {r['texts']} -> Q {r['question']!r}: "
+            f"{target} says {r['answers'][target]!r}, references say "
+            f"{r['consensus']!r}", flush=True)
+
+
+def truncate_finds(path: str, last_step: int) -> None:
+  """Drops finds logged after `last_step` (a resumed run logs them again)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  atomic_write_text(path, "".join(rows))
