@@ -42,9 +42,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from auditdm_jax import sharding
 from auditdm_jax.models import logical, vlm
 from auditdm_jax.models.gemma import decode_step, decode_weights
-from auditdm_jax.models.handle import (LENGTH_BUCKET, VLM, bucket_length, check_images,
-                                       check_rows, default_stop_ids, pad_rows,
-                                       prompt_heads, score_batch, token_logprobs)
+from auditdm_jax.models.handle import VLM, token_logprobs
+from auditdm_jax.models.inputs import (LENGTH_BUCKET, bucket_length, check_images, check_rows,
+                                       default_stop_ids, pad_rows, prompt_heads, score_batch)
 
 MAX_STOP_IDS = 8
 
@@ -152,7 +152,7 @@ class Sampler:
   def _cache_sharding(self, batch: int) -> NamedSharding:
     spec = logical.spec_for((batch, 1, self.cfg.text.num_kv_heads, 1),
                             ("batch", None, "kv_heads", None), self.mesh,
-                            self.activation_rules or logical.DEFAULT_RULES)
+                            self.activation_rules or logical.ACTIVATION_RULES)
     return NamedSharding(self.mesh, spec)
 
   def cache_lengths(self, prefix_len: int, max_new: int) -> list[int]:

@@ -26,9 +26,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Tensor parallelism over attention heads and MLP hidden units, vocabulary
-# rows over the model axis; automatic FSDP everywhere else.
-DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
+# The default partition rules of parameters: regex over the '/'-joined
+# parameter path -> one mesh-axis entry per dimension. Tensor parallelism over
+# attention heads and MLP hidden units, vocabulary rows over the model axis;
+# automatic FSDP everywhere else. (Activations: models/logical.ACTIVATION_RULES.)
+PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)attn/q_einsum/w$", ("layers", "model", None, None)),          # [L,N,D,H]
     (r"(^|/)attn/kv_einsum/w$", ("layers", None, "model", None, None)),   # [L,2,K,D,H]
     (r"(^|/)attn/attn_vec_einsum/w$", ("layers", "model", None, None)),   # [L,N,H,D]
@@ -45,6 +47,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)(layers|encoderblock)/", ("layers",)),
     (r".*", ()),
 )
+DEFAULT_RULES = PARAM_RULES  # TODO(issue 16): remove once train/sft.py uses PARAM_RULES
 FSDP_MIN_SIZE = 1 << 14
 
 
@@ -86,7 +89,7 @@ def _axes_size(mesh_shape: Mapping[str, int], axes) -> int:
 
 
 def spec_for_param(path: str, shape: Sequence[int], mesh_shape: Mapping[str, int],
-                   rules=DEFAULT_RULES, fsdp_min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+                   rules=PARAM_RULES, fsdp_min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
   """The PartitionSpec of one parameter (works on a mesh shape alone, so the
   memory planner can evaluate slices it does not have)."""
   for pattern, spec in rules:
@@ -119,7 +122,7 @@ def spec_for_param(path: str, shape: Sequence[int], mesh_shape: Mapping[str, int
   return PartitionSpec(*[None if e == "layers" else e for e in out])
 
 
-def param_specs(abstract_params, mesh_shape: Mapping[str, int], rules=DEFAULT_RULES,
+def param_specs(abstract_params, mesh_shape: Mapping[str, int], rules=PARAM_RULES,
                 fsdp_min_size: int = FSDP_MIN_SIZE):
   flat = flax.traverse_util.flatten_dict(abstract_params, sep="/")
   specs = {k: spec_for_param(k, v.shape, mesh_shape, rules, fsdp_min_size)
@@ -127,7 +130,7 @@ def param_specs(abstract_params, mesh_shape: Mapping[str, int], rules=DEFAULT_RU
   return flax.traverse_util.unflatten_dict(specs, sep="/")
 
 
-def param_shardings(abstract_params, mesh: Mesh, rules=DEFAULT_RULES,
+def param_shardings(abstract_params, mesh: Mesh, rules=PARAM_RULES,
                     fsdp_min_size: int = FSDP_MIN_SIZE):
   specs = param_specs(abstract_params, dict(mesh.shape), rules, fsdp_min_size)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
@@ -137,7 +140,7 @@ def param_shardings(abstract_params, mesh: Mesh, rules=DEFAULT_RULES,
 def rules_from_config(rules) -> tuple[tuple[str, tuple], ...]:
   """Config rules ([[regex, [axis|None|[axes]...]], ...]) -> validated tuples."""
   if rules is None or len(rules) == 0:
-    return DEFAULT_RULES
+    return PARAM_RULES
   out = []
   for i, rule in enumerate(rules):
     if not isinstance(rule, (list, tuple)) or len(rule) != 2:

@@ -42,7 +42,7 @@ def main():
   g3 = models.VLM.random(presets.tiny_gemma3(), seed=2)
   # The auditor keeps its vocabulary replicated: per-model rules on one mesh.
   g3_rules = [[r"(^|/)embedder/input_embedding$", [None, None]]] + [
-      list(r) for r in sharding.DEFAULT_RULES]
+      list(r) for r in sharding.PARAM_RULES]
   for name, model, rules in (("paligemma", pg, None), ("gemma3", g3, g3_rules)):
     g1, s1, sc1, _ = run(model, one, rules)
     g8, s8, sc8, specs = run(model, eight, rules)

@@ -137,3 +137,13 @@ def test_model_name_suffixes_have_one_home():
           and node.value.startswith(("_trained", "_rectified"))):
         offenders.append(f"{mod}:{node.lineno}: {node.value!r}")
   assert not offenders, "\n".join(offenders)
+
+
+def test_no_handle_ckpt_circle():
+  """The handle imports the checkpoint code, never the other way round."""
+  ckpt, handle = "auditdm_jax.models.ckpt", "auditdm_jax.models.handle"
+  bad = [f"{mod} imports {name}" for mod, path in _modules()
+         if mod == ckpt or mod.startswith(ckpt + ".")
+         for name in sorted(set(_imports(path)))   # top level and inside functions
+         if name == handle or name.startswith(handle + ".")]
+  assert not bad, "\n".join(bad)

@@ -75,5 +75,5 @@ def test_logical_constraints_are_identity_outside_a_context():
   x = jax.numpy.ones((4, 3))
   assert logical.constrain(x, "batch", None) is x
   mesh = sharding.make_mesh()
-  assert logical.spec_for((6, 5), ("batch", "vocab"), mesh, logical.DEFAULT_RULES) in (
+  assert logical.spec_for((6, 5), ("batch", "vocab"), mesh, logical.ACTIVATION_RULES) in (
       P(None, None), P("fsdp", None))

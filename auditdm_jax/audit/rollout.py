@@ -28,7 +28,7 @@ import numpy as np
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit.editor import Editor
 from auditdm_jax.eval.benchmark import generate_text, strip_stops
-from auditdm_jax.models.handle import default_stop_ids, fit_images
+from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from auditdm_jax.models.handle import VLM, default_stop_ids, fit_images
+from auditdm_jax.models.handle import VLM
+from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes import captions, edits, parse
 from auditdm_jax.scenes import gaps as gaps_lib

@@ -21,7 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 _CTX: contextvars.ContextVar = contextvars.ContextVar("auditdm_activation_sharding",
                                                       default=None)
 
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+# The default logical-axis rules of activations: logical axis name -> mesh
+# axes. (Parameters: sharding.PARAM_RULES.)
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "heads": ("model",),
     "kv_heads": ("model",),
@@ -32,7 +34,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str] | str | None] | None = None):
-  token = _CTX.set((mesh, dict(DEFAULT_RULES if rules is None else rules)))
+  token = _CTX.set((mesh, dict(ACTIVATION_RULES if rules is None else rules)))
   try:
     yield
   finally:

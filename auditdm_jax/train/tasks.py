@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.models.handle import fit_images
+from auditdm_jax.models.inputs import fit_images
 from auditdm_jax.models.tokenizer import Tokenizer
 from auditdm_jax.scenes import captions, edits
 from auditdm_jax.scenes import gaps as gaps_lib

@@ -1,4 +1,6 @@
-"""`load(path)`: detect a checkpoint's format and return a `VLM` handle.
+"""`read(path)`: detect a checkpoint's format and read it as a `Checkpoint`
+(config, params, tokenizer); `models.load` wraps that in a `VLM` handle.
+Nothing here imports the handle: the arrow runs handle -> ckpt.
 
 Formats:
   bv_npz       a big_vision PaliGemma `.npz` file
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, NamedTuple
 
 from auditdm_jax.models.ckpt import hf, npz, orbax_io
 from auditdm_jax.models.ckpt.common import CheckpointError
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.models.handle import VLM
 from auditdm_jax.models.tokenizer import Tokenizer
 from auditdm_jax.utils import fileio
 
@@ -66,10 +68,17 @@ def _find_tokenizer(path: str, explicit: str | None) -> str | None:
   return None
 
 
-def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = None,
+class Checkpoint(NamedTuple):
+  """What `read` returns: the parts a `VLM` handle is made of."""
+  config: VLMConfig
+  params: Any
+  tokenizer: Tokenizer | None
+
+
+def read(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = None,
          dtype: str | None = None, param_dtype: str | None = None,
-         image_size: int | None = None) -> VLM:
-  """Loads any supported checkpoint into a `VLM`.
+         image_size: int | None = None) -> Checkpoint:
+  """Reads any supported checkpoint (`models.load` makes it a `VLM`).
 
   path: a local file or directory, or a URL (gs://bucket/...; any fsspec
     filesystem): a remote checkpoint is copied once into $AUDITDM_CACHE
@@ -118,7 +127,7 @@ def load(path: str, *, config: VLMConfig | None = None, tokenizer: str | None = 
     raise CheckpointError(f"checkpoint {path}: tokenizer {tok_path} has "
                           f"{tok.vocab_size} pieces but the model only "
                           f"{cfg.text.vocab_size} embedding rows")
-  return VLM(cfg, params, tok)
+  return Checkpoint(cfg, params, tok)
 
 
 def _resize(cfg: VLMConfig, image_size: int | None) -> VLMConfig:
@@ -127,4 +136,4 @@ def _resize(cfg: VLMConfig, image_size: int | None) -> VLMConfig:
   return cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size))
 
 
-__all__ = ["CheckpointError", "FORMATS", "detect_format", "load"]
+__all__ = ["Checkpoint", "CheckpointError", "FORMATS", "detect_format", "read"]
