@@ -47,7 +47,6 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)(layers|encoderblock)/", ("layers",)),
     (r".*", ()),
 )
-DEFAULT_RULES = PARAM_RULES  # TODO(issue 16): remove once train/sft.py uses PARAM_RULES
 FSDP_MIN_SIZE = 1 << 14
 
 

@@ -79,7 +79,7 @@ def mesh_and_rules(c, slice_name):
   c.slice = slice_name
   c.mesh = ml_collections.ConfigDict(dict(SLICES[slice_name]["mesh"]))
   # Regex partition rules over parameter paths (see auditdm_jax/sharding.py);
-  # empty means sharding.DEFAULT_RULES: TP over heads / MLP / vocab rows, the
+  # empty means sharding.PARAM_RULES: TP over heads / MLP / vocab rows, the
   # stacked layer axis never sharded, FSDP on the largest remaining dimension.
   c.partition_rules = ()
 

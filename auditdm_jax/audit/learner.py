@@ -134,6 +134,32 @@ def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budg
   return merged, {"success_rate": float(success.mean()), "valid_rate": float(valid.mean())}
 
 
+def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool, budget: int,
+                   mixture, seed: int, batch: int) -> tuple[dict, rollout_lib.Rollout]:
+  """The trained vs the warm-start auditor on the same held-out seeds at the
+  same sample budget: success and validity rates, the ground-truth precision
+  of the trained auditor's finds, how often the consensus is the truth, the
+  success rate per pairing, the ratio; and the trained auditor's rollout."""
+  roll_t, res_t = evaluate_search(auditing, trained, pool, budget, mixture, seed, batch)
+  roll_w, res_w = evaluate_search(auditing, warm, pool, budget, mixture, seed, batch)
+  prec, n_known = rollout_lib.precision_gt(roll_t, auditing.editor)
+  truth = {name: rollout_lib.consensus_truth(r, auditing.editor)[0]
+           for name, r in (("trained", roll_t), ("warm_start", roll_w))}
+  by_pairing = {p: float(roll_t.success[[i for i in range(roll_t.n)
+                                         if roll_t.pairings[i] == p]].mean())
+                for p in sorted(set(roll_t.pairings))}
+  fig = {"budget": budget,
+         "success_rate": {"trained": res_t["success_rate"], "warm_start": res_w["success_rate"]},
+         "valid_rate": {"trained": res_t["valid_rate"], "warm_start": res_w["valid_rate"]},
+         "precision_gt": prec, "finds_with_ground_truth": n_known,
+         "consensus_truth": truth, "success_by_pairing": by_pairing,
+         "unanswered_rate": {"trained": float(np.mean(roll_t.valid & ~roll_t.answered)),
+                             "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
+         "ratio": (res_t["success_rate"] / res_w["success_rate"]
+                   if res_w["success_rate"] > 0 else float("inf"))}
+  return fig, roll_t
+
+
 def merge_rollouts(rolls, keeps) -> rollout_lib.Rollout:
   def cat(field):
     vals = [getattr(r, field)[:k] for r, k in zip(rolls, keeps)]

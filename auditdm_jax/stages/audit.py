@@ -30,7 +30,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from auditdm_jax import models, sharding
 from auditdm_jax.audit import editor as editor_lib
@@ -137,35 +136,20 @@ def run(config, workdir: str) -> dict:
   curve = [{"step": r["step"] // mu, "reward": r["reward"], "success_rate": r["success_rate"]}
            for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "reward" in r]
   t_eval = time.time()
-  batch_n = int(a.get("eval_batch", 64))
-  roll_t, res_t = learner_lib.evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed, batch_n)
-  roll_w, res_w = learner_lib.evaluate_search(auditing, warm_params, eval_pool, n_eval, mixture, seed,
-                                  batch_n)
-  prec, n_known = rollout_lib.precision_gt(roll_t, auditing.editor)
-  truth = {name: rollout_lib.consensus_truth(r, auditing.editor)[0]
-           for name, r in (("trained", roll_t), ("warm_start", roll_w))}
-  by_pairing = {p: float(roll_t.success[[i for i in range(roll_t.n)
-                                         if roll_t.pairings[i] == p]].mean())
-                for p in sorted(set(roll_t.pairings))}
-  out = {"budget": n_eval,
-         "success_rate": {"trained": res_t["success_rate"], "warm_start": res_w["success_rate"]},
-         "valid_rate": {"trained": res_t["valid_rate"], "warm_start": res_w["valid_rate"]},
-         "precision_gt": prec, "finds_with_ground_truth": n_known,
-         "consensus_truth": truth, "success_by_pairing": by_pairing,
-         "unanswered_rate": {"trained": float(np.mean(roll_t.valid & ~roll_t.answered)),
-                             "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
-         "steps": steps, "target": target, "references": refs,
-         "ratio": (res_t["success_rate"] / res_w["success_rate"]
-                   if res_w["success_rate"] > 0 else float("inf")),
+  fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
+                                           mixture, seed, int(a.get("eval_batch", 64)))
+  ratio = fig.pop("ratio")
+  out = {**fig, "steps": steps, "target": target, "references": refs, "ratio": ratio,
          "train_s": train_s, "eval_s": time.time() - t_eval,
          "wall_s": time.time() - t_stage, "learning_curve": curve,
          "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
+  sr = out["success_rate"]
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
-        f"{res_t['success_rate']:.3f} vs warm start {res_w['success_rate']:.3f}; "
-        f"ground-truth precision of the trained auditor's finds {prec:.3f} "
-        f"({n_known} finds); {time.time() - t_stage:.0f}s", flush=True)
+        f"{sr['trained']:.3f} vs warm start {sr['warm_start']:.3f}; "
+        f"ground-truth precision of the trained auditor's finds {out['precision_gt']:.3f} "
+        f"({out['finds_with_ground_truth']} finds); {time.time() - t_stage:.0f}s", flush=True)
   return out
 
 

@@ -160,22 +160,43 @@ def _load_img(path: str) -> dict:
     return flax.traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
 
 
+class _Run:
+  """What every phase of the stage reads: the config, the workdir, the
+  pretrain section, the seed, the done-status and the world tokenizer."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.pc, self.seed = config.pretrain, int(config.seed)
+    self.status = _Status(workdir)
+    self.root = os.path.join(workdir, "pretrain")
+    self.tok = world_tokenizer("paligemma")
+    self.base_cfg = presets.get_preset(self.pc.base.preset)
+
+  def loader(self, task, batch: int, seed: int):
+    return _loader(self.config, self.workdir, task, batch, seed)
+
+
 def run(config, workdir: str) -> dict:
   specs = {n: s for n, s in config.models.items() if is_scene_model(s)}
   if not specs or "pretrain" not in config or "world" not in config:
     print("pretrain: no scene-world models in this config; nothing to train", flush=True)
     return {}
-  pc = config.pretrain
-  seed = int(config.seed)
-  status = _Status(workdir)
-  root = os.path.join(workdir, "pretrain")
-  os.makedirs(root, exist_ok=True)
   t_stage = time.time()
+  r = _Run(config, workdir)
+  os.makedirs(r.root, exist_ok=True)
   ensure_data(config, workdir)
-  tok = world_tokenizer("paligemma")
-  base_cfg = presets.get_preset(pc.base.preset)
+  img = _vision(r)
+  base_params = _base(r, img)
+  results = _answerers(r, specs, base_params)
+  results.update(_auditors(r, specs, img))
+  print(f"pretrain: done in {time.time() - t_stage:.0f}s", flush=True)
+  return results
 
-  # -- 2. vision tower -------------------------------------------------------
+
+def _vision(r: _Run) -> dict:
+  """2. The vision tower, pretrained on dense per-cell labels."""
+  config, workdir, pc, seed, status, root = r.config, r.workdir, r.pc, r.seed, r.status, r.root
+  base_cfg = r.base_cfg
   vision_path = os.path.join(root, "vision.npz")
   if not (status.done("vision") and os.path.exists(vision_path)):
     params = models.VLM.random(base_cfg, seed=seed).params
@@ -188,8 +209,14 @@ def run(config, workdir: str) -> dict:
     _save_img(vision_path, img)
     status.mark("vision", info)
   img = _load_img(vision_path)
+  return img
 
-  # -- 3. base answering model ----------------------------------------------
+
+def _base(r: _Run, img) -> dict:
+  """3. The base answering model (an optional curriculum first, an optional
+  second phase after); returns its parameters."""
+  config, workdir, pc, seed, status, root = r.config, r.workdir, r.pc, r.seed, r.status, r.root
+  base_cfg, tok = r.base_cfg, r.tok
   base_dir = os.path.join(root, "base")
   first = pc.get("base_first")
   first_on = bool(first) and int(first.get("steps", 0)) > 0
@@ -227,8 +254,13 @@ def run(config, workdir: str) -> dict:
       status.mark("base_tune", summary)
     base_dir = tune_dir
   base_params = jax.tree.map(np.asarray, models.load(os.path.join(base_dir, "final")).params)
+  return base_params
 
-  # -- 4. targets and references ----------------------------------------------
+
+def _answerers(r: _Run, specs, base_params) -> dict:
+  """4. The targets (with their planted gaps) and references, fine-tuned from the base."""
+  config, workdir, pc, seed, status, root = r.config, r.workdir, r.pc, r.seed, r.status, r.root
+  base_cfg, tok = r.base_cfg, r.tok
   results = {}
   for i, (name, spec) in enumerate(sorted(specs.items())):
     if spec.role not in ANSWERER_ROLES:
@@ -261,8 +293,13 @@ def run(config, workdir: str) -> dict:
     print(f"pretrain: {name} ({spec.role}, {spec.preset}, gaps {list(gaps)}) trained "
           f"{summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}",
           flush=True)
+  return results
 
-  # -- 5. auditor warm start --------------------------------------------------
+
+def _auditors(r: _Run, specs, img) -> dict:
+  """5. The auditor's warm start on the routes the audit uses."""
+  config, workdir, pc, seed, status, root = r.config, r.workdir, r.pc, r.seed, r.status, r.root
+  results = {}
   atok = world_tokenizer("gemma3")
   for name, spec in sorted(specs.items()):
     if spec.role != "auditor":
@@ -285,7 +322,6 @@ def run(config, workdir: str) -> dict:
     status.mark(name, results[name])
     print(f"pretrain: {name} (auditor, {spec.preset}) trained {summary['steps']} steps, "
           f"final loss {summary['final'].get('loss', float('nan')):.4f}", flush=True)
-  print(f"pretrain: done in {time.time() - t_stage:.0f}s", flush=True)
   return results
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.models.handle import check_images, check_rows, prompt_heads
+from auditdm_jax.models.inputs import check_images, check_rows, prompt_heads
 
 
 BATCH_KEYS = ("images", "tokens", "input_mask", "mask_ar")

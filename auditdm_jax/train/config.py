@@ -62,7 +62,7 @@ class TrainConfig:
   eval_every: int = 0                 # 0: evaluate (if eval_fn) at the end only
   seed: int = 0
   mesh: tuple[tuple[str, int], ...] = DEFAULT_MESH   # or a {name: size} dict
-  rules: tuple | None = None          # partition rules; None: sharding.DEFAULT_RULES
+  rules: tuple | None = None          # partition rules; None: sharding.PARAM_RULES
   activation_rules: tuple | None = None   # logical activation rules; None: defaults
   fsdp_min_size: int = sharding.FSDP_MIN_SIZE
   compiler_options: tuple = ()        # XLA options for the step, {name: value} or pairs

@@ -78,7 +78,7 @@ class Trainer:
   def __init__(self, cfg: VLMConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
     self.cfg, self.tcfg = cfg, tcfg
     self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(tcfg.mesh))
-    rules = tcfg.rules if tcfg.rules is not None else sharding.DEFAULT_RULES
+    rules = tcfg.rules if tcfg.rules is not None else sharding.PARAM_RULES
     self.abstract_params = vlm.abstract_params(cfg)
     if tcfg.phrase_aux:
       self.abstract_params = dict(self.abstract_params, **{
