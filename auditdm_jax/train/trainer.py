@@ -43,10 +43,12 @@ def _cached(key, build: Callable[[], Any]):
 
 
 def _step_key_config(tcfg: TrainConfig) -> TrainConfig:
-  """tcfg with the fields that do not enter the compiled step normalised."""
+  """tcfg with the fields that do not enter the compiled step normalised
+  (rules None and the default rules are the same step)."""
+  rules = sharding.PARAM_RULES if tcfg.rules is None else tcfg.rules
   return dataclasses.replace(tcfg, seed=0, checkpoint_every=1, keep_checkpoints=None,
                              log_every=1, eval_every=0, progress=None, tensorboard=False,
-                             export_final=False, mesh=DEFAULT_MESH)
+                             export_final=False, mesh=DEFAULT_MESH, rules=rules)
 
 
 def _check_params(params, abstract) -> None:
