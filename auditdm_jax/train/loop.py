@@ -51,7 +51,9 @@ class LoopConfig:
     saves and logs).
   updates_per_step: optimizer updates per loop step (rows and checkpoints are
     numbered by update).
-  name: the progress bar's label and the prefix of the loop's errors.
+  name: the progress bar's label and the prefix of the loop's errors and of its
+    SIGTERM message ("at audit step 3 of 10"); "" for a plain training run
+    ("at step 3 of 10", labelled "train").
   progress: a tqdm bar; None: when stdout is a terminal.
   tensorboard: metrics also as TensorBoard events.
   """
@@ -89,7 +91,7 @@ def _progress_bar(cfg: LoopConfig, start: int):
   if not enabled:
     return None
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
+  return tqdm(total=cfg.steps, initial=start, desc=cfg.name or "train", dynamic_ncols=True)
 
 
 class LoopResult(NamedTuple):
@@ -133,7 +135,7 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
                    f"{checkpointer.directory} is intact" if last_saved is not None
                    else "no checkpoint was written")
           raise NonFiniteLossError(
-              f"{cfg.name}: non-finite loss at step {step}: loss={float(m['loss'])}, "
+              f"{cfg.name or 'train'}: non-finite loss at step {step}: loss={float(m['loss'])}, "
               f"grad_norm={float(m['grad_norm'])}; the update was not applied and {where} "
               "(lower the lr, check the data and params)")
         row = dict(last) if step % cfg.log_every == 0 or step == cfg.steps else {}
@@ -152,7 +154,8 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
           if postfix is not None:
             bar.set_postfix(**postfix(last), refresh=False)
         if stopping and step < cfg.steps:
-          raise stop.stop(f"at {cfg.name} step {step} of {cfg.steps}; checkpoint saved in "
+          label = f"{cfg.name} step" if cfg.name else "step"
+          raise stop.stop(f"at {label} {step} of {cfg.steps}; checkpoint saved in "
                           f"{checkpointer.directory}")
     finally:
       writer.close()

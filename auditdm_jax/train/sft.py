@@ -143,7 +143,7 @@ def train(cfg: VLMConfig, params, data_iter, tcfg: TrainConfig, workdir: str, *,
         return {f"eval/{k}": v for k, v in dict(eval_fn(state["params"], step)).items()}
       return {}
     lcfg = loop_lib.LoopConfig(steps=tcfg.steps, checkpoint_every=tcfg.checkpoint_every,
-                               log_every=tcfg.log_every, name="train",
+                               log_every=tcfg.log_every, name="",
                                progress=tcfg.progress, tensorboard=tcfg.tensorboard)
     state, step, last, _ = loop_lib.run(
         state, start, lcfg, _sft_step(trainer, data_iter, tcfg), checkpointer, workdir, meta,
