@@ -89,19 +89,122 @@ def build_batch(cfg, roll: rollout_lib.Rollout, advantages, seq_len: int, second
 
 
 def find_rows(roll: rollout_lib.Rollout, step: int, target: str) -> list[dict]:
+  """The finds (`roll.success`) as journal rows; in judge mode each also
+  carries the judge's p_same of the target's answer."""
   out = []
   for i in np.nonzero(roll.success)[0]:
-    out.append({"step": step, "pairing": roll.pairings[i], "texts": roll.texts[i],
-                "question": roll.question[i], "factor": roll.factor[i],
-                "context": roll.context[i], "consensus": roll.consensus[i],
-                "target": target, "answers": {k: v[i] for k, v in roll.answers.items()}})
+    row = {"step": step, "pairing": roll.pairings[i], "texts": roll.texts[i],
+           "question": roll.question[i], "factor": roll.factor[i],
+           "context": roll.context[i], "consensus": roll.consensus[i],
+           "target": target, "answers": {k: v[i] for k, v in roll.answers.items()}}
+    if target in roll.p_same:
+      row["p_same"] = float(roll.p_same[target][i])
+    out.append(row)
   return out
 
 
-def step_metrics(roll: rollout_lib.Rollout, editor=None) -> dict[str, float]:
+def judge_exact(roll: rollout_lib.Rollout) -> dict[str, float]:
+  """How the judge's decisions (`success`) and the exact comparison's
+  (`exact_success`) differ on a judge-mode rollout:
+
+    judged                    rows the judge was asked (the exact disagreements)
+    judge_exact_disagree      the share of them the judge calls the same
+                              (NaN when none was asked)
+    judge_same_exact_differs  how many rows that is
+    judge_differs_exact_same  rows the judge pays where the answers are equal
+                              exactly: 0 by construction (those rows are never
+                              asked), counted as a check
+
+  and `exact_success_rate`, the exact comparison's success rate."""
+  exact, judge = np.asarray(roll.exact_success), np.asarray(roll.success)
+  n = int(exact.sum())
+  same = int((exact & ~judge).sum())
+  return {"exact_success_rate": float(exact.mean()), "judged": n,
+          "judge_exact_disagree": same / n if n else float("nan"),
+          "judge_same_exact_differs": same,
+          "judge_differs_exact_same": int((judge & ~exact).sum())}
+
+
+def judge_agreement(auditing: rollout_lib.Auditing, rolls) -> dict:
+  """The judge against the exact comparison on every valid, consensus-backed
+  row the target answered, the rows exact equality settles too (a
+  measurement: the reward never asks the judge about those). On the scene
+  world, where answers lie in a closed answer space, exact comparison is the
+  truth, so this is the judge's accuracy:
+
+    agreement            share of rows where both decide alike (NaN: no row)
+    rows                 how many rows
+    exact_same           {rows, judge_same}: rows with equal answers, and the
+                         share the judge calls the same
+    exact_differs        {rows, judge_differs}: rows with different answers,
+                         and the share the judge calls different
+  """
+  same_exact, same_judge = [], []
+  for roll in rolls:
+    rows = roll.valid & roll.has_consensus & roll.answered
+    asked = np.asarray(roll.judged[auditing.target])     # the rollout judged these already
+    ex, jd = _judge_vs_exact(auditing, roll.image, roll.parsed[auditing.target],
+                             roll.consensus, rows, asked, roll.p_same[auditing.target])
+    same_exact.append(ex)
+    same_judge.append(jd)
+  return _agreement(np.concatenate(same_exact), np.concatenate(same_judge))
+
+
+def judge_agreement_on_seeds(auditing: rollout_lib.Auditing, pool: SeedPool, budget: int,
+                             batch: int) -> dict:
+  """`judge_agreement` on the seeds' own questions (the first `budget` seeds
+  of `pool`, in calls of `batch` rows): the target and the references answer
+  each seed question about its image, and the judge is asked about every
+  consensus-backed row the target answered. Unlike the auditor's probes
+  (which a barely trained auditor may never write well), seed questions are
+  always valid, so this measures the judge wherever the answerers answer."""
+  same_exact, same_judge = [], []
+  for start in range(0, budget, batch):
+    idx = list(range(start, min(start + batch, budget)))
+    idx += [idx[0]] * (batch - len(idx))              # fixed shape; extra rows dropped
+    keep = min(batch, budget - start)
+    seeds = pool.get(idx)
+    images = np.stack([sd.image for sd in seeds])
+    questions = [sd.question for sd in seeds]
+    contexts = [sd.context for sd in seeds]
+    valid = np.array([ok for ok, _ in auditing.editor.check_question(contexts, questions)])
+    parsed = auditing.parse(auditing.answer(images, questions), contexts, questions)
+    cons, has = rollout_lib.consensus_text([parsed[r] for r in auditing.references],
+                                           auditing.rcfg.consensus)
+    ans = parsed[auditing.target]
+    rows = valid & has & np.array([bool(a) for a in ans])
+    rows[keep:] = False
+    ex, jd = _judge_vs_exact(auditing, images, ans, cons, rows)
+    same_exact.append(ex)
+    same_judge.append(jd)
+  return _agreement(np.concatenate(same_exact), np.concatenate(same_judge))
+
+
+def _judge_vs_exact(auditing, images, answers, cons, rows, asked=None, p_asked=None):
+  """(exact says same, judge says same) on `rows`; the judge is asked about
+  the rows not `asked` already (whose p_same is `p_asked`)."""
+  asked = np.zeros(len(answers), bool) if asked is None else np.asarray(asked, bool)
+  p = auditing.judge_rows(images, answers, cons, rows & ~asked)
+  if p_asked is not None:
+    p[asked] = np.asarray(p_asked)[asked]
+  idx = np.nonzero(rows)[0]
+  ex = np.array([answers[i] == cons[i] for i in idx], bool)
+  return ex, p[idx] >= auditing.rcfg.judge_threshold
+
+
+def _agreement(ex, jd) -> dict:
+  rate = lambda x: float(x.mean()) if len(x) else float("nan")
+  return {"agreement": rate(ex == jd), "rows": int(len(ex)),
+          "exact_same": {"rows": int(ex.sum()), "judge_same": rate(jd[ex])},
+          "exact_differs": {"rows": int((~ex).sum()), "judge_differs": rate(~jd[~ex])}}
+
+
+def step_metrics(roll: rollout_lib.Rollout, editor=None, judge: bool = False
+                 ) -> dict[str, float]:
   """Per-step figures; with the editor, `consensus_truth` too (how often the
   references' consensus is the ground truth on this step's probes; NaN when
-  the editor knows no truth). Measurement only, never the reward."""
+  the editor knows no truth). Measurement only, never the reward. `judge`:
+  the judge-mode figures of `judge_exact` too."""
   firsts = [t[0] for t in roll.texts]
   valid = np.maximum(roll.valid.sum(), 1)
   out = {"reward": float(roll.reward.mean()), "success_rate": float(roll.success.mean()),
@@ -111,6 +214,8 @@ def step_metrics(roll: rollout_lib.Rollout, editor=None) -> dict[str, float]:
          "distinct": len(set(firsts)) / max(len(firsts), 1)}
   if editor is not None:
     out["consensus_truth"] = rollout_lib.consensus_truth(roll, editor)[0]
+  if judge:
+    out.update(judge_exact(roll))
   return out
 
 
@@ -139,7 +244,12 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
   """The trained vs the warm-start auditor on the same held-out seeds at the
   same sample budget: success and validity rates, the ground-truth precision
   of the trained auditor's finds, how often the consensus is the truth, the
-  success rate per pairing, the ratio; and the trained auditor's rollout."""
+  success rate per pairing, the ratio; and the trained auditor's rollout.
+  Judge mode: also the exact comparison's success rates
+  (`success_rate_exact`), how the judge's decisions differ from it (`judge`,
+  see `judge_exact`) and the judge's agreement with it on every answered,
+  consensus-backed row of both rollouts (`judge_agreement`) and on the
+  held-out seeds' own questions (`judge_agreement_seed_questions`)."""
   roll_t, res_t = evaluate_search(auditing, trained, pool, budget, mixture, seed, batch)
   roll_w, res_w = evaluate_search(auditing, warm, pool, budget, mixture, seed, batch)
   prec, n_known = rollout_lib.precision_gt(roll_t, auditing.editor)
@@ -157,6 +267,15 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
                              "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
          "ratio": (res_t["success_rate"] / res_w["success_rate"]
                    if res_w["success_rate"] > 0 else float("inf"))}
+  if auditing.judge is not None:
+    je = {name: judge_exact(r) for name, r in (("trained", roll_t), ("warm_start", roll_w))}
+    fig["success_rate_exact"] = {k: v.pop("exact_success_rate") for k, v in je.items()}
+    fig["judge"] = {"model": getattr(auditing.judge, "name", ""),
+                    "threshold": auditing.rcfg.judge_threshold,
+                    **{key: {k: v[key] for k, v in je.items()} for key in je["trained"]}}
+    fig["judge_agreement"] = judge_agreement(auditing, [roll_t, roll_w])
+    fig["judge_agreement_seed_questions"] = judge_agreement_on_seeds(auditing, pool, budget,
+                                                                     batch)
   return fig, roll_t
 
 
@@ -167,10 +286,14 @@ def merge_rollouts(rolls, keeps) -> rollout_lib.Rollout:
       return np.concatenate(vals)
     return [x for v in vals for x in v]
   by_model = ("answers", "parsed")
+  arrays_by_model = ("p_same", "judged")
   kw = {f.name: cat(f.name) for f in dataclasses.fields(rollout_lib.Rollout)
-        if f.name not in by_model}
+        if f.name not in by_model + arrays_by_model}
   for field in by_model:
     kw[field] = {m: [a for r, k in zip(rolls, keeps) for a in getattr(r, field)[m][:k]]
+                 for m in getattr(rolls[0], field)}
+  for field in arrays_by_model:
+    kw[field] = {m: np.concatenate([getattr(r, field)[m][:k] for r, k in zip(rolls, keeps)])
                  for m in getattr(rolls[0], field)}
   return rollout_lib.Rollout(**kw)
 
@@ -209,7 +332,7 @@ class GRPOLearner:
       state, m = trainer.step(state, local)
       if not m["finite"]:                # the loop raises; nothing more is applied
         return loop_lib.StepOut(state, m, {})
-    row = step_metrics(roll, auditing.editor)
+    row = step_metrics(roll, auditing.editor, judge=auditing.judge is not None)
     row.update({k: float(m[k]) for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm")})
     row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
     row["step_time"] = time.perf_counter() - t0

@@ -26,12 +26,19 @@ scene world knows every question's), an answer outside it ("nononono" to a
 yes/no question, "triangle" to "is there a red circle?") is unparseable and
 becomes empty, so a reference abstains and the target has not answered.
 
-Optional terms (`RewardConfig`): in `judge` mode a reference model decides
-whether the target's answer and the consensus mean the same (the probability
-of "yes" under that model, jitted in its scorer) instead of exact token
-equality; `soft_weight` adds a term from -log p_target(consensus answer),
-bounded as weight * (1 - p_target(consensus)): a dense signal of how far
-the target is from the consensus.
+Optional terms (`RewardConfig`): in `judge` mode a judge model
+(`RewardConfig.judge`, default the first reference) decides whether the
+target's answer and the consensus mean the same: p(same) is the probability
+of "yes" against "no" under that model (`judge_same_prob`, its jitted,
+sharded scorer, fixed batches of `judge_batch` rows; `ModelJudge`). Where
+the exact comparison finds the answers equal, they mean the same and no
+judge is asked (p_same = 1); the judge decides the rows where they differ,
+and `judged_reward` (jitted, a pure function of p_same) pays those it
+finds below `judge_threshold`. So the judge can only turn an exact
+disagreement into an agreement, never the reverse. `soft_weight` adds a
+term from -log p_target(consensus answer), bounded as
+weight * (1 - p_target(consensus)): a dense signal of how far the target is
+from the consensus.
 """
 
 from __future__ import annotations
@@ -46,11 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from auditdm_jax.models.inputs import fit_images
+
 CONSENSUS_RULES = ("unanimous", "majority")
 MODES = ("exact", "judge")
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])}
+_DIGIT_WORDS = {d: w for w, d in _NUMBER_WORDS.items()}
 _ARTICLES = frozenset(("a", "an", "the"))
 _PUNCT = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~]")
 _PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
@@ -79,7 +89,9 @@ class RewardConfig:
   consensus: str = "majority"        # unanimous | majority
   invalid_reward: float = -1.0       # for malformed / rejected auditor outputs
   mode: str = "exact"                # exact | judge
+  judge: str = ""                    # judge: the judging model's name ("" = the first reference)
   judge_threshold: float = 0.5       # judge: p(same meaning) below this = disagreement
+  judge_batch: int = 32              # judge: rows per scoring call (fixed shape)
   soft_weight: float = 0.0           # weight of 1 - p_target(consensus answer)
   max_answer_tokens: int = 16        # ids (bytes) per answer; longer ones are fingerprinted
 
@@ -99,6 +111,11 @@ class RewardConfig:
       problems.append(f"soft_weight must be >= 0, got {self.soft_weight!r}")
     if not isinstance(self.max_answer_tokens, int) or self.max_answer_tokens < 1:
       problems.append(f"max_answer_tokens must be an int >= 1, got {self.max_answer_tokens!r}")
+    if not isinstance(self.judge, str):
+      problems.append(f"judge must be a model name (a string), got {self.judge!r}")
+    if (isinstance(self.judge_batch, bool) or not isinstance(self.judge_batch, int)
+        or self.judge_batch < 1):
+      problems.append(f"judge_batch must be an int >= 1, got {self.judge_batch!r}")
     if problems:
       raise ValueError("invalid RewardConfig: " + "; ".join(problems))
 
@@ -187,22 +204,69 @@ def add_soft_term(reward, target_nll, has_consensus, valid, weight):
   return jnp.where(has_consensus & valid, reward + weight * soft, reward)
 
 
+def judge_name(rcfg: RewardConfig, references: Sequence[str]) -> str:
+  """The judging model: `rcfg.judge`, or the first reference when unset."""
+  if rcfg.judge:
+    return rcfg.judge
+  if not references:
+    raise ValueError("judge mode without `judge` needs a reference model to judge")
+  return references[0]
+
+
+def spoken(text: str) -> str:
+  """The normalised answer with counts written as words ("2" -> "two"), as a
+  judge's tokenizer can read them (the scene world's has no digit pieces:
+  every digit would be the same unknown id, and "2" would mean "3")."""
+  return " ".join(_DIGIT_WORDS.get(w, w) for w in normalise(text).split())
+
+
 def judge_prompt(answer_a: str, answer_b: str) -> str:
-  return f"do the answers {normalise(answer_a)!r} and {normalise(answer_b)!r} mean the same?"
+  return f"do the answers {spoken(answer_a)!r} and {spoken(answer_b)!r} mean the same?"
 
 
 def judge_same_prob(scorer, images, answers_a: Sequence[str], answers_b: Sequence[str],
-                    yes: str = "yes", no: str = "no") -> np.ndarray:
-  """p(yes) / (p(yes) + p(no)) under a reference model asked whether two
-  answers mean the same. `scorer` is a Sampler (or VLM) with a tokenizer;
-  its `score` is the jitted forward pass."""
+                    yes: str = "yes", no: str = "no", batch_size: int | None = None
+                    ) -> np.ndarray:
+  """p(yes) / (p(yes) + p(no)) under a model asked whether two answers mean
+  the same. `scorer` is a Sampler (or VLM) with a tokenizer; its `score` is
+  the jitted (sharded) forward pass. With `batch_size`, rows go in calls of
+  exactly `batch_size` pairs (the last one padded by repeating its first
+  row), so every call has one shape."""
   tok = scorer.tokenizer
   if tok is None:
-    raise ValueError("judge mode needs a reference model with a tokenizer")
+    raise ValueError("judge mode needs a judge model with a tokenizer")
   prompts = [tok.prompt(judge_prompt(a, b)) for a, b in zip(answers_a, answers_b, strict=True)]
   n = len(prompts)
-  lp = scorer.score(np.concatenate([images, images]), prompts + prompts,
-                    [tok.answer(yes)] * n + [tok.answer(no)] * n)
-  lp_yes = np.array([x.sum() for x in lp[:n]])
-  lp_no = np.array([x.sum() for x in lp[n:]])
-  return 1.0 / (1.0 + np.exp(lp_no - lp_yes))
+  if n == 0:
+    return np.zeros(0, np.float32)
+  images = np.asarray(images)
+  cfg = getattr(scorer, "cfg", None) or getattr(scorer, "config", None)
+  if cfg is not None:
+    images = fit_images(images, cfg.vision.image_size)
+  size = n if batch_size is None else int(batch_size)
+  y, o = tok.answer(yes), tok.answer(no)
+  out = []
+  for start in range(0, n, size):
+    stop = min(start + size, n)
+    idx = list(range(start, stop)) + [start] * (size - (stop - start))
+    m = len(idx)
+    lp = scorer.score(np.concatenate([images[idx], images[idx]]),
+                      [prompts[i] for i in idx] * 2, [y] * m + [o] * m)
+    lp_yes = np.array([x.sum() for x in lp[:m]])
+    lp_no = np.array([x.sum() for x in lp[m:]])
+    out.append((1.0 / (1.0 + np.exp(lp_no - lp_yes)))[:stop - start])
+  return np.concatenate(out).astype(np.float32)
+
+
+class ModelJudge:
+  """A model as the judge: `same_prob(images, answers_a, answers_b)` -> float32
+  [n] p(same meaning) (`judge_same_prob` through the model's Sampler, in
+  fixed batches of `batch_size` pairs). Any object with this `same_prob`
+  (and a `name`) can judge, e.g. a scripted one in tests."""
+
+  def __init__(self, scorer, name: str = "", batch_size: int = 32):
+    self.scorer, self.name, self.batch_size = scorer, name, int(batch_size)
+
+  def same_prob(self, images, answers_a: Sequence[str], answers_b: Sequence[str]) -> np.ndarray:
+    return judge_same_prob(self.scorer, images, answers_a, answers_b,
+                           batch_size=self.batch_size)

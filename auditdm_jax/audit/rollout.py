@@ -115,6 +115,19 @@ class Rollout:
   success: np.ndarray                 # bool [N]: consensus-backed disagreement
   consensus: list[str]                # [N] the consensus answer ("" if none)
   answered: np.ndarray                # bool [N]: the target's answer parses
+  # The exact comparison's decision (consensus-backed, answered, different
+  # normalised answer); in exact mode it is `success` itself.
+  exact_success: np.ndarray | None = None               # bool [N]
+  # Judge mode: every judged answerer (the non-references) -> float32 [N]
+  # p(its answer means the consensus): 1 where the exact comparison finds
+  # them equal or there is nothing to judge; and bool [N], the rows the
+  # judge was asked. Empty in exact mode.
+  p_same: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  judged: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.exact_success is None:
+      self.exact_success = np.asarray(self.success).copy()
 
   @property
   def n(self) -> int:
@@ -150,25 +163,24 @@ class Auditing:
 
   auditor: a Sampler over the auditor's policy params (the caller refreshes
   `auditor.params`); answerers: {name: Sampler} of the target and the
-  references; the reward compares `target` against `references`.
+  references; the reward compares `target` against `references`. In judge
+  mode (`rcfg.mode == "judge"`), `judge` (a `reward.ModelJudge`, or any
+  object with its `same_prob`) decides, for every answerer that is not a
+  reference, the rows where its answer and the consensus differ exactly.
   """
 
   def __init__(self, auditor: Sampler, answerers: Mapping[str, Sampler], target: str,
                references: Sequence[str], editor: Editor, rcfg: reward_lib.RewardConfig,
                num_samples: int, temperature: float = 1.0, max_new_tokens: int = 40,
-               answer_tokens: int = 4, batch_size: int = 256):
+               answer_tokens: int = 4, batch_size: int = 256, judge=None):
     if target not in answerers or any(r not in answerers for r in references):
       raise ValueError(f"target {target!r} and references {list(references)} must be "
                        f"among the answerers {list(answerers)}")
     if not references:
       raise ValueError("an audit needs at least one reference model")
-    if rcfg.mode != "exact":
-      # reward.judged_reward / judge_same_prob exist and are tested, but the
-      # rollout does not call them yet: refuse, rather than silently train on
-      # the exact reward.
-      raise NotImplementedError(
-          f"the audit rollout uses the exact reward only; RewardConfig(mode="
-          f"{rcfg.mode!r}) is not wired in yet")
+    if rcfg.mode == "judge" and judge is None:
+      raise ValueError("RewardConfig(mode='judge') needs a judge (reward.ModelJudge)")
+    self.judge = judge if rcfg.mode == "judge" else None
     self.auditor, self.answerers = auditor, dict(answerers)
     self.target, self.references = target, list(references)
     self.editor, self.rcfg = editor, rcfg
@@ -209,16 +221,59 @@ class Auditing:
     return {m: [reward_lib.extract_answer(a, sp) for a, sp in zip(v, spaces, strict=True)]
             for m, v in answers.items()}
 
-  def score(self, answers: Mapping[str, Sequence[str]], valid) -> dict[str, np.ndarray]:
-    """The jitted reward of parsed (`parse`) answers."""
+  @property
+  def judged_models(self) -> list[str]:
+    """The answerers the judge decides for (judge mode): every non-reference."""
+    return [m for m in self.answerers if m not in self.references]
+
+  def exact(self, answers: Mapping[str, Sequence[str]], valid, model: str | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(exact reward, has_consensus, exact disagreement) of `model` (default
+    the target) on parsed answers: the jitted `disagreement_reward`."""
     rc = self.rcfg
     enc = lambda texts: reward_lib.encode_answers(texts, length=rc.max_answer_tokens)
     ref_ids = np.stack([enc(answers[r]) for r in self.references])
-    tgt_ids = enc(answers[self.target])
+    tgt_ids = enc(answers[self.target if model is None else model])
     reward, has, disagree = reward_lib.disagreement_reward(
         tgt_ids, ref_ids, np.asarray(valid), rc.invalid_reward, rule=rc.consensus)
-    return {"reward": np.asarray(reward), "has_consensus": np.asarray(has),
-            "success": np.asarray(disagree)}
+    return np.asarray(reward), np.asarray(has), np.asarray(disagree)
+
+  def judge_rows(self, images, answers: Sequence[str], cons: Sequence[str], rows
+                 ) -> np.ndarray:
+    """float32 [N]: the judge's p(answers[i] means cons[i]) on `rows` (bool
+    [N]), 1 elsewhere; no judge call when no row is asked."""
+    p = np.ones(len(answers), np.float32)
+    idx = np.nonzero(np.asarray(rows))[0]
+    if len(idx):
+      p[idx] = self.judge.same_prob(np.asarray(images)[idx], [answers[i] for i in idx],
+                                    [cons[i] for i in idx])
+    return p
+
+  def score(self, answers: Mapping[str, Sequence[str]], valid, images=None
+            ) -> dict[str, np.ndarray]:
+    """The jitted reward of parsed (`parse`) answers. Judge mode (needs the
+    images): the judge decides the rows where the exact comparison finds a
+    consensus-backed disagreement, for the target and every other
+    non-reference answerer, and `judged_reward` pays the target's."""
+    rc = self.rcfg
+    valid = np.asarray(valid)
+    reward, has, disagree = self.exact(answers, valid)
+    out = {"reward": reward, "has_consensus": has, "success": disagree,
+           "exact_success": disagree, "p_same": {}, "judged": {}}
+    if rc.mode != "judge":
+      return out
+    if images is None:
+      raise ValueError("judge mode scores with the images the models saw")
+    cons, _ = consensus_text([answers[r] for r in self.references], rc.consensus)
+    for m in self.judged_models:
+      rows = disagree if m == self.target else self.exact(answers, valid, m)[2]
+      out["judged"][m] = rows
+      out["p_same"][m] = self.judge_rows(images, answers[m], cons, rows)
+    reward, has, success = reward_lib.judged_reward(
+        out["p_same"][self.target], has, valid, rc.invalid_reward, rc.judge_threshold)
+    out.update(reward=np.asarray(reward), has_consensus=np.asarray(has),
+               success=np.asarray(success))
+    return out
 
   def target_nll(self, images, questions, answers, parsed, cons) -> np.ndarray:
     """float32 [N]: -log p_target(the consensus answer, as a reference wrote
@@ -317,7 +372,7 @@ class Auditing:
     answers = self.answer(image, asked)
     answers = {m: [a if ok else "" for a, ok in zip(v, valid)] for m, v in answers.items()}
     parsed = self.parse(answers, context, question)
-    scored = self.score(parsed, valid)
+    scored = self.score(parsed, valid, image)
     cons, _ = consensus_text([parsed[r] for r in self.references], self.rcfg.consensus)
     if self.rcfg.soft_weight:
       scored["reward"] = np.asarray(reward_lib.add_soft_term(
@@ -328,7 +383,9 @@ class Auditing:
                    reason=reason, factor=factor, answers=answers, parsed=parsed,
                    reward=scored["reward"], has_consensus=scored["has_consensus"],
                    success=scored["success"], consensus=cons,
-                   answered=np.array([bool(a) for a in parsed[self.target]]))
+                   answered=np.array([bool(a) for a in parsed[self.target]]),
+                   exact_success=scored["exact_success"], p_same=scored["p_same"],
+                   judged=scored["judged"])
 
 
 def consensus_truth(roll: Rollout, editor: Editor) -> tuple[float, int]:

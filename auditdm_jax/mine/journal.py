@@ -60,13 +60,15 @@ def check_journal_all(chunks_dir: str, identity: dict) -> None:
 def mine_chunks(auditors: Mapping, new_auditing: Callable, pool, chunks_dir: str, *,
                 mixture, samples_per_seed: int, chunk_seeds: int, n_seeds: int, seed: int,
                 targets, refs, focus: str, consensus: str, editor,
-                auditor_steps: Mapping[str, int]) -> int:
+                auditor_steps: Mapping[str, int], judge_threshold: float | None = None) -> int:
   """Mines the chunks missing from `chunks_dir`; returns how many it mined.
 
   auditors: name -> VLM, mined in order; new_auditing(name, vlm) -> rollout.Auditing
   for the first (later ones swap their parameters into it); pool: the seed
   images (`audit.learner.SeedPool`); auditor_steps: each auditor's GRPO step
-  (recorded in its probes)."""
+  (recorded in its probes); judge_threshold: judge mode (the rollouts carry
+  the judge's p_same of every target; a probe fails a target by the judge's
+  decision, `probes.probe_records`), None in exact mode."""
   k, chunk = samples_per_seed, chunk_seeds
   n_chunks = -(-n_seeds // chunk)
   auditing = None
@@ -95,7 +97,7 @@ def mine_chunks(auditors: Mapping, new_auditing: Callable, pool, chunks_dir: str
         roll = auditing.run(seeds, pairings, jax.random.key(seed * 7_919 + 1_000 * a_i + c),
                             num_samples=k)
         recs = probe_records(roll, seeds, idx, k, targets, refs, consensus, editor,
-                             aud_name, step)
+                             aud_name, step, judge_threshold=judge_threshold)
         keep = []
         for r in recs:
           if r["id"] not in seen:

@@ -22,6 +22,13 @@ precision of the trained auditor's finds, into `<workdir>/audit.json`:
 `consensus_truth` is how often the references' consensus is the world's
 answer on the valid probes each auditor wrote (not on the benchmark): the
 reward is only as truthful as that.
+
+`audit.reward.mode = "judge"`: a judge model (`audit.reward.judge`, any model
+of the config, default the first reference) decides the rows where the
+exact comparison finds a disagreement (`reward.ModelJudge`); audit.json then
+adds `success_rate_exact`, `judge` (how the judge's decisions differ from
+the exact ones) and `judge_agreement` / `judge_agreement_seed_questions`
+(the judge against exact comparison, docs/audit.md).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from auditdm_jax.audit import grpo
 from auditdm_jax.audit import learner as learner_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.eval.benchmark import dumps
-from auditdm_jax.pipeline import layout, placement
+from auditdm_jax.pipeline import judging, layout, placement
 from auditdm_jax.pipeline.layout import audit_target, model_dir, roles, seed_source
 from auditdm_jax.pipeline.recipes import audit_configs
 from auditdm_jax.pipeline.spec import Stage
@@ -80,12 +87,13 @@ def run(config, workdir: str) -> dict:
   bucket = int(a.get("answer_bucket", 32))
   answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
                for n in [target] + refs}
+  judge, _ = judging.build(config, workdir, rcfg, answerers, loaded, mesh, bucket)
   auditing = rollout_lib.Auditing(
       placement.sampler(config, aud_name, auditor, mesh), answerers, target, refs,
       editor_lib.get_editor(a.editor), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a.temperature),
       max_new_tokens=int(a.max_new_tokens),
-      answer_tokens=int(a.get("answer_tokens", 4)))
+      answer_tokens=int(a.get("answer_tokens", 4)), judge=judge)
 
   src = seed_source(config, workdir, auditor.config.vision.image_size)
   n_eval = int(a.eval_budget)
@@ -145,6 +153,12 @@ def run(config, workdir: str) -> dict:
          "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
+  if "judge_agreement" in out:
+    ag, jd = out["judge_agreement"], out["judge"]
+    print(f"audit: judge {jd['model']!r} vs exact comparison on {ag['rows']} answered, "
+          f"consensus-backed held-out probes: agreement {ag['agreement']:.3f}; it calls "
+          f"{jd['judge_exact_disagree']['trained']:.3f} of the trained auditor's "
+          f"{jd['judged']['trained']} exact disagreements the same", flush=True)
   sr = out["success_rate"]
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
         f"{sr['trained']:.3f} vs warm start {sr['warm_start']:.3f}; "
@@ -172,9 +186,7 @@ def problems(config) -> list[str]:
     problems.append(f"audit.mixture: {e}")
   try:
     _, _, rcfg = audit_configs(config)
-    if rcfg.mode != "exact":
-      problems.append("audit.reward: the audit stage uses the exact reward only (mode "
-                      "'exact'); the judge mode is not wired in yet")
+    problems += judging.problems(config, rcfg)
   except (ValueError, TypeError, AttributeError, KeyError) as e:
     problems.append(f"audit: {e}")
   try:
@@ -194,7 +206,6 @@ def problems(config) -> list[str]:
     problems.append(f"audit.eval_budget ({budget}) must be smaller than "
                     f"world.seed_images_size ({seeds}): the rest trains the auditor")
   return problems
-
 
 
 
