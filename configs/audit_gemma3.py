@@ -16,11 +16,23 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 import ml_collections  # noqa: E402  pylint: disable=wrong-import-position
 
 
-# The paper's Gemma 3 benchmarks (multiple choice answered by option letter,
-# or short answers), as jsonl files under data_dir.
-BENCHMARKS = (("seedbench_img", "test"), ("mmbench_v11", "dev"), ("pope", "test"),
-              ("realworldqa", "test"), ("mmstar", "val"), ("mmmu", "val"),
-              ("mmtbench", "val"))
+# The paper's Gemma 3 benchmarks as jsonl files under data_dir: (name, split,
+# metric and prompt). Multiple choice shows the options as lettered lines and
+# asks for the letter (lmms-eval's instruction); MMBench v1.1 is scored with
+# CircularEval over its rotated copies (records sharing a `group`); POPE and
+# MME are yes / no (MME's questions carry their own "Please answer yes or no.").
+LETTER = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+SHORT = "{question}\nAnswer the question using a single word or phrase."
+BENCHMARKS = (
+    ("seedbench_img", "test", dict(metric="choice", prompt=LETTER)),
+    ("mmtbench", "val", dict(metric="choice", prompt=LETTER)),
+    ("mmbench_v11", "dev", dict(metric="circular", prompt=LETTER)),
+    ("pope", "test", dict(metric="pope", prompt=SHORT)),
+    ("realworldqa", "test", dict(metric="choice", prompt=LETTER)),
+    ("mmstar", "val", dict(metric="choice", prompt=LETTER)),
+    ("mmmu", "val", dict(metric="choice", prompt=LETTER)),
+    ("mme", "test", dict(metric="mme", prompt="{question}")),
+)
 
 
 def get_config(arg=None):

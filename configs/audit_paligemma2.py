@@ -10,7 +10,9 @@ Arguments (comma separated key=value):
             names, e.g. paligemma2-3b-pt-448.npz, and gemma3-4b-it/); empty:
             random init from the presets
   data_dir  local or gs:// root of the jsonl datasets: <data_dir>/<name>/<split>.jsonl
-            with big_vision keys {"image", "prefix", "suffix"} (data/named.py);
+            with big_vision keys {"image", "prefix", "suffix"} and the fields
+            each benchmark's metric needs (data/named.py: every VQAv2 answer,
+            AI2D's options, RefCOCO's box, COCO's captions and image ids);
             any dataset may be swapped for a TFDS one with --config.data...
   slice     the TPU slice (configs/common.py SLICES: mesh, gradient accumulation)
   workdir   outputs (a path every host sees: a gcsfuse mount on a pod)
@@ -39,8 +41,26 @@ CHECKPOINTS = {  # big_vision release names
 }
 
 
-BENCHMARKS = (("vqav2", "val"), ("gqa", "testdev"), ("okvqa", "val"), ("ai2d", "test"),
-              ("docvqa", "val"), ("chartqa", "test"))
+# The paper's PaliGemma 2 benchmarks: (name, split, metric and prompt), each a
+# jsonl under data_dir (data/named.py documents the fields each metric needs).
+# Prompts follow PaliGemma's task prefixes (big_vision's paligemma transfer
+# configs): "answer en {question}" for VQA (VQAv2, GQA, OK-VQA; big_vision
+# feeds DocVQA's and ChartQA's questions bare to its fine-tuned transfers, our
+# pt checkpoints get the pretraining prefix), AI2D as "answer en <question>
+# choose from: <options>" (here as lettered lines), "detect <expression>" for
+# RefCOCO (answered as four <locNNNN> tokens, y1 x1 y2 x2), "caption en" for
+# COCO captions.
+ANSWER = "answer en {question}"
+BENCHMARKS = (
+    ("vqav2", "val", dict(metric="vqa", prompt=ANSWER)),
+    ("gqa", "testdev", dict(metric="exact", prompt=ANSWER)),
+    ("okvqa", "val", dict(metric="vqa", prompt=ANSWER)),
+    ("ai2d", "test", dict(metric="choice", prompt=ANSWER + " choose from:\n{options}")),
+    ("docvqa", "val", dict(metric="anls", prompt=ANSWER)),
+    ("chartqa", "test", dict(metric="relaxed", prompt=ANSWER)),
+    ("refcoco", "val", dict(metric="refcoco", prompt="detect {question}")),
+    ("coco_captions", "test", dict(metric="cider", prompt="caption en", max_new_tokens=32)),
+)
 
 
 def get_config(arg=None):
@@ -68,8 +88,8 @@ def get_config(arg=None):
                                   ckpt(CHECKPOINTS[s].format(res=res))) for s in refs},
   })
   # Seeds: VQAv2 train images (the paper audits on 20K VQAv2 seeds); benchmarks:
-  # the paper's VQA-style ones, scored by exact match (RefCOCO and COCO
-  # captions need their own metrics and are not listed); augment: VQAv2 train.
+  # the paper's eight, each scored with its own metric (BENCHMARKS); augment:
+  # VQAv2 train.
   common.data_section(c, a["data_dir"], seeds=("vqav2", "train"), benchmarks=BENCHMARKS,
                       rectify_train=("vqav2", "train"))
   common.mesh_and_rules(c, a["slice"])

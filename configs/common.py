@@ -55,21 +55,25 @@ def join(base, *parts):
   return "/".join([base.rstrip("/"), *parts])
 
 
-def jsonl(path, question_key="prefix", answer_key="suffix"):
-  """A big_vision-style jsonl dataset (data/named.py)."""
+def jsonl(path, question_key="prefix", answer_key="suffix", **extra):
+  """A big_vision-style jsonl dataset (data/named.py); `extra`: a benchmark's
+  metric, prompt, max_new_tokens or field keys."""
   return dict(kind="jsonl", path=path, image_dir="", image_key="image",
-              question_key=question_key, answer_key=answer_key)
+              question_key=question_key, answer_key=answer_key, **extra)
 
 
 def data_section(c, data_dir, seeds, benchmarks, rectify_train):
   """Seed images, benchmarks and labelled data as jsonl files under data_dir
-  (`<data_dir>/<name>/<split>.jsonl`, images beside them). Any entry may be
+  (`<data_dir>/<name>/<split>.jsonl`, images beside them). `benchmarks`:
+  (name, split, {"metric", "prompt", ...}) triples (data/named.py: the metric
+  names the record fields the jsonl lines must carry). Any entry may be
   replaced by a TFDS spec on the command line or in a derived config:
   --config.data.seed_images='{"kind": "tfds", "name": ..., "split": ...}'."""
   c.data = ml_collections.ConfigDict(dict(
       seed_images=jsonl(join(data_dir, *seeds) + (".jsonl" if data_dir else "")),
-      benchmarks={name: jsonl(join(data_dir, name, split) + (".jsonl" if data_dir else ""))
-                  for name, split in benchmarks},
+      benchmarks={name: jsonl(join(data_dir, name, split) + (".jsonl" if data_dir else ""),
+                              **dict(extra))
+                  for name, split, extra in benchmarks},
       rectify_train=jsonl(join(data_dir, *rectify_train) + (".jsonl" if data_dir else ""))))
 
 
@@ -101,8 +105,10 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       optim=dict(lr=3e-6, warmup=0.1, end_lr=1e-6, b2=0.999, grad_clip=1.0,
                  grad_accum=grad_accum, frozen=("^img/",)),
       answer_tokens=16,                  # greedy answer length of the target and references
+      # mode "judge": `judge` (a model of this config; "" = the first
+      # reference) decides where the exact comparison finds the answers differ.
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0,
-                  max_answer_tokens=16),
+                  max_answer_tokens=16, judge="", judge_threshold=0.5, judge_batch=64),
       eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2))
   # Mining: the trained auditor over 20K seed images (the paper's audit
   # budget on VQAv2), K probes each.

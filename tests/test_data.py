@@ -397,3 +397,119 @@ def test_named_dataset_problems_are_named(tmp_path):
   got = p({"kind": "tfds", "name": "no_such_dataset_xyz", "split": "val",
            "data_dir": str(tmp_path)}, "data.benchmarks.x")
   assert got and got[0].startswith("data.benchmarks.x: TFDS 'no_such_dataset_xyz'"), got
+
+
+def _write_lines(path, lines, images=("a.png",)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name in images:
+    _put_local(os.path.join(os.path.dirname(path), name),
+               _png(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)))
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(line) for line in lines) + "\n")
+  return path
+
+
+def test_named_records_keep_every_field_the_metrics_need(tmp_path):
+  """Every reference answer, the ids, categories, options (list or letter
+  columns) and boxes come through; today's {"image", "prefix", "suffix"}
+  lines read as before; the prompt follows the spec's template."""
+  from auditdm_jax.data import named  # pylint: disable=import-outside-toplevel
+  old = _write_lines(str(tmp_path / "old" / "v.jsonl"),
+                     [{"image": "a.png", "prefix": "answer en what?", "suffix": "two"}])
+  r = named.open_source({"kind": "jsonl", "path": old})[0]
+  assert (r["question"], r["prompt"], r["answer"], r["answers"], r["id"]) == (
+      "answer en what?", "answer en what?", "two", ["two"], "0")
+  assert r["image_size"] == [40, 30] and r["image"].shape == (30, 40, 3)
+  vqa = _write_lines(str(tmp_path / "vqa" / "v.jsonl"), [
+      {"image": "a.png", "prefix": "what?", "suffix": ["two", "2", "two"],
+       "question_id": 7, "image_id": "img1", "category": "count", "subcategory": "small"}])
+  spec = {"kind": "jsonl", "path": vqa, "metric": "vqa", "prompt": "answer en {question}"}
+  assert named.problems(spec, "data.benchmarks.vqav2") == []
+  src = named.open_source(spec)
+  r = src[0]
+  assert r["answers"] == ["two", "2", "two"] and r["answer"] == "two"
+  assert (r["id"], r["question_id"], r["image_id"], r["category"], r["subcategory"]) == (
+      "7", "7", "img1", "count", "small")
+  assert r["prompt"] == "answer en what?"
+  meta = src.meta(0)
+  assert "image" not in meta and "image_size" not in meta and meta["answers"] == r["answers"]
+  mc = _write_lines(str(tmp_path / "mc" / "v.jsonl"), [
+      {"image": "a.png", "q": "which?", "options": {"A": "cat", "B": "dog", "C": ""},
+       "suffix": "B"},
+      {"image": "a.png", "q": "which?", "options": ["cat", "dog"],
+       "suffix": "dog"}])
+  src = named.open_source({"kind": "jsonl", "path": mc, "metric": "choice",
+                           "question_key": "q"})
+  assert src[0]["options"] == ["cat", "dog"] and src[1]["options"] == ["cat", "dog"]
+  assert src[0]["prompt"] == "which?\nA. cat\nB. dog"
+  ref = _write_lines(str(tmp_path / "ref" / "v.jsonl"), [
+      {"image": "a.png", "prefix": "the cat", "bbox": [1, 2, 10, 20]}])
+  src = named.open_source({"kind": "jsonl", "path": ref, "metric": "refcoco",
+                           "box_key": "bbox", "prompt": "detect {question}"})
+  assert src[0]["box"] == [1.0, 2.0, 10.0, 20.0] and src[0]["prompt"] == "detect the cat"
+  assert src.meta(0)["image_size"] == [40, 30]    # RefCOCO's boxes are in these pixels
+  cap = _write_lines(str(tmp_path / "cap" / "v.jsonl"), [
+      {"image": "a.png", "suffix": ["a cat", "a small cat"], "image_id": 1}])
+  r = named.open_source({"kind": "jsonl", "path": cap, "metric": "cider",
+                         "prompt": "caption en"})[0]
+  assert r["prompt"] == "caption en" and r["answers"] == ["a cat", "a small cat"]
+
+
+def test_named_records_missing_a_metric_field_are_refused_by_name(tmp_path):
+  from auditdm_jax.data import named  # pylint: disable=import-outside-toplevel
+  path = _write_lines(str(tmp_path / "b" / "v.jsonl"), [
+      {"image": "a.png", "prefix": "q", "suffix": "yes", "image_id": 1, "category": "count"},
+      {"image": "a.png", "prefix": "q", "suffix": "no", "category": "count"}])
+  spec = {"kind": "jsonl", "path": path, "metric": "mme"}
+  assert named.problems(spec, "d") == []     # the config check reads the first line
+  with pytest.raises(ValueError, match=r"line 2 has no 'image_id' \(key 'image_id'\), which "
+                     r"metric 'mme' needs"):
+    named.open_source(spec)
+  for metric, field in (("refcoco", "'box'"), ("choice", "'options'"),
+                        ("circular", "'options' \\(key 'options'\\), 'group'")):
+    got = named.problems(dict(spec, metric=metric), "data.benchmarks.x")
+    assert len(got) == 1 and f"which metric '{metric}' needs" in got[0], got
+    with pytest.raises(ValueError, match=f"line 1 has no {field}"):
+      named.open_source(dict(spec, metric=metric))
+  nothing = _write_lines(str(tmp_path / "n" / "v.jsonl"), [{"image": "a.png", "prefix": "q"}])
+  assert "has no 'answers' (key 'suffix')" in named.problems(
+      {"kind": "jsonl", "path": nothing, "metric": "vqa"}, "d")[0]
+  assert named.problems({"kind": "jsonl", "path": nothing}, "d") == []   # seeds: no metric
+  bad = _write_lines(str(tmp_path / "c" / "v.jsonl"), [
+      {"image": "a.png", "prefix": "q", "suffix": "E", "options": ["x", "y"]}])
+  with pytest.raises(ValueError, match=r"answer 'E' is neither an option letter \(A-B\)"):
+    named.open_source({"kind": "jsonl", "path": bad, "metric": "choice"})
+  with pytest.raises(ValueError, match="answer 'E' is not 'yes' or 'no'"):
+    named.open_source({"kind": "jsonl", "path": bad, "metric": "pope"})
+  p = named.problems
+  assert "metric is 'bleu'" in p({"kind": "jsonl", "path": bad, "metric": "bleu"}, "d")[0]
+  assert "may use only {question} and {options}" in p(
+      {"kind": "jsonl", "path": bad, "prompt": "{image}"}, "d")[0]
+  dup = _write_lines(str(tmp_path / "d" / "v.jsonl"), [
+      {"image": "a.png", "prefix": "q", "suffix": "x", "question_id": 3},
+      {"image": "a.png", "prefix": "q", "suffix": "x", "question_id": 3}])
+  with pytest.raises(ValueError, match="line 2: question_id '3' repeats line 1"):
+    named.open_source({"kind": "jsonl", "path": dup})
+
+
+def test_named_tfds_features_are_named_by_the_spec(data_dir):
+  """TFDS builds: the *_key entries name the features (the scene build's
+  `skill` as the category, its `index` as the question id); a feature the
+  metric needs and the build lacks is refused by name."""
+  from auditdm_jax.data import named  # pylint: disable=import-outside-toplevel
+  cfg_name = scene_tfds.config_name(TRAIN, BENCH)
+  spec = {"kind": "tfds", "name": f"{scene_tfds.NAME}/{cfg_name}", "split": "benchmark",
+          "data_dir": str(data_dir), "metric": "exact", "category_key": "skill",
+          "question_id_key": "index"}
+  bench = scene_tfds.data_source(data_dir, "benchmark", TRAIN, BENCH)
+  assert named.problems(spec, "d") == []
+  src = named.open_source(spec)
+  for i in (0, 5):
+    r, want = src[i], bench[i]
+    assert (r["category"], r["id"], r["answers"]) == (want["skill"], str(i), [want["answer"]])
+    assert src.meta(i)["category"] == want["skill"]
+  missing = dict(spec, metric="refcoco")
+  assert "which metric 'refcoco' needs" in named.problems(missing, "d")[0]
+  with pytest.raises(ValueError, match=r"\[0\] has no 'box' \(key 'box'\)"):
+    named.open_source(missing)

@@ -11,16 +11,21 @@ The auditor is evaluated on what it is trained to write: for each route
 (question / edit / caption) the fraction of sampled outputs that the world
 accepts (a question it can answer, an edit it can apply, a caption it can
 render).
+
+Named benchmarks (the real configs): `evaluate_named` scores a model with its
+benchmark's metric (`eval/metrics.py`, in the paper's units) through the
+predictions journal (`eval/predictions.py`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
+from auditdm_jax.eval import metrics, predictions
 from auditdm_jax.models.handle import VLM
 from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
@@ -157,26 +162,87 @@ def evaluate_auditor(model: VLM, records: Sequence[dict], *, batch_size: int = 1
   return {"validity": validity, "examples": examples}
 
 
-def evaluate_named(model: VLM, records: Sequence[dict], *, max_new_tokens: int = 16,
-                   batch_size: int = 64, sampler: Sampler | None = None) -> dict:
-  """Exact-match accuracy (answers normalised VQA-style) of greedy answers on a
-  named benchmark's records ({"image", "question", "answer"}): {"accuracy",
-  "records", "examples"}. Images are fitted to the model's resolution."""
+def metric_row(metric: str, record: dict, prediction: str) -> dict:
+  """A benchmark record (data/named.py) with the model's text as the row
+  `metrics.aggregate` reads (`metrics.FIELDS`): CIDEr's rows are keyed by the
+  image and carry the captions as "references"."""
+  row = {k: v for k, v in record.items() if k != "image"}
+  row["prediction"] = prediction
+  if metric == "cider":
+    row["id"] = record.get("image_id", record.get("id"))
+    row["references"] = list(record.get("answers") or [record.get("answer", "")])
+  return row
+
+
+def score_named(metric: str, records: Sequence[dict], predictions: Sequence[str]) -> dict:
+  """The benchmark's score from its records and the model's texts:
+  `metrics.aggregate` ({"metric", "unit", "score" (the headline in the
+  paper's unit), "count", ...details}), with, when the records carry two or
+  more categories (POPE's splits, a benchmark's categories; not MME, which
+  reports its own, nor the corpus-level CIDEr / circular scores),
+  "by_category": {category: headline}."""
+  rows = [metric_row(metric, r, p) for r, p in zip(records, predictions, strict=True)]
+  out = metrics.aggregate(metric, rows)
+  cats = sorted({str(r["category"]) for r in records if "category" in r})
+  if len(cats) > 1 and metric not in ("mme", "cider", "circular"):
+    out["by_category"] = {
+        c: metrics.aggregate(metric, [w for w in rows if str(w.get("category")) == c])["score"]
+        for c in cats}
+  return out
+
+
+def evaluate_named(model: VLM, records: Sequence[dict], *, metric: str = "exact",
+                   images=None, max_new_tokens: int = 16, batch_size: int = 64,
+                   sampler: Sampler | Callable[[], Sampler] | None = None, journal=None,
+                   write: bool = True, after_chunk=None) -> dict:
+  """A named benchmark's score (`score_named`: the metric's headline in the
+  paper's unit, its details) from greedy answers to the records' prompts
+  (data/named.py records: "prompt", else "question"; "id", else the position),
+  plus "records", "predicted" (how many were generated now) and "examples".
+
+  Generation goes through the predictions journal (`eval/predictions.py`,
+  when `journal` is given: what it holds for these weights and prompts is
+  reused; the rest is predicted batch_size records at a time, each batch
+  journaled before the next (by this process when `write`), then
+  after_chunk(done, total)). Records may come without their images:
+  images(records) -> uint8 [n, H, W, 3] loads those of a batch. Images are
+  fitted to the model's resolution. `sampler` may be a function that makes
+  one (called only if something is left to predict; default: all devices)."""
   if model.tokenizer is None:
     raise ValueError("the model has no tokenizer (load its checkpoint with tokenizer.model)")
   if not len(records):
     raise ValueError("the benchmark has no records")
-  sampler = sampler or Sampler(model)
-  images = fit_images(np.stack([r["image"] for r in records]), model.config.vision.image_size)
-  prompts = [model.tokenizer.prompt(r["question"]) for r in records]
-  answers = generate_text(sampler, images, prompts,
-                          SamplingParams(max_new_tokens=max_new_tokens),
-                          min(batch_size, len(records)))
-  correct = [normalise_answer(a) == normalise_answer(r["answer"])
-             for r, a in zip(records, answers, strict=True)]
-  return {"accuracy": float(np.mean(correct)), "records": len(records),
-          "examples": [{"question": r["question"], "answer": r["answer"], "model": a}
-                       for r, a in list(zip(records, answers))[:16]]}
+  records = [dict(r, id=str(r.get("id", i)), prompt=r.get("prompt", r["question"]))
+             for i, r in enumerate(records)]
+  made = []
+
+  def get_sampler() -> Sampler:
+    if not made:
+      made.append(sampler() if callable(sampler) and not isinstance(sampler, Sampler)
+                  else sampler or Sampler(model))
+    return made[0]
+
+  size = model.config.vision.image_size
+  batch = min(batch_size, len(records))   # one shape for every batch (the last is padded)
+  params = SamplingParams(max_new_tokens=max_new_tokens)
+
+  def generate(part):
+    if all("image" in r for r in part):
+      ims = np.stack([r["image"] for r in part])
+    elif images is None:
+      raise ValueError("the records carry no images and no images() loader was given")
+    else:
+      ims = np.asarray(images(part))
+    prompts = [model.tokenizer.prompt(r["prompt"]) for r in part]
+    return generate_text(get_sampler(), fit_images(ims, size), prompts, params, batch)
+
+  answers, predicted = predictions.predict(journal, records, generate, batch, write=write,
+                                           after_chunk=after_chunk)
+  out = score_named(metric, records, answers)
+  out.update(records=len(records), predicted=predicted,
+             examples=[{"question": r["question"], "answer": r["answer"], "model": a}
+                       for r, a in list(zip(records, answers))[:16]])
+  return out
 
 
 def dumps(obj) -> str:

@@ -1,7 +1,8 @@
 """Answerer evaluation the eval and rectify stages share: the scene benchmark's
 per-answerer report remembered in `<workdir>/eval_cache/` (keyed by the
 weights, so rectify's "before" is eval's number without a second pass), and
-the named benchmarks of the real configs."""
+the named benchmarks of the real configs, each scored with its own metric
+through the per-sample predictions journal (`eval/predictions.py`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import numpy as np
 
 from auditdm_jax import models, sharding
 from auditdm_jax.data import named
-from auditdm_jax.eval import benchmark
+from auditdm_jax.eval import benchmark, metrics, predictions
 from auditdm_jax.pipeline import layout, placement
+from auditdm_jax.train import preemption
 from auditdm_jax.utils.digest import params_fingerprint
 from auditdm_jax.utils.fileio import atomic_write_text
 
@@ -54,42 +56,112 @@ def cached_report(workdir: str, model, records: list[dict], gaps: list[str], *,
   return json.loads(text)
 
 
-def benchmark_records(config) -> dict[str, list[dict]]:
-  """{name: records} of the config's named benchmarks (`data.benchmarks`),
-  each cut to `eval.max_examples` (0: all)."""
+PREDICTIONS = os.path.join("eval_cache", "predictions")   # the journal, under the workdir
+
+
+def benchmark_specs(config) -> dict[str, dict]:
+  """{name: dataset spec} of the config's named benchmarks (`data.benchmarks`)."""
   d = config.get("data", {})
+  return {name: dict(spec) for name, spec in sorted(dict(d.get("benchmarks", {}) or {}).items())}
+
+
+def benchmark_units(config) -> dict[str, dict]:
+  """{name: {"metric", "unit"}} of the named benchmarks (metrics.UNITS)."""
+  out = {}
+  for name, spec in benchmark_specs(config).items():
+    metric = named.metric_of(spec) or "exact"
+    out[name] = {"metric": metric, "unit": metrics.UNITS[metric]}
+  return out
+
+
+def benchmark_records(config) -> dict[str, list[dict]]:
+  """{name: records without their images} of the config's named benchmarks,
+  each cut to `eval.max_examples` (0: all). Opening a benchmark refuses a
+  record that lacks a field of its metric (data/named.py)."""
   limit = int(config.get("eval", {}).get("max_examples", 0) or 0)
   out = {}
-  for name, spec in sorted(dict(d.get("benchmarks", {}) or {}).items()):
-    src = named.open_source(dict(spec))
+  for name, spec in benchmark_specs(config).items():
+    src = named.open_source(spec)
     n = min(len(src), limit) if limit else len(src)
-    out[name] = [src[i] for i in range(n)]
+    out[name] = [src.meta(i) for i in range(n)]
   return out
+
+
+def _images(spec: dict, size: int, cache: dict):
+  """images(records) of a benchmark at a model's resolution (the source opened once)."""
+  def load(part):
+    key = (json.dumps(spec, sort_keys=True), size)
+    if key not in cache:
+      cache[key] = named.open_source(spec, size)
+    src = cache[key]
+    return np.stack([src[int(r["index"])]["image"] for r in part])
+  return load
 
 
 def evaluate_named(config, workdir: str, answerers: list[str], swap=None,
                    benches=None) -> dict:
-  """{model: {"accuracy": {benchmark: acc, "mean": acc}, "examples": ...}} of
-  the answering models on the named benchmarks; `swap` maps a name to another
-  checkpoint directory (rectify's "after"); `benches`: benchmark_records(config),
-  when the caller already read them."""
+  """{model: {"benchmarks": {benchmark: {"metric", "unit", "score", ...details,
+  "records"}}, "accuracy": {benchmark: score / 100}, "examples": ...}} of the
+  answering models on the named benchmarks, each scored with its metric
+  (`eval.benchmark.score_named`; "score" in the paper's unit, "accuracy" the
+  same number / 100 for the report's before / after table); `swap` maps a
+  name to another checkpoint directory (rectify's "after"); `benches`:
+  benchmark_records(config), when the caller already read them.
+
+  Predictions go through the journal in `<workdir>/eval_cache/predictions/`
+  (eval/predictions.py), keyed by the weights' fingerprint: a restart after a
+  crash or SIGTERM (exit 143 after the chunk in progress) predicts only what is
+  missing, and the same weights evaluated again (rectify's "before", then
+  eval) generate nothing."""
   benches = benchmark_records(config) if benches is None else benches
+  specs = benchmark_specs(config)
   # the answerers' greedy answer length, as the audit reads their answers
-  max_new = int(config.get("audit", {}).get("answer_tokens", 16))
+  default_new = int(config.get("audit", {}).get("answer_tokens", 16))
   batch = int(config.get("eval", {}).get("batch", 64))
-  out = {}
-  for name in answerers:
-    path = (swap or {}).get(name, layout.model_dir(workdir, name))
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
-                              "init stage first")
-    model = models.load(path)
-    sampler = placement.sampler(config, name, model)
-    acc, examples = {}, {}
-    for b, recs in benches.items():
-      rep = benchmark.evaluate_named(model, recs, max_new_tokens=max_new, batch_size=batch,
-                                     sampler=sampler)
-      acc[b], examples[b] = rep["accuracy"], rep["examples"][:4]
-    acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
-    out[name] = {"accuracy": acc, "examples": examples}
+  root = os.path.join(workdir, PREDICTIONS)
+  out, cache = {}, {}
+  with preemption.StopOnSignal() as stop:   # SIGTERM: stop after the chunk in progress
+    for name in answerers:
+      path = (swap or {}).get(name, layout.model_dir(workdir, name))
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
+                                "init stage first")
+      model = models.load(path)
+      fp = params_fingerprint(model.params)
+      size = model.config.vision.image_size
+      made = []
+
+      def make_sampler(name=name, model=model, made=made):
+        """The model's sampler, made once, and only if something is left to predict."""
+        if not made:
+          made.append(placement.sampler(config, name, model))
+        return made[0]
+
+      reps, acc, examples = {}, {}, {}
+      for b, recs in benches.items():
+        spec = specs[b]
+        metric = named.metric_of(spec) or "exact"
+        max_new = int(spec.get("max_new_tokens", 0) or 0) or default_new
+        journal = predictions.Journal(root, fp, b, {"max_new_tokens": max_new, "greedy": True,
+                                                    "family": model.config.family})
+
+        def after_chunk(done, total, journal=journal, b=b):
+          if stop.requested():
+            raise stop.stop(f"after {done} of {total} predictions of {name} on {b}; the "
+                            f"predictions so far are in {journal.dir}")
+
+        rep = benchmark.evaluate_named(
+            model, recs, metric=metric, images=_images(spec, size, cache),
+            max_new_tokens=max_new, batch_size=batch, journal=journal,
+            write=sharding.is_primary(), after_chunk=after_chunk,
+            sampler=make_sampler)
+        print(f"eval: {name} on {b}: {rep['predicted']} of {rep['records']} records "
+              f"predicted now, the rest from {journal.dir}", flush=True)
+        examples[b] = rep.pop("examples")[:4]
+        rep.pop("predicted")
+        reps[b] = rep
+        acc[b] = rep["score"] / 100.0
+      out[name] = {"benchmarks": reps, "accuracy": acc, "examples": examples}
+      # the journal is written by process 0; the others read it on their next pass
+      sharding.barrier(f"auditdm eval predictions {name}")
   return out

@@ -1,8 +1,10 @@
 """`eval` stage: per-skill accuracy of every answering model on the held-out
 scene benchmark, and the auditor's well-formed-output rates; or, when the
-config names benchmarks (`data.benchmarks`, the real configs), exact-match
-accuracy of every target and reference on each of them (answers normalised
-VQA-style; `eval.max_examples` caps each benchmark).
+config names benchmarks (`data.benchmarks`, the real configs), every target
+and reference scored on each with the benchmark's declared metric
+(`eval/metrics.py`: VQA accuracy, exact match, ANLS, relaxed accuracy,
+multiple choice, CircularEval, POPE, MME, RefCOCO Acc@0.5, CIDEr) in the
+paper's unit; `eval.max_examples` caps each benchmark.
 
 Writes `<workdir>/eval.json`:
   {"models": {NAME: {"role", "gaps": [SPEC...], "accuracy": {SKILL: acc, "overall": acc},
@@ -19,6 +21,16 @@ every skill without a planted gap and, on each gap slice, at most 0.6 times
 its mean accuracy on the healthy skills. A miss is reported, not raised.
 Answerer reports are cached by weights (`cached_report`): what rectify
 measured is not measured again.
+
+With named benchmarks `eval.json` is
+  {"models": {NAME: {"role", "benchmarks": {BENCH: {"metric", "unit", "score",
+                     "count", ...the metric's details, "records"}},
+                     "accuracy": {BENCH: score / 100}, "examples": {BENCH: [...]}}},
+   "benchmarks": {BENCH: {"metric", "unit", "records"}}, "checks": [], "wall_s"}
+and the answers come from the per-sample predictions journal
+(`pipeline.evaluation.evaluate_named`): a restart after a crash or SIGTERM
+predicts only what is missing, and rectify's predictions of the same weights
+are reused.
 """
 
 from __future__ import annotations
@@ -32,8 +44,9 @@ from auditdm_jax import models, sharding
 from auditdm_jax.eval import benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
-from auditdm_jax.pipeline import layout, placement
-from auditdm_jax.pipeline.evaluation import cached_report, evaluate_named, records
+from auditdm_jax.data import named
+from auditdm_jax.pipeline import evaluation, layout, placement
+from auditdm_jax.pipeline.evaluation import cached_report, records
 from auditdm_jax.pipeline.layout import model_dir
 from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -66,12 +79,16 @@ def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
 
 def _run_named(config, workdir: str, t0: float) -> dict:
   answerers = sorted(n for n, s in config.models.items() if s.role in layout.ANSWERER_ROLES)
-  res = evaluate_named(config, workdir, answerers)
+  benches = evaluation.benchmark_records(config)
+  res = evaluation.evaluate_named(config, workdir, answerers, benches=benches)
+  units = evaluation.benchmark_units(config)
   out = {"models": {n: {"role": config.models[n].role, **res[n]} for n in answerers},
-         "checks": [], "benchmarks": sorted(dict(config.data.benchmarks))}
+         "checks": [],
+         "benchmarks": {b: dict(units[b], records=len(benches[b])) for b in sorted(units)}}
   for n in answerers:
-    print(f"eval: {n:13s} " + " ".join(f"{k}={v:.3f}" for k, v in res[n]["accuracy"].items()),
-          flush=True)
+    print(f"eval: {n:13s} " + "  ".join(
+        f"{b} {r['metric']} {r['score']:.2f} ({r['unit']})"
+        for b, r in res[n]["benchmarks"].items()), flush=True)
   out["wall_s"] = time.time() - t0
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
@@ -137,11 +154,23 @@ def run(config, workdir: str) -> dict:
   return out
 
 
+def problems(config) -> list[str]:
+  """Every named benchmark declares a metric data/named.py knows (the
+  dataset's own problems are the config check's data section)."""
+  out = []
+  for name, spec in dict(config.get("data", {}).get("benchmarks", {}) or {}).items():
+    metric = spec.get("metric", "") if hasattr(spec, "get") else ""
+    if not metric:
+      out.append(f"data.benchmarks.{name} declares no metric; give it one of "
+                 f"{sorted(named.METRIC_FIELDS)} (e.g. metric='vqa' for VQAv2)")
+  return out
+
+
 STAGE = Stage(
     name="eval", run=run,
     reads="`models/` (with `<auditor>_trained/` when audited), `data/` benchmark, or "
           "`data.benchmarks`",
     writes="`eval.json` (scene: per-skill accuracy, gap slices, checks; named benchmarks: "
-           "exact-match accuracy per benchmark), `eval_cache/` (answerer reports keyed by "
-           "weights, shared with rectify)",
-    section="eval")
+           "each benchmark's metric in the paper's unit), `eval_cache/` (answerer reports "
+           "and per-sample predictions keyed by weights, shared with rectify)",
+    section="eval", problems=problems)

@@ -31,9 +31,19 @@ model is measured on the benchmark, before and after, into
   {"target", "rectified", "strategy", "accuracy_before": {MODEL: {SKILL, "overall"}},
    "accuracy_after": {...}, "gap_accuracy_before" / "_after", "checks", "wall_s", ...}
 
-With named benchmarks (`data.benchmarks`, the real configs) the accuracies are
-exact-match per benchmark ({MODEL: {BENCHMARK, "mean"}}) and the one check is
-the target's mean gain.
+With named benchmarks (`data.benchmarks`, the real configs) each benchmark is
+scored with its declared metric in the paper's unit (VQA accuracy in %,
+CIDEr x 100, MME as a sum; `pipeline.evaluation.evaluate_named`):
+
+  {"target", "rectified", "strategy", "benchmarks": {BENCH: {"metric", "unit"}},
+   "benchmarks_before": {MODEL: {BENCH: {"metric", "unit", "score", ...details}}},
+   "benchmarks_after": {...}, "gain": {BENCH: {"metric", "unit", "before", "after",
+   "gain"}} (the target), "accuracy_before" / "_after": {MODEL: {BENCH: score / 100}}
+   (the report's table), "checks": the target's gain on each benchmark > 0, ...}
+
+The predictions journal (`eval/predictions.py`) keeps every answer by the
+weights' fingerprint, so the eval stage's figures of the same models are
+these, without a second pass.
 """
 
 from __future__ import annotations
@@ -310,31 +320,43 @@ def run(config, workdir: str) -> dict:
 
 def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summary, t0,
                   t_eval) -> dict:
-  """rectify.json of a run on named benchmarks: per-benchmark accuracy of
-  every answering model before, and of the target after."""
+  """rectify.json of a run on named benchmarks: every benchmark's metric (in
+  the paper's unit) for every answering model before, and for the target
+  after. The predictions journal makes the "before" free for the eval stage
+  (and a rerun's "before" free here)."""
   answerers = roles(config, "target") + roles(config, "reference")
-  benches = evaluation.benchmark_records(config)   # read and decoded once for both
+  benches = evaluation.benchmark_records(config)   # read once for both
+  units = evaluation.benchmark_units(config)
   before = evaluation.evaluate_named(config, workdir, answerers, benches=benches)
   after = dict(before)
   if not skipped:
     after.update(evaluation.evaluate_named(config, workdir, [target], benches=benches,
                                          swap={target: model_dir(workdir, out_name)}))
-  acc0 = {n: v["accuracy"] for n, v in before.items()}
-  acc1 = {n: v["accuracy"] for n, v in after.items()}
-  gain = acc1[target]["mean"] - acc0[target]["mean"]
+  gains = {}
+  for b, u in units.items():
+    s0 = before[target]["benchmarks"][b]["score"]
+    s1 = after[target]["benchmarks"][b]["score"]
+    gains[b] = {**u, "before": s0, "after": s1, "gain": s1 - s0}
   out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
          "strategy": r["strategy"], "mix_ratio": float(r["mix_ratio"]),
          "freeze_vision": bool(r["freeze_vision"]), "pseudo_labelled_rows": n_pseudo,
-         "gaps": [], "gapped_skills": [], "accuracy_before": acc0, "accuracy_after": acc1,
-         "checks": [] if skipped else [{"check": "benchmark mean gain", "value": gain,
-                                        "target": "> 0", "ok": bool(gain > 0)}],
+         "gaps": [], "gapped_skills": [], "benchmarks": units,
+         "benchmarks_before": {n: v["benchmarks"] for n, v in before.items()},
+         "benchmarks_after": {n: v["benchmarks"] for n, v in after.items()},
+         "gain": gains,
+         "accuracy_before": {n: v["accuracy"] for n, v in before.items()},
+         "accuracy_after": {n: v["accuracy"] for n, v in after.items()},
+         "checks": [] if skipped else [
+             {"check": f"{b} gain ({g['metric']}, {g['unit']})", "value": g["gain"],
+              "target": "> 0", "ok": bool(g["gain"] > 0)} for b, g in gains.items()],
          "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "rectify.json"), benchmark.dumps(out))
   print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
-        f"{summary['steps']} steps): benchmark mean {acc0[target]['mean']:.3f} -> "
-        f"{acc1[target]['mean']:.3f}; {out['wall_s']:.0f}s", flush=True)
+        f"{summary['steps']} steps): " + "; ".join(
+            f"{b} {g['metric']} {g['before']:.2f} -> {g['after']:.2f} ({g['unit']})"
+            for b, g in gains.items()) + f"; {out['wall_s']:.0f}s", flush=True)
   return out
 
 
