@@ -413,3 +413,37 @@ def test_subject_attributes_read_the_question_only():
   assert parse.subject_attributes("why is the sky blue?") == {}
   assert parse.subject_attributes("what colour is the flying dog?") == {}
 
+
+
+def test_report_stage_shows_the_unlabelled_types_only_when_mined(tmp_path):
+  wd = str(tmp_path)
+  chunks, tfds_dir = layout.store_paths(wd)
+  recs = [_record(i) for i in range(3)]
+  store.write_chunk(store.chunk_path(chunks, "auditor_trained", 0), recs)
+  store.publish(chunks, tfds_dir)
+  config = ml_collections.ConfigDict({"models": {
+      "t_small": {"role": "target", "gaps": ()}, "ref_a": {"role": "reference", "gaps": ()}}})
+  mine = {"target": "t_small", "failure_types": []}
+  open(os.path.join(wd, "mine.json"), "w").write(json.dumps(mine))
+  report_stage.run(config, wd)
+  assert "unlabelled" not in json.load(open(os.path.join(wd, "report.json")))
+  assert 'id="unlabelled"' not in open(os.path.join(wd, "report.html")).read()
+  mine["unlabelled"] = {
+      "clusters": 1, "planted_gap_recall": 0.5, "planted_gaps": {},
+      "check": {"ari_skill_answer": 0.7, "planted_gap_recall_labelled": 1.0},
+      "failure_types": [{"name": "<b>red</b> things", "named_by": "auditor:question",
+                         "descriptive": "what colour -> red (100%)", "cluster": 0, "size": 3,
+                         "count": 3, "probes": 3, "rate": {"t_small": 1.0},
+                         "share": {"t_small": 1.0}, "candidates": [],
+                         "examples": ["id0000"], "members": ["id0002", "id0001"],
+                         "labels": ["red"]}]}
+  open(os.path.join(wd, "mine.json"), "w").write(json.dumps(mine))
+  out = report_stage.run(config, wd)
+  rep = json.load(open(os.path.join(wd, "report.json")))
+  t = rep["unlabelled"]["failure_types"][0]
+  assert t["name"] == "<b>red</b> things" and "gallery" not in t and "labels" not in t
+  assert rep["unlabelled"]["labelled_recall"] == 1.0
+  page = open(out["html"]).read()
+  assert "&lt;b&gt;red&lt;/b&gt; things" in page and "<b>red</b>" not in page
+  section = page[page.index('id="unlabelled"'):page.index('id="planted-gaps"')]
+  assert section.count("data:image/png;base64,") == 2     # the members nearest the centre

@@ -283,3 +283,41 @@ def test_renders_in_headless_chromium(tmp_path):
   assert pixels.shape[:2] == (3000, 1200)
   assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16
   shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# ------------------------------------------------- failure types without labels
+
+def _unlabelled(evil: str = "colour: purple") -> dict:
+  return {"clusters": 2, "planted_gap_recall": 1.0, "labelled_recall": 1.0,
+          "check": {"ari_skill_answer": 0.81, "ari_labelled_types": 0.93},
+          "failure_types": [
+              {"name": evil, "named_by": "auditor:question", "descriptive": "what colour -> purple",
+               "size": 24, "count": 24, "probes": 30, "rate": {"target_small": 0.8},
+               "candidates": [{"name": evil, "member_rate": 0.9, "nonmember_rate": 0.1,
+                               "kept": True}],
+               "gallery": [{"id": "u0", "image": _image(7), "question": evil,
+                            "pseudo_label": "purple"}]},
+              {"name": "how many -> 5 (40%)", "named_by": "descriptive", "size": 80,
+               "count": 70, "probes": 90, "rate": {"target_small": 0.78}, "candidates": [],
+               "gallery": []}]}
+
+
+def test_unlabelled_section_shows_names_sizes_and_images_and_is_optional():
+  assert 'id="unlabelled"' not in report.render(_facts(), _gallery())
+  page = report.render(_facts(unlabelled=_unlabelled()), _gallery(1))
+  ids = ["failure-types", "unlabelled", "unlabelled-table", "planted-gaps", "gallery"]
+  positions = [page.index(f'id="{i}"') for i in ids]
+  assert positions == sorted(positions)
+  for text in ("ARI vs skill:answer", "0.810", "0.930", "how many -&gt; 5 (40%)",
+               ">descriptive<", "auditor:question", "90.0% vs 10.0% (1/1 kept)"):
+    assert text in page, text
+  pngs = _data_uris(page)
+  assert len(pngs) == 3          # the gallery card's two and the type's one
+  np.testing.assert_array_equal(decode_png(pngs[0]), _image(7))
+
+
+def test_unlabelled_section_escapes_model_written_names():
+  evil = XSS + ATTR
+  page = report.render(_facts(unlabelled=_unlabelled(evil)), [])
+  assert "<script" not in page and "onerror=\"" not in page
+  assert page.count(html.escape(evil, quote=True)) >= 2

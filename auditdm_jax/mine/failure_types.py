@@ -163,12 +163,7 @@ def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
   attr_types = [_make(skill, (), members, targets, focus, (key, value))
                 for (skill, key, value), members in sorted(by_attr.items())
                 if len(members) >= min_probes]
-  n_all = max(len(probes), 1)
-  for t in targets:
-    base = sum(t in p.failed for p in probes) / n_all
-    for ty in out + attr_types:
-      ty.excess[t] = ty.count(t) - ty.probes * base
-      ty.score[t] = wilson_lower(ty.count(t), ty.probes) - base
+  score_types(out + attr_types, probes, targets)
   # An attribute type is kept only where it explains failures the answer
   # types ranked above it do not: at most half of its focus failures may
   # already lie in better types (else it is a re-cut of them).
@@ -184,6 +179,35 @@ def group(probes: Sequence[Probe], targets: Sequence[str], focus: str,
   return rank_types(kept, focus)
 
 
+def score_types(types: Sequence[FailureType], probes: Sequence[Probe],
+                targets: Sequence[str]) -> None:
+  """Fills each type's `excess` and `score` per target, against the target's
+  base rate over all of `probes` (which may hold probes of no type)."""
+  n_all = max(len(probes), 1)
+  for t in targets:
+    base = sum(t in p.failed for p in probes) / n_all
+    for ty in types:
+      ty.excess[t] = ty.count(t) - ty.probes * base
+      ty.score[t] = wilson_lower(ty.count(t), ty.probes) - base
+
+
+def make_type(name: str, members: Sequence[Probe], targets: Sequence[str], focus: str
+              ) -> FailureType:
+  """A failure type of any grouping of probes (e.g. an embedding cluster):
+  counts, rates and shares as for the answer types, named `name`; its skill
+  is the members' one skill, or UNKNOWN_SKILL when they have none or several;
+  its labels are the members' consensus answers, most common first."""
+  skills = {p.skill for p in members}
+  skill = skills.pop() if len(skills) == 1 else ""
+  counts: dict[str, int] = {}
+  for p in members:
+    counts[p.label] = counts.get(p.label, 0) + 1
+  ty = _make(skill, ("",), members, targets, focus)
+  ty.name = name
+  ty.labels = tuple(sorted(counts, key=lambda lab: (-counts[lab], lab)))
+  return ty
+
+
 def wilson_lower(k: int, n: int, z: float = 1.96) -> float:
   """The Wilson score interval's lower end for k successes in n trials (0 when
   n is 0): a failure rate that small types must earn with enough probes."""
@@ -193,6 +217,11 @@ def wilson_lower(k: int, n: int, z: float = 1.96) -> float:
   centre = p + z * z / (2 * n)
   margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
   return float((centre - margin) / (1 + z * z / n))
+
+
+def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
+  """The Wilson score interval's upper end (1 when n is 0)."""
+  return 1.0 - wilson_lower(n - k, n, z) if n > 0 else 1.0
 
 
 def rank_types(types: Sequence[FailureType], target: str) -> list[FailureType]:

@@ -8,7 +8,8 @@ wherever it lands (text, attributes, SVG <title>s); numbers that are None or
 not finite print as "n/a" and never reach SVG coordinates.
 
 Sections, in order: header (headline figures, wall time per stage), discovered
-failure types (ranked table and per-model share chart), planted gaps, the
+failure types (ranked table and per-model share chart), failure types found
+without labels (when given: names, who named them, sizes, example images), planted gaps, the
 exemplar gallery, benchmark accuracy before / after rectification, the
 auditor's learning curve, notes. See `render` for the input schema.
 """
@@ -59,6 +60,9 @@ img.px{image-rendering:pixelated;image-rendering:crisp-edges;border:1px solid #c
 .card dt{color:#666}.card dd{margin:0;white-space:pre-wrap;word-break:break-word}
 .differs{color:#b42318;font-weight:600}
 .flex{display:flex;flex-wrap:wrap;gap:24px}
+.descr{background:#888}.validated{background:#1a7f37}
+.thumbs figure{display:inline-block;margin:0 6px 4px 0;text-align:center;max-width:150px}
+.thumbs figcaption{font-size:11px;color:#666;word-break:break-word}
 svg text{font:11px system-ui,sans-serif;fill:#333}
 svg .grid{stroke:#e5e5e5}svg .axis{stroke:#888}
 """
@@ -79,6 +83,13 @@ def render(facts: Mapping | None, gallery: Sequence[Mapping] = ()) -> str:
     learning_curve: [{"step", "reward", "success_rate"}]
     wall_s: {STAGE: seconds}
     notes: [str]
+    unlabelled (optional; the section is left out without it): the failure
+      types found without skill labels (`mine.clusters`): {"failure_types":
+      [{"name", "named_by", "descriptive", "size", "count", "probes",
+      "rate": {MODEL: f}, "candidates": [{"name", "source", "member_rate",
+      "nonmember_rate", "kept"}], "gallery": [{"id", "image" (uint8
+      [H, W, 3]), "question", "pseudo_label"}]}], "planted_gap_recall",
+      "labelled_recall", "clusters", "check": {"ari_skill_answer", ...}}
   `gallery`: exemplars {"id", "seed_image", "image" (uint8 [H, W, 3]), "route",
     "auditor_text", "question", "pseudo_label", "truth", "category",
     "answers": {MODEL: str}, optional "failed": [MODEL] (which answers to mark
@@ -92,6 +103,7 @@ def render(facts: Mapping | None, gallery: Sequence[Mapping] = ()) -> str:
   body = [
       _header(facts, title),
       _failure_types(facts),
+      _unlabelled(facts),
       _planted_gaps(facts),
       _gallery(gallery or ()),
       _accuracy(facts),
@@ -302,6 +314,80 @@ def _share_chart(names: Sequence[str], models: Sequence, shares: Sequence[Mappin
   out.append(f"<line class=\"axis\" x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{_fmt(bottom)}\"/>")
   out.append("</svg>")
   return "\n".join(out)
+
+
+def _unlabelled(facts: Mapping) -> str:
+  """Failure types without skill labels; "" (no section) when not given."""
+  unl = facts.get("unlabelled")
+  if unl is None:
+    return ""
+  if not isinstance(unl, Mapping):
+    raise TypeError(f"facts['unlabelled'] must be a mapping, got {type(unl).__name__}")
+  heading = "Failure types without labels"
+  types = _sequence(unl, "failure_types")
+  check = _mapping(unl, "check", "facts['unlabelled']")
+  stats = [("clusters", _int(unl.get("clusters"))),
+           ("named by a model (validated)",
+            _int(sum(1 for t in types if isinstance(t, Mapping)
+                     and t.get("named_by") not in (None, "descriptive")))),
+           ("planted-gap recall, unlabelled", _pct(unl.get("planted_gap_recall")))]
+  if "labelled_recall" in unl:
+    stats.append(("planted-gap recall, labelled", _pct(unl.get("labelled_recall"))))
+  for key, label in (("ari_skill_answer", "ARI vs skill:answer"),
+                     ("ari_labelled_types", "ARI vs labelled types")):
+    if key in check:
+      v = _real(check.get(key))
+      stats.append((label, NA if v is None else f"{v:.3f}"))
+  head = "".join(f"<div class=\"stat\">{_e(k)}<b>{v}</b></div>" for k, v in stats)
+  if not types:
+    return _section("unlabelled", heading, f"<div class=\"stats\">{head}</div>\n{_na()}")
+  rates = [_mapping(t, "rate", f"unlabelled failure_types[{i}]") for i, t in enumerate(types)]
+  models = _union(rates)
+  rows, cards = [], []
+  for i, (t, r) in enumerate(zip(types, rates, strict=True)):
+    if not isinstance(t, Mapping) or t.get("name") is None:
+      raise ValueError(f"unlabelled failure_types[{i}] must be a mapping with a 'name'")
+    by = t.get("named_by") or "descriptive"
+    badge = ("<span class=\"badge descr\">descriptive</span>" if by == "descriptive"
+             else f"<span class=\"badge validated\">{_e(by)}</span>")
+    tried = [c for c in (t.get("candidates") or ()) if isinstance(c, Mapping)]
+    kept = [c for c in tried if c.get("kept")]
+    best = max(kept or tried, key=lambda c: (_real(c.get("member_rate")) or 0)
+               - (_real(c.get("nonmember_rate")) or 0), default=None)
+    val = (NA if best is None else f"{_pct(best.get('member_rate'))} vs "
+           f"{_pct(best.get('nonmember_rate'))} ({len(kept)}/{len(tried)} kept)")
+    rows.append(f"<tr><td class=\"num\">{i + 1}</td><td>{_e(t['name'])}{badge}</td>"
+                f"<td class=\"num\">{_int(t.get('size'))}</td>"
+                f"<td class=\"num\">{_int(t.get('count'))}</td>"
+                f"<td class=\"num\">{_int(t.get('probes'))}</td>"
+                + "".join(f"<td class=\"num\">{_pct(r.get(m))}</td>" for m in models)
+                + f"<td>{val}</td></tr>")
+    figs = []
+    for item in t.get("gallery") or ():
+      if item.get("image") is None:
+        continue
+      uri = _png_uri(item, "image")
+      h, w = np.shape(item["image"])[:2]
+      cap = f"{item.get('question', '')} \u2192 {item.get('pseudo_label', '')}"
+      figs.append(f"<figure><img class=\"px\" src=\"{uri}\" width=\"{w * 2}\" "
+                  f"height=\"{h * 2}\" alt=\"{_e(item.get('id'))}\">"
+                  f"<figcaption>{_e(_clip(cap, 80))}</figcaption></figure>")
+    desc = (f"<p class=\"muted\">descriptive: {_e(t.get('descriptive'))}</p>"
+            if by != "descriptive" and t.get("descriptive") else "")
+    cards.append(f"<article class=\"card\" id=\"unl-{i}\"><h3>{i + 1}. {_e(t['name'])}"
+                 f"{badge}</h3>{desc}<div class=\"thumbs\">{''.join(figs) or _na('no images')}"
+                 "</div></article>")
+  mhead = "".join(f"<th class=\"num\">{_e(m)} rate</th>" for m in models)
+  table = ("<table id=\"unlabelled-table\"><thead><tr><th class=\"num\">rank</th><th>name</th>"
+           "<th class=\"num\">size</th><th class=\"num\">count</th><th class=\"num\">probes</th>"
+           f"{mhead}<th>validation (members vs non-members)</th></tr></thead>"
+           f"<tbody>{''.join(rows)}</tbody></table>")
+  note = ("<p class=\"muted\">Clusters of the failure exemplars' embeddings. A name marked "
+          "<i>descriptive</i> was built from the members' question words and answers "
+          "because no model-written name separated members from non-members.</p>")
+  return _section("unlabelled", heading,
+                  f"<div class=\"stats\">{head}</div>\n{note}\n{table}\n"
+                  f"<div class=\"cards\">{''.join(cards)}</div>")
 
 
 def _planted_gaps(facts: Mapping) -> str:

@@ -19,6 +19,24 @@ audited target and written with the ground-truth measurements to
   {"failure_types": [{"name", "count", "share": {TARGET: f}, "rate", ...}],
    "planted_gap_recall", "planted_gaps": {TARGET: {SPEC: {...}}},
    "exemplar_precision", "label_precision", "probes", "exemplars", "wall_s", ...}
+
+With `audit.reward.mode = "judge"` a probe fails a target by the judge's
+decision (the judge is asked where the answers differ exactly), and
+mine.json adds `judge`: per target, the exact and the judge's failures and
+how often they differ.
+
+`mine.unlabelled_types = "on"` (the default) also runs the failure types
+without skill labels (`mine.clusters.mine_unlabelled`, settings under
+`mine.unlabelled`): the probes embedded with the first auditor's SigLIP
+tower and LLM states, the exemplars clustered (HDBSCAN), each top type named
+by the auditor and validated by the references. mine.json adds `unlabelled`
+({"failure_types": [{"name", "named_by", "size", "members", ...}],
+"clusters", "planted_gap_recall", "check": {"ari_skill_answer", ...}}); where
+no record carries a skill (real data) its types become `failure_types`
+(`failure_types_from: "unlabelled"`, the labelled path's kept as
+`failure_types_labelled`). On the scene world `check` measures the clusters
+against the skill:answer types and the planted gaps' recall against the
+labelled path's.
 """
 
 from __future__ import annotations
@@ -35,8 +53,9 @@ from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.audit.learner import SeedPool
-from auditdm_jax.mine import analysis, journal
-from auditdm_jax.pipeline import layout, placement
+from auditdm_jax.mine import analysis, clusters, journal
+from auditdm_jax.mine import probes as probes_lib
+from auditdm_jax.pipeline import judging, layout, placement
 from auditdm_jax.pipeline.layout import (audit_target, model_dir, published_path, roles, seed_source,
                                          store_paths)
 from auditdm_jax.pipeline.recipes import audit_configs
@@ -46,7 +65,8 @@ from auditdm_jax.utils.fileio import atomic_write_text
 
 DEFAULTS = dict(auditors=(), seeds=0, samples_per_seed=8, chunk_seeds=32, mixture={},
                 temperature=1.0, top_k=5, purity=0.5, merge_rate=0.5, min_probes=3,
-                gallery=24)
+                gallery=24, unlabelled_types="on", unlabelled={})
+UNLABELLED_MODES = ("on", "off")
 
 
 def settings(config) -> dict:
@@ -102,25 +122,33 @@ def run(config, workdir: str) -> dict:
                for n in targets + refs}
   editor = editor_lib.get_editor(config.audit.editor)
   seed = int(config.seed)
-  journal.check_journal_all(chunks_dir, {
+  judge, judge_params = judging.build(config, workdir, rcfg, answerers,
+                                      {**loaded, **auditor_models}, mesh, bucket)
+  identity = {
       "seed": seed, "seeds": n_seeds, "samples_per_seed": k, "chunk_seeds": chunk,
       "mixture": mixture, "temperature": float(m["temperature"]),
       "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
       "targets": targets, "references": refs, "auditors": list(m["auditors"]),
       "params": {n: params_fingerprint(v.params)
-                 for n, v in {**loaded, **auditor_models}.items()}})
+                 for n, v in {**loaded, **auditor_models}.items()}}
+  if judge is not None:   # (exact mode keeps the manifest it always had)
+    identity["judge"] = {"model": judge.name, "threshold": rcfg.judge_threshold,
+                         "params": params_fingerprint(judge_params)}
+  journal.check_journal_all(chunks_dir, identity)
 
   def new_auditing(name, aud):
     return rollout_lib.Auditing(
         placement.sampler(config, name, aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
         temperature=float(m["temperature"]), max_new_tokens=int(config.audit.max_new_tokens),
-        answer_tokens=int(config.audit.get("answer_tokens", 4)))
+        answer_tokens=int(config.audit.get("answer_tokens", 4)),
+        judge=judge)
 
   mined = journal.mine_chunks(
       auditor_models, new_auditing, pool, chunks_dir, mixture=mixture, samples_per_seed=k,
       chunk_seeds=chunk, n_seeds=n_seeds, seed=seed, targets=targets, refs=refs, focus=focus,
       consensus=rcfg.consensus, editor=editor,
-      auditor_steps={a: _auditor_step(workdir, a) for a in m["auditors"]})
+      auditor_steps={a: _auditor_step(workdir, a) for a in m["auditors"]},
+      judge_threshold=rcfg.judge_threshold if judge is not None else None)
   t_pub = time.time()
   sharding.barrier(f"auditdm mine chunks {chunks_dir}")
   if sharding.is_primary():
@@ -139,8 +167,29 @@ def run(config, workdir: str) -> dict:
          "exemplars_of": {t: sum(t in r["failed"] for r in records) for t in targets},
          "store": path, "chunks_mined_now": mined, **res,
          "publish_s": time.time() - t_pub, "wall_s": time.time() - t0}
+  if judge is not None:
+    out["judge"] = {"model": judge.name, "threshold": rcfg.judge_threshold,
+                    "targets": probes_lib.judge_summary(records, targets, editor)}
+  if m["unlabelled_types"] == "on":
+    first = next(iter(auditor_models))
+    unl = clusters.mine_unlabelled(records, targets, focus, gaps, m,
+                                   new_auditing(first, auditor_models[first]), models.build,
+                                   labelled=res)
+    out["unlabelled"] = unl
+    if records and not any(r.get("skill") for r in records):
+      # Real data: no skill labels, so the labelled path's types are just
+      # "other: <answer>"; the unlabelled types are the failure types.
+      out["failure_types_labelled"] = out["failure_types"]
+      out["failure_types"] = unl["failure_types"]
+      out["failure_types_from"] = "unlabelled"
+    else:
+      out["failure_types_from"] = "labelled"
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
+  if judge is not None:
+    j = out["judge"]["targets"][focus]
+    print(f"mine: judge {judge.name!r}: {j['exemplars_judge']} failures of {focus} by the "
+          f"judge, {j['exemplars_exact']} by exact comparison", flush=True)
   top = "; ".join(f"{t['name']} ({t['count']})" for t in out["failure_types"][:5])
   print(f"mine: {len(records)} consensus-backed probes, {n_ex} exemplars "
         f"({out['exemplars_of'][focus]} of {focus}); top failure types of {focus}: {top}; "
@@ -173,6 +222,13 @@ def problems(config) -> list[str]:
     rollout_lib.check_mixture(dict(m["mixture"]))
   except (ValueError, TypeError) as e:
     problems.append(f"mine.mixture: {e}")
+  if m["unlabelled_types"] not in UNLABELLED_MODES:
+    problems.append(f"mine.unlabelled_types must be one of {UNLABELLED_MODES}, got "
+                    f"{m['unlabelled_types']!r}")
+  if not hasattr(m["unlabelled"], "items"):
+    problems.append(f"mine.unlabelled must be a dict of settings, got {m['unlabelled']!r}")
+  else:
+    problems += clusters.problems(dict(m["unlabelled"]), "mine.unlabelled")
   return problems
 
 

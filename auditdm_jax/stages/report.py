@@ -7,7 +7,9 @@ into the facts of `report.html.render` and writes, atomically:
   report.json  {"planted_gap_recall", "exemplar_precision", "label_precision",
                 "failure_types": [{"name", "count", "share": {MODEL: f}, ...}],
                 "accuracy_before": {MODEL: {SKILL: f, "overall": f}},
-                "accuracy_after": {...}, "checks", "rounds", "wall_s": {STAGE: s}}
+                "accuracy_after": {...}, "checks", "rounds", "wall_s": {STAGE: s},
+                "unlabelled" (only when mine.json has it): the failure types
+                found without skill labels, their names and checks}
   report.html  one self-contained page (inline PNG images, SVG charts, no
                script), which opens from disk.
 
@@ -41,6 +43,51 @@ def _load(path: str) -> dict | None:
     return json.load(f)
 
 
+def _store_records(path: str, ids: set) -> dict[str, dict]:
+  """The exemplar store's records of `ids` (one pass over the split)."""
+  src = store.data_source(path, "exemplars")
+  by_id = {}
+  for j in range(len(src)):
+    r = src[j]
+    if r["id"] in ids:
+      by_id[r["id"]] = r
+  return by_id
+
+
+UNLABELLED_KEYS = ("name", "named_by", "descriptive", "cluster", "size", "count", "probes",
+                   "rate", "share", "candidates", "examples", "members")
+
+
+def _shown(t: dict, n: int) -> list[str]:
+  return list(t.get("members") or t.get("examples") or [])[:n]
+
+
+def unlabelled(workdir: str, mine: dict, per_type: int = PER_TYPE) -> dict | None:
+  """The failure types found without labels (`mine.json`'s "unlabelled", from
+  `mine.clusters.analyse_unlabelled`), each with up to `per_type` example
+  images from the store (its failure exemplars nearest the centroid); None when the
+  mine stage wrote none."""
+  unl = (mine or {}).get("unlabelled")
+  if not unl:
+    return None
+  types = [{k: t[k] for k in UNLABELLED_KEYS if k in t} for t in unl.get("failure_types", [])]
+  path = published_path(workdir)
+  by_id = {}
+  if os.path.exists(os.path.join(path, "dataset_info.json")):
+    by_id = _store_records(path, {i for t in types for i in _shown(t, per_type)})
+  for t in types:
+    t["gallery"] = [{"id": i, "image": by_id[i]["image"], "question": by_id[i]["question"],
+                     "pseudo_label": by_id[i]["pseudo_label"]}
+                    for i in _shown(t, per_type) if i in by_id]
+  check = unl.get("check") or {}
+  out = {"failure_types": types, "clusters": unl.get("clusters"),
+         "planted_gap_recall": unl.get("planted_gap_recall"),
+         "planted_gaps": unl.get("planted_gaps"), "check": check}
+  if "planted_gap_recall_labelled" in check:
+    out["labelled_recall"] = check["planted_gap_recall_labelled"]
+  return out
+
+
 def gallery(workdir: str, mine: dict, limit_types: int = GALLERY_TYPES,
             per_type: int = PER_TYPE) -> list[dict]:
   """Exemplars of the top failure types, with the scene world's truth."""
@@ -52,13 +99,7 @@ def gallery(workdir: str, mine: dict, limit_types: int = GALLERY_TYPES,
     want += [(i, t["name"]) for i in t.get("examples", [])[:per_type]]
   if not want:
     return []
-  src = store.data_source(path, "exemplars")
-  by_id = {}
-  ids = {i for i, _ in want}
-  for j in range(len(src)):
-    r = src[j]
-    if r["id"] in ids:
-      by_id[r["id"]] = r
+  by_id = _store_records(path, {i for i, _ in want})
   truth = scene_truth(by_id)
   out = []
   for i, name in want:
@@ -125,6 +166,9 @@ def run(config, workdir: str) -> dict:
       "notes": _notes(audit, mine, rect, rounds),
   }
   items = gallery(workdir, mine)
+  unl = unlabelled(workdir, mine)
+  if unl is not None:
+    facts["unlabelled"] = unl
   html_path = os.path.join(workdir, "report.html")
   html.write(html_path, facts, items)
   out = {"planted_gap_recall": mine.get("planted_gap_recall"),
@@ -137,6 +181,9 @@ def run(config, workdir: str) -> dict:
          "gallery": [{k: v for k, v in g.items() if k not in ("seed_image", "image")}
                      for g in items],
          "wall_s": dict(walls, report=time.time() - t0), "html": html_path}
+  if unl is not None:   # only where the mine stage found types without labels
+    out["unlabelled"] = dict(unl, failure_types=[
+        {k: v for k, v in t.items() if k != "gallery"} for t in unl["failure_types"]])
   atomic_write_text(os.path.join(workdir, "report.json"), dumps(out))
   print(f"report: {html_path} ({len(failure_types)} failure types, {len(items)} exemplars "
         "in the gallery)", flush=True)
