@@ -80,6 +80,13 @@ def check(config, check_inputs: bool = True) -> None:
       elif steps and role not in ("target", "reference"):
         problems.append(f"{where}.finetune_steps: only targets and references are "
                         f"fine-tuned from the base (role is {role!r})")
+      rate = spec.get("judge_rate", None)
+      if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                               or not 0 <= rate < 1):
+        problems.append(f"{where}.judge_rate must be a number in [0, 1), got {rate!r}")
+      elif rate and role not in ("target", "reference"):
+        problems.append(f"{where}.judge_rate: only targets and references are fine-tuned "
+                        f"from the base, so only they learn to judge (role is {role!r})")
       for key in ("dtype", "param_dtype"):
         value = spec.get(key, None)
         if value not in (None, "", "float32", "bfloat16", "float16"):

@@ -20,9 +20,12 @@ def _model(role, preset, gaps=(), **kw):
 
 def get_config(arg=None):
   """arg "smoke": the same pipeline at toy sizes (seconds of training, for CI
-  and tests of the wiring; its models learn nothing)."""
-  if arg not in (None, "", "smoke"):
-    raise ValueError(f"configs/tiny.py takes no argument or 'smoke', got {arg!r}")
+  and tests of the wiring; its models learn nothing). arg "judge": the
+  references also learn to judge whether two answers mean the same (a fifth
+  of their fine-tuning rows, `tasks.judge_row`) and the audit pays by the
+  judge's decision (`audit.reward.mode = "judge"`, ref_a judging; docs/audit.md)."""
+  if arg not in (None, "", "smoke", "judge"):
+    raise ValueError(f"configs/tiny.py takes no argument, 'smoke' or 'judge', got {arg!r}")
   c = ml_collections.ConfigDict()
   c.stage = "all"
   c.seed = 0
@@ -111,6 +114,11 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict(dict(auditor_samples=96))
   if arg == "smoke":
     _smoke(c)
+  if arg == "judge":
+    c.workdir = "workdir/tiny_judge"
+    for name in ("ref_a", "ref_b"):
+      c.models[name].judge_rate = 0.2
+    c.audit.reward.mode = "judge"
   return c
 
 

@@ -312,6 +312,88 @@ def test_config_check_accepts_loaded_judges_and_names_a_bad_one():
     R.RewardConfig(mode="judge", judge_batch=0)
 
 
+# ---------------------------------------------------------------------------
+# A reference that learns to judge (tiny.py:judge)
+# ---------------------------------------------------------------------------
+
+
+def _scene_records(n):
+  from auditdm_jax.scenes import gaps as gaps_lib
+  skills = list(gaps_lib.SKILL_ANSWERS)
+  return [dict(index=i, question=f"question {i}", skill=skills[i % len(skills)],
+               answer=gaps_lib.SKILL_ANSWERS[skills[i % len(skills)]][i % 2])
+          for i in range(n)]
+
+
+def test_judge_rows_are_the_rewards_question_balanced_and_fixed_per_record():
+  from auditdm_jax.scenes import gaps as gaps_lib
+  from auditdm_jax.train import tasks
+  recs = _scene_records(2000)
+  rows = [tasks.judge_row(r, 0.2, R.judge_prompt) for r in recs]
+  assert rows == [tasks.judge_row(r, 0.2, R.judge_prompt) for r in recs]   # fixed per record
+  picked = [(r, x) for r, x in zip(recs, rows) if x is not None]
+  assert 0.17 < len(picked) / len(recs) < 0.23
+  labels = [x[1] for _, x in picked]
+  assert set(labels) == {"yes", "no"} and 0.4 < labels.count("yes") / len(labels) < 0.6
+  for r, (prompt, label) in picked:
+    space = gaps_lib.SKILL_ANSWERS[r["skill"]]
+    pairs = [(a, b) for a in space for b in space if R.judge_prompt(a, b) == prompt]
+    assert pairs, prompt                        # the reward's own prompt, of two answers
+    assert all(r["answer"] in (a, b) and (label == "yes") == (a == b) for a, b in pairs)
+  assert all(tasks.judge_row(r, 0.0, R.judge_prompt) is None for r in recs[:50])
+
+
+def test_every_judge_row_fits_the_judges_row_length():
+  from auditdm_jax.scenes import gaps as gaps_lib
+  from auditdm_jax.stages.pretrain import JUDGE_SEQ_LEN
+  tok = world_tokenizer("paligemma")
+  longest = max(len(tok.prompt(R.judge_prompt(a, b))) + len(tok.answer(y))
+                for space in gaps_lib.SKILL_ANSWERS.values() for a in space for b in space
+                for y in ("yes", "no"))
+  assert longest <= JUDGE_SEQ_LEN, longest
+
+
+def test_vqa_task_with_a_judge_rate_trains_yes_no_rows():
+  from auditdm_jax.models import presets
+  from auditdm_jax.train import tasks
+  cfg = presets.get_preset("scene-paligemma2-large")
+  tok = world_tokenizer("paligemma")
+  task = tasks.VQATask(cfg, tok, 32, judge_rate=0.5, judge_prompt=R.judge_prompt)
+  plain = tasks.VQATask(cfg, tok, 32)
+  image = np.zeros((48, 48, 3), np.uint8)
+  differ = 0
+  for r in _scene_records(40):
+    r = dict(r, image=image)
+    judged = tasks.judge_row(r, 0.5, R.judge_prompt)
+    row, base = task(r), plain(r)
+    if judged is None:
+      np.testing.assert_array_equal(row["tokens"], base["tokens"])
+    else:
+      want = task.row(image, *judged)
+      np.testing.assert_array_equal(row["tokens"], want["tokens"])
+      differ += 1
+  assert differ > 0
+  with pytest.raises(ValueError, match="judge_prompt"):
+    tasks.VQATask(cfg, tok, 32, judge_rate=0.2)
+  with pytest.raises(ValueError, match="judge_rate"):
+    tasks.VQATask(cfg, tok, 32, judge_rate=1.0, judge_prompt=R.judge_prompt)
+
+
+def test_judge_variant_and_the_judge_rate_check():
+  from configs import tiny
+  from auditdm_jax import config_check
+  c = tiny.get_config("judge")
+  assert c.audit.reward.mode == "judge" and c.models.ref_a.judge_rate == 0.2
+  assert "judge_rate" not in c.models.target_small
+  config_check.check(c, check_inputs=False)
+  c.models.auditor.judge_rate = 0.1
+  c.models.ref_b.judge_rate = 1.5
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.check(c, check_inputs=False)
+  assert "models.ref_b.judge_rate must be a number in [0, 1), got 1.5" in str(e.value)
+  assert "models.auditor.judge_rate: only targets and references" in str(e.value)
+
+
 @pytest.mark.slow
 def test_model_judge_through_a_sampler_is_batch_invariant():
   """A tiny random PaliGemma as the judge, through the sharded Sampler: one

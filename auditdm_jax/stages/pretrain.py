@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from auditdm_jax import models, sharding
+from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.data import pipeline
 from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import common as ckpt_common
@@ -54,6 +55,10 @@ from auditdm_jax.pipeline.recipes import recipe_config
 from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.train import sft, tasks, vision
 from auditdm_jax.utils.fileio import atomic_write_text
+
+# The row length of an answerer trained to judge (`models.<name>.judge_rate`): the
+# judge prompt and its answer hold <= 30 ids.
+JUDGE_SEQ_LEN = 32
 
 def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig,
                   keep=None) -> dict:
@@ -142,7 +147,8 @@ def _loader(config, workdir, task, batch: int, seed: int):
 def _vqa_task(cfg: VLMConfig, tok, pc, rc, **kw) -> tasks.VQATask:
   """The VQA rows of one recipe `rc`: with phrase labels when it sets
   phrase_aux (on its phrase_skills, default every skill)."""
-  return tasks.VQATask(cfg, tok, int(pc.seq_len), phrases=bool(rc.get("phrase_aux", 0.0)),
+  return tasks.VQATask(cfg, tok, int(rc.get("seq_len", 0) or pc.seq_len),
+                       phrases=bool(rc.get("phrase_aux", 0.0)),
                        phrase_skills=tuple(rc.get("phrase_skills", ())), **kw)
 
 
@@ -266,29 +272,36 @@ def _answerers(r: _Run, specs, base_params) -> dict:
     if spec.role not in ANSWERER_ROLES:
       continue
     gaps = tuple(spec.get("gaps", ()))
+    judge_rate = float(spec.get("judge_rate", 0.0) or 0.0)
     if status.done(name) and os.path.exists(model_dir(workdir, name)):
       old = status.data[name]
-      if list(old.get("gaps", [])) == list(gaps) and old.get("preset") == spec.preset:
+      if (list(old.get("gaps", [])) == list(gaps) and old.get("preset") == spec.preset
+          and float(old.get("judge_rate", 0.0)) == judge_rate):
         results[name] = old
         continue
-      # Trained for other gaps (or another preset): train it again from the
-      # base, not from its old checkpoints.
-      print(f"pretrain: {name} was trained with gaps {old.get('gaps')} ({old.get('preset')}); "
-            f"the config asks for {list(gaps)} ({spec.preset}): training it again", flush=True)
+      # Trained for other gaps (or another preset, judge rate): train it
+      # again from the base, not from its old checkpoints.
+      print(f"pretrain: {name} was trained with gaps {old.get('gaps')} ({old.get('preset')}, "
+            f"judge rate {old.get('judge_rate', 0.0)}); the config asks for {list(gaps)} "
+            f"({spec.preset}, judge rate {judge_rate}): training it again", flush=True)
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     cfg = presets.get_preset(spec.preset)
     params = derive_params(base_params, base_cfg, cfg)
-    task = _vqa_task(cfg, tok, pc, pc.finetune, gaps=gaps,
-                     gap_mode=str(spec.get("gap_mode", "corrupt")))
+    rc = pc.finetune
+    if judge_rate:      # judge rows are longer than the VQA ones
+      rc = ml_collections.ConfigDict(dict(rc.to_dict(), seq_len=max(
+          int(rc.get("seq_len", 0) or pc.seq_len), JUDGE_SEQ_LEN)))
+    task = _vqa_task(cfg, tok, pc, rc, gaps=gaps,
+                     gap_mode=str(spec.get("gap_mode", "corrupt")), judge_rate=judge_rate,
+                     judge_prompt=reward_lib.judge_prompt if judge_rate else None)
     mseed = seed + 101 * (i + 1)
     it = _loader(config, workdir, task, int(pc.finetune.batch), mseed)
-    rc = pc.finetune
     if spec.get("finetune_steps", 0):        # a model that needs more steps (a shallower one)
       rc = ml_collections.ConfigDict(dict(rc.to_dict(), steps=int(spec.finetune_steps)))
     params, summary = sft.train(cfg, params, it, placed(recipe_config(rc, mseed), config, name),
                                 os.path.join(root, name), tokenizer=tok)
     models.VLM(cfg, sharding.to_host(params), tok).save(model_dir(workdir, name))
-    results[name] = dict(summary, gaps=list(gaps), preset=spec.preset)
+    results[name] = dict(summary, gaps=list(gaps), preset=spec.preset, judge_rate=judge_rate)
     status.mark(name, results[name])
     print(f"pretrain: {name} ({spec.role}, {spec.preset}, gaps {list(gaps)}) trained "
           f"{summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}",

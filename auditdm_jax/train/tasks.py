@@ -7,7 +7,9 @@ it. The tokenizer travels as its serialized proto and is rebuilt lazily in
 each process.
 
   VQATask      question -> answer, with the model's planted gaps applied
-               (corrupted or removed, `scenes.gaps.apply_gaps`).
+               (corrupted or removed, `scenes.gaps.apply_gaps`); with
+               `judge_rate`, that share of rows asks instead whether two
+               answers mean the same (`judge_row`: a reference that judges).
   AuditorTask  the auditor's warm start: for the record's scene, one of the
                three routes (by record index): a well-formed probing question,
                an edit command valid for the scene, or the scene's caption.
@@ -21,6 +23,7 @@ each process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -74,8 +77,14 @@ class VQATask(_Tokenized):
 
   def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int,
                gaps: Sequence[str] = (), gap_mode: str = "corrupt", phrases: bool = False,
-               skills: Sequence[str] = (), phrase_skills: Sequence[str] = ()):
+               skills: Sequence[str] = (), phrase_skills: Sequence[str] = (),
+               judge_rate: float = 0.0, judge_prompt=None):
     super().__init__(cfg, tokenizer, seq_len)
+    if not 0.0 <= float(judge_rate) < 1.0:
+      raise ValueError(f"judge_rate must be in [0, 1), got {judge_rate!r}")
+    if judge_rate and judge_prompt is None:
+      raise ValueError("judge_rate > 0 needs judge_prompt(answer_a, answer_b) -> str")
+    self.judge_rate, self.judge_prompt = float(judge_rate), judge_prompt
     from auditdm_jax.scenes.questions import SKILLS  # pylint: disable=import-outside-toplevel
     for name, value in (("skills", skills), ("phrase_skills", phrase_skills)):
       if isinstance(value, str) or any(k not in SKILLS for k in value):
@@ -93,6 +102,10 @@ class VQATask(_Tokenized):
   def __call__(self, record: dict) -> dict | None:
     if self.skills and record.get("skill") not in self.skills:
       return None
+    if self.judge_rate:
+      judged = judge_row(record, self.judge_rate, self.judge_prompt)
+      if judged is not None:
+        return self.row(record["image"], *judged)
     rec = gaps_lib.apply_gaps(record, self.gaps, self.gap_mode) if self.gaps else record
     if rec is None:
       return None
@@ -102,6 +115,28 @@ class VQATask(_Tokenized):
                         if not self.phrase_skills or rec.get("skill") in self.phrase_skills
                         else -np.ones((MAX_PHRASES, 3), np.int32))
     return row
+
+
+def judge_row(record: dict, rate: float, judge_prompt) -> tuple[str, str] | None:
+  """(prompt, "yes" | "no") when the record is one of the `rate` share turned
+  into a judge question (chosen by a digest of its question and answer, so
+  the same record always is), else None: "do the answers A and B mean the
+  same?" (`judge_prompt`, the reward's) of the record's answer and, half of
+  the time, itself ("yes"), else another answer of its skill ("no"), in
+  either order. A reference trained on these judges the reward's questions
+  (`reward.mode = "judge"`): on the scene world two answers mean the same
+  exactly when they are equal."""
+  key = f"{record.get('index', '')}|{record['question']}|{record['answer']}"
+  u = np.random.default_rng(int.from_bytes(
+      hashlib.sha1(key.encode()).digest()[:8], "little"))
+  if u.random() >= rate:
+    return None
+  answer = record["answer"]
+  others = [a for a in gaps_lib.SKILL_ANSWERS.get(record.get("skill", ""), ()) if a != answer]
+  same = not others or u.random() < 0.5
+  other = answer if same else others[int(u.integers(len(others)))]
+  a, b = (answer, other) if u.random() < 0.5 else (other, answer)
+  return judge_prompt(a, b), "yes" if same else "no"
 
 
 def auditor_target(route: str, record: dict, rng: np.random.Generator) -> str:
