@@ -283,3 +283,52 @@ def test_same_weights_reuse_predictions_and_changed_weights_do_not(setup, tmp_pa
   assert {k: v for k, v in new.items() if k in old} == old     # old journals untouched
   assert len(new) == len(old) + 2
   assert set(after["target"]["benchmarks"]) == {"mc", "mme"}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_benchmark_then_restart_gives_the_same_eval_json(setup, tmp_path):
+  """A real kill: the eval stage in a subprocess, SIGKILLed as soon as its
+  first predictions chunk is on disk; a second process finishes the
+  benchmark. eval.json equals an uninterrupted run's and no record was
+  journaled twice (chunk files are whole or absent: atomic renames)."""
+  import subprocess
+  import sys
+  import time
+  _, ckpts = setup
+  rng = np.random.default_rng(3)
+  d = tmp_path / "data"
+  d.mkdir()
+  n = 40                                    # 20 chunks of eval.batch = 2
+  for i in range(n):
+    (d / f"{i}.png").write_bytes(_png(rng))
+  (d / "test.jsonl").write_text("\n".join(json.dumps(_line("vqa", i)) for i in range(n)) + "\n")
+  specs = {"vqa": dict(kind="jsonl", path=str(d / "test.jsonl"), **BENCHES["vqa"])}
+  config = _config(specs, answerers=("target",))
+  (tmp_path / "config.json").write_text(config.to_json())
+  clean = _workdir(tmp_path, ckpts, "clean")
+  evaluate.run(config, clean)
+  script = ("import json, sys, ml_collections\n"
+            "from auditdm_jax.stages import evaluate\n"
+            "c = ml_collections.ConfigDict(json.load(open(sys.argv[1])))\n"
+            "evaluate.run(c, sys.argv[2])\n")
+  w = _workdir(tmp_path, ckpts, "killed")
+  root = os.path.join(w, evaluation.PREDICTIONS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-c", script, str(tmp_path / "config.json"), w]
+  proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(f.startswith("chunk-") for _, _, fs in os.walk(root) for f in fs):
+      proc.kill()
+      break
+    time.sleep(0.005)
+  assert proc.wait(60) == -signal.SIGKILL, "the evaluation ended before it could be killed"
+  assert not os.path.exists(os.path.join(w, "eval.json"))
+  done = sum(len(ls) for ls in _journal_lines(w).values())
+  assert 0 < done < n, done
+  assert subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+                        timeout=600, check=False).returncode == 0
+  assert _figures(w) == _figures(clean)
+  lines = _journal_lines(w)
+  assert sum(len(ls) for ls in lines.values()) == n
+  assert all(c == 1 for ls in lines.values() for c in predictions.count_ids(ls).values())

@@ -275,6 +275,10 @@ def test_runlocal_runs_every_stage_on_files_written_here(tmp_path, name):
       assert {k: rep[k] for k in ("metric", "unit")} == want[b], (m, b, rep)
       assert np.isfinite(rep["score"]) and rep["score"] >= 0.0 and rep["records"] == 4
   assert mine["exemplars"] > 0, mine          # the references agree; the target differs
+  # Real records carry no skill: the failure types are the unlabelled ones.
+  assert mine["failure_types_from"] == "unlabelled" and "unlabelled" in mine
+  assert mine["failure_types_labelled"] and all(
+      t["name"].startswith("other: ") for t in mine["failure_types_labelled"])
   rect = json.loads((w / "rectify.json").read_text())
   assert rect["benchmarks"] == want
   for b in benches:
