@@ -153,6 +153,11 @@ def run(config, workdir: str) -> dict:
          "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
+  _log(out, n_eval)
+  return out
+
+
+def _log(out: dict, n_eval: int) -> None:
   if "judge_agreement" in out:
     ag, jd = out["judge_agreement"], out["judge"]
     print(f"audit: judge {jd['model']!r} vs exact comparison on {ag['rows']} answered, "
@@ -163,8 +168,7 @@ def run(config, workdir: str) -> dict:
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
         f"{sr['trained']:.3f} vs warm start {sr['warm_start']:.3f}; "
         f"ground-truth precision of the trained auditor's finds {out['precision_gt']:.3f} "
-        f"({out['finds_with_ground_truth']} finds); {time.time() - t_stage:.0f}s", flush=True)
-  return out
+        f"({out['finds_with_ground_truth']} finds); {out['wall_s']:.0f}s", flush=True)
 
 
 def problems(config) -> list[str]:

@@ -103,11 +103,7 @@ def run(config, workdir: str) -> dict:
   if k < 1 or chunk < 1:
     raise ValueError(f"mine.samples_per_seed ({k}) and mine.chunk_seeds ({chunk}) must be >= 1")
 
-  for name in list(m["auditors"]) + targets + refs:
-    if not os.path.exists(model_dir(workdir, name)):
-      raise FileNotFoundError(f"mine: model {name!r} has no checkpoint at "
-                              f"{model_dir(workdir, name)}; run the earlier stages first")
-  auditor_models = {a: models.load(model_dir(workdir, a)) for a in m["auditors"]}
+  auditor_models = _load(workdir, m["auditors"], targets + refs)
   size = next(iter(auditor_models.values())).config.vision.image_size
   src = seed_source(config, workdir, size)
   n_seeds = int(m["seeds"]) or len(src)
@@ -116,7 +112,7 @@ def run(config, workdir: str) -> dict:
   chunks_dir, tfds_dir = store_paths(workdir)
 
   mesh = placement.mesh(config)
-  loaded = {n: models.load(model_dir(workdir, n)) for n in targets + refs}
+  loaded = _load(workdir, targets + refs)
   bucket = int(config.audit.get("answer_bucket", 32))   # one compile per answerer
   answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
                for n in targets + refs}
@@ -124,17 +120,14 @@ def run(config, workdir: str) -> dict:
   seed = int(config.seed)
   judge, judge_params = judging.build(config, workdir, rcfg, answerers,
                                       {**loaded, **auditor_models}, mesh, bucket)
-  identity = {
+  journal.check_journal_all(chunks_dir, {
       "seed": seed, "seeds": n_seeds, "samples_per_seed": k, "chunk_seeds": chunk,
       "mixture": mixture, "temperature": float(m["temperature"]),
       "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
       "targets": targets, "references": refs, "auditors": list(m["auditors"]),
       "params": {n: params_fingerprint(v.params)
-                 for n, v in {**loaded, **auditor_models}.items()}}
-  if judge is not None:   # (exact mode keeps the manifest it always had)
-    identity["judge"] = {"model": judge.name, "threshold": rcfg.judge_threshold,
-                         "params": params_fingerprint(judge_params)}
-  journal.check_journal_all(chunks_dir, identity)
+                 for n, v in {**loaded, **auditor_models}.items()},
+      **_judge_identity(judge, judge_params, rcfg)})
 
   def new_auditing(name, aud):
     return rollout_lib.Auditing(
@@ -150,20 +143,14 @@ def run(config, workdir: str) -> dict:
       auditor_steps={a: _auditor_step(workdir, a) for a in m["auditors"]},
       judge_threshold=rcfg.judge_threshold if judge is not None else None)
   t_pub = time.time()
-  sharding.barrier(f"auditdm mine chunks {chunks_dir}")
-  if sharding.is_primary():
-    path = store.publish(chunks_dir, tfds_dir)
-  else:
-    path = published_path(workdir)
-  sharding.barrier(f"auditdm mine store {tfds_dir}")
+  path = _publish(workdir, chunks_dir, tfds_dir)
   records = list(store.iter_chunks(chunks_dir))
   gaps = {t: [str(g) for g in gaps_lib.parse_gaps(list(config.models[t].get("gaps", ())))]
           for t in targets}
   res = analysis.analyse(records, targets, focus, gaps, m)
-  n_ex = sum(bool(r["failed"]) for r in records)
   out = {"target": focus, "targets": targets, "references": refs,
          "auditors": list(m["auditors"]), "seeds": n_seeds, "samples_per_seed": k,
-         "probes": len(records), "exemplars": n_ex,
+         "probes": len(records), "exemplars": sum(bool(r["failed"]) for r in records),
          "exemplars_of": {t: sum(t in r["failed"] for r in records) for t in targets},
          "store": path, "chunks_mined_now": mined, **res,
          "publish_s": time.time() - t_pub, "wall_s": time.time() - t0}
@@ -172,30 +159,65 @@ def run(config, workdir: str) -> dict:
                     "targets": probes_lib.judge_summary(records, targets, editor)}
   if m["unlabelled_types"] == "on":
     first = next(iter(auditor_models))
-    unl = clusters.mine_unlabelled(records, targets, focus, gaps, m,
-                                   new_auditing(first, auditor_models[first]), models.build,
-                                   labelled=res)
-    out["unlabelled"] = unl
-    if records and not any(r.get("skill") for r in records):
-      # Real data: no skill labels, so the labelled path's types are just
-      # "other: <answer>"; the unlabelled types are the failure types.
-      out["failure_types_labelled"] = out["failure_types"]
-      out["failure_types"] = unl["failure_types"]
-      out["failure_types_from"] = "unlabelled"
-    else:
-      out["failure_types_from"] = "labelled"
+    _without_labels(out, clusters.mine_unlabelled(
+        records, targets, focus, gaps, m, new_auditing(first, auditor_models[first]),
+        models.build, labelled=res), records)
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
-  if judge is not None:
+  _log(out, records, focus)
+  return out
+
+
+def _publish(workdir: str, chunks_dir: str, tfds_dir: str) -> str:
+  """The store, published by process 0 once every process has mined."""
+  sharding.barrier(f"auditdm mine chunks {chunks_dir}")
+  path = store.publish(chunks_dir, tfds_dir) if sharding.is_primary() else published_path(workdir)
+  sharding.barrier(f"auditdm mine store {tfds_dir}")
+  return path
+
+
+def _load(workdir: str, names, also=()) -> dict:
+  """{name: VLM} of `names`, after checking that they and `also` exist."""
+  for name in list(names) + list(also):
+    if not os.path.exists(model_dir(workdir, name)):
+      raise FileNotFoundError(f"mine: model {name!r} has no checkpoint at "
+                              f"{model_dir(workdir, name)}; run the earlier stages first")
+  return {n: models.load(model_dir(workdir, n)) for n in names}
+
+
+def _judge_identity(judge, params, rcfg) -> dict:
+  """The judge's part of the journal manifest ({} in exact mode, which keeps
+  the manifest it always had)."""
+  if judge is None:
+    return {}
+  return {"judge": {"model": judge.name, "threshold": rcfg.judge_threshold,
+                    "params": params_fingerprint(params)}}
+
+
+def _without_labels(out: dict, unl: dict, records) -> None:
+  """mine.json's `unlabelled`; where no record carries a skill (real data)
+  the labelled path's types are just "other: <answer>", and the unlabelled
+  types become the failure types."""
+  out["unlabelled"] = unl
+  if records and not any(r.get("skill") for r in records):
+    out["failure_types_labelled"] = out["failure_types"]
+    out["failure_types"] = unl["failure_types"]
+    out["failure_types_from"] = "unlabelled"
+  else:
+    out["failure_types_from"] = "labelled"
+
+
+def _log(out: dict, records, focus: str) -> None:
+  if "judge" in out:
     j = out["judge"]["targets"][focus]
-    print(f"mine: judge {judge.name!r}: {j['exemplars_judge']} failures of {focus} by the "
-          f"judge, {j['exemplars_exact']} by exact comparison", flush=True)
+    print(f"mine: judge {out['judge']['model']!r}: {j['exemplars_judge']} failures of "
+          f"{focus} by the judge, {j['exemplars_exact']} by exact comparison", flush=True)
+  n_ex = out["exemplars"]
   top = "; ".join(f"{t['name']} ({t['count']})" for t in out["failure_types"][:5])
   print(f"mine: {len(records)} consensus-backed probes, {n_ex} exemplars "
         f"({out['exemplars_of'][focus]} of {focus}); top failure types of {focus}: {top}; "
         f"planted-gap recall {out['planted_gap_recall']:.2f}, exemplar precision "
         f"{out['exemplar_precision']:.2f}; {out['wall_s']:.0f}s", flush=True)
-  return out
 
 
 def problems(config) -> list[str]:
