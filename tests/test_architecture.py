@@ -28,7 +28,7 @@ ALLOWED = {
                           "auditdm_jax.utils"},
     "auditdm_jax.mine": {"auditdm_jax.audit", "auditdm_jax.scenes", "auditdm_jax.mine",
                          "auditdm_jax.data", "auditdm_jax.sharding", "auditdm_jax.train",
-                         "auditdm_jax.utils"},
+                         "auditdm_jax.utils", "auditdm_jax.models.inputs"},
     "auditdm_jax.report": {"auditdm_jax.utils", "auditdm_jax.data.records",
                            "auditdm_jax.report"},
     "auditdm_jax.scenes": {"auditdm_jax.scenes", "auditdm_jax.models.tokenizer"},

@@ -134,7 +134,8 @@ class Rollout:
     return len(self.pairings)
 
 
-def _decode(tok, rows, stops) -> list[str]:
+def decode_rows(tok, rows, stops) -> list[str]:
+  """Sampled token rows -> texts, each cut at its first stop id."""
   return [tok.decode(strip_stops(r, stops)) for r in rows]
 
 
@@ -203,7 +204,7 @@ class Auditing:
   def _sample(self, images, prompts, params: SamplingParams, rng):
     out = self.auditor.sample(images, prompts, params, rng=rng)
     rows = [_completion(out.tokens[i], out.lengths[i]) for i in range(len(out.lengths))]
-    return rows, _decode(self.tok, rows, self.stops)
+    return rows, decode_rows(self.tok, rows, self.stops)
 
   def answer(self, images, questions) -> dict[str, list[str]]:
     out = {}

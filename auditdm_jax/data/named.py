@@ -301,7 +301,7 @@ def _image_path(spec: Mapping[str, Any], ex: Mapping[str, Any]) -> str:
 def decode_image(data: bytes | np.ndarray, size: int | None, what: str,
                  with_size: bool = False):
   """Encoded bytes (or an array) -> uint8 [size, size, 3] RGB (bilinear); with
-  `with_size`, (image, [h, w] before resizing)."""
+  `with_size`, (image, [width, height] before resizing)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   if isinstance(data, np.ndarray):
     img = Image.fromarray(np.asarray(data, np.uint8).squeeze())
@@ -312,11 +312,11 @@ def decode_image(data: bytes | np.ndarray, size: int | None, what: str,
     except Exception as e:  # PIL raises several kinds for bad data
       raise ValueError(f"{what}: not a readable image ({e})") from e
   img = img.convert("RGB")
-  hw = [img.size[1], img.size[0]]
+  wh = [img.size[0], img.size[1]]
   if size and img.size != (size, size):
     img = img.resize((size, size), Image.BILINEAR)
   out = np.asarray(img, np.uint8)
-  return (out, hw) if with_size else out
+  return (out, wh) if with_size else out
 
 
 def _text(value) -> str:
@@ -486,10 +486,9 @@ class JsonlSource:
 
   def __getitem__(self, i: int) -> dict:
     i = int(i)
-    image, hw = decode_image(self._read(i), self.image_size,
+    image, wh = decode_image(self._read(i), self.image_size,
                              _image_path(self.spec, self.examples[i]), with_size=True)
-    return _record(self.spec, self._question(i), self.fields[i], i, image=image,
-                   wh=(hw[1], hw[0]))
+    return _record(self.spec, self._question(i), self.fields[i], i, image=image, wh=wh)
 
 
 class TfdsSource:
@@ -520,10 +519,10 @@ class TfdsSource:
   def __getitem__(self, i: int) -> dict:
     i = int(i)
     r = self.src[i]
-    image, hw = decode_image(self._image(r, i), self.image_size,
+    image, wh = decode_image(self._image(r, i), self.image_size,
                              f"{describe(self.spec)} [{i}]", with_size=True)
     return _record(self.spec, _text(_lookup(r, _keys(self.spec)["question"])),
-                   _tfds_fields(self.spec, r, i), i, image=image, wh=(hw[1], hw[0]))
+                   _tfds_fields(self.spec, r, i), i, image=image, wh=wh)
 
 
 def open_source(spec: Mapping[str, Any], image_size: int | None = None):

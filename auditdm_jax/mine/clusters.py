@@ -55,8 +55,8 @@ alone), and `analyse_unlabelled` reports the planted gaps' recall of the
 unlabelled types next to the labelled one's. Nothing here reads the ground
 truth except those measurements.
 
-This module imports nothing of the model layer: the caller passes the model
-module (`Embedder.from_sampler(sampler, models.build)`) and the mining
+Of the model layer this module imports only its input helpers
+(`models.inputs.fit_images`): the caller passes the model module (`Embedder.from_sampler(sampler, models.build)`) and the mining
 round's `rollout.Auditing` (namers, `references_ask`).
 """
 
@@ -78,6 +78,7 @@ from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.mine import analysis
 from auditdm_jax.mine import failure_types as ft
+from auditdm_jax.models.inputs import fit_images
 from auditdm_jax.scenes import parse
 
 DEFAULTS = dict(
@@ -139,14 +140,6 @@ def probe_text(record: Mapping) -> str:
     parts.append(record["auditor_text"])
   return " ".join(str(p).strip() for p in parts if str(p).strip())
 
-
-def _fit(images: np.ndarray, size: int) -> np.ndarray:
-  images = np.asarray(images, np.uint8)
-  if images.shape[1:3] == (size, size):
-    return images
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                   for im in images])
 
 
 def _pooled_image(module, images):
@@ -213,7 +206,7 @@ class Embedder:
 
   def images(self, images) -> np.ndarray:
     """float32 [N, D]: the tower's output tokens, averaged, per image."""
-    images = _fit(images, self.size)
+    images = fit_images(np.asarray(images, np.uint8), self.size)
     out = []
     for start, stop, idx in self._batches(len(images)):
       (x,) = self._put(images[idx])
@@ -227,7 +220,7 @@ class Embedder:
       raise ValueError("a PaliGemma model embeds text after an image: pass images")
     rows = [[self.tokenizer.bos_id] + list(self.tokenizer.encode(str(t))) for t in texts]
     if images is not None:
-      images = _fit(images, self.size)
+      images = fit_images(np.asarray(images, np.uint8), self.size)
     out = []
     for start, stop, idx in self._batches(len(rows)):
       length = max(16, -(-max(len(rows[i]) for i in idx) // 16) * 16)
@@ -494,13 +487,8 @@ def chat_namer(auditing: rollout_lib.Auditing, samples: int = 2, max_new_tokens:
     out = auditing.auditor.sample(np.asarray(shown[0]["image"], np.uint8)[None], [prompt],
                                   params, rng=jax.random.fold_in(jax.random.key(seed), calls[0]))
     names = []
-    for row in out.rows():
-      ids = []
-      for t in row:
-        if int(t) in stops:
-          break
-        ids.append(int(t))
-      name = _clean_name(tok.decode(ids))
+    for text in rollout_lib.decode_rows(tok, out.rows(), stops):
+      name = _clean_name(text)
       if name and name.lower() not in {n.lower() for n in names}:
         names.append(name)
     return [Candidate(n, CHAT_PROBE.replace("{name}", n), ("yes",), "auditor:chat")

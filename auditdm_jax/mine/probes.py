@@ -90,9 +90,10 @@ def judge_summary(records: list[dict], targets, editor) -> dict:
   the exact failures the judge calls the same (NaN when there are none);
   `judge_differs_exact_same` counts judge failures without an exact one (0
   by construction: the judge is only asked where the answers differ)."""
+  exact_of = [exact_failed(r, targets, editor) for r in records]   # once per record
   out = {}
   for t in targets:
-    exact = np.array([t in exact_failed(r, targets, editor) for r in records], bool)
+    exact = np.array([t in e for e in exact_of], bool)
     judge = np.array([t in r["failed"] for r in records], bool)
     n = int(exact.sum())
     out[t] = {"exemplars_exact": n, "exemplars_judge": int(judge.sum()),
