@@ -10,16 +10,19 @@ outputs of finished ones; a single stage reads its inputs from the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, stages
-from auditdm_jax.pipeline import rounds
+from auditdm_jax.pipeline import lock, rounds
 from auditdm_jax.utils.fileio import atomic_write_text
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +36,117 @@ _WORKDIR = flags.DEFINE_string(
     "(default: the config's `workdir`).")
 
 
+# -- flag parsing: config problems as one line, exit 2 --------------------------------
+
+USAGE_EXIT = 2
+
+
+def _usage_exit(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT)
+
+
+def _config_spec(argv) -> str | None:
+  """The `--config` value on the command line (`--config=X` or `--config X`)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      return None
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  """The innermost exception that `e` was raised while handling."""
+  seen = {id(e)}
+  while True:
+    nxt = e.__cause__ or e.__context__
+    if nxt is None or id(nxt) in seen:
+      return e
+    seen.add(id(nxt))
+    e = nxt
+
+
+def _first_line(text: str) -> str:
+  return next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "") or repr(text)
+
+
+def config_error_line(argv, error: BaseException) -> str:
+  """One line for a flag-parsing failure: the config file's own message
+  (an unknown or malformed argument), an override of the wrong type, or an
+  override naming a field the config does not have."""
+  spec = _config_spec(argv)
+  if "Error whilst parsing config file" in str(error):
+    return f"--config={spec}: {_first_line(str(_root_cause(error)))}"
+  if isinstance(error, (AttributeError, KeyError)):
+    key = str(error).strip("\"' ")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [o for o in overrides if key and key in o[len("--config."):].split(".")]
+    where = named[0] if named else " / ".join(overrides) or "--config"
+    return f"{where}: the config has no field {key!r} (see {spec or 'the config file'})"
+  return _first_line(str(error))
+
+
+def parse_flags(argv):
+  """absl's flag parsing, except that a missing config file, an argument the
+  config does not accept and a malformed `--config.x=...` override end the
+  process with one line on stderr and status 2 instead of a traceback."""
+  spec = _config_spec(argv)
+  if spec is not None:
+    path = spec.split(":", 1)[0]
+    if not path:
+      _usage_exit("--config is empty; pass a config file, e.g. --config=configs/tiny.py")
+    if not os.path.isfile(path):
+      _usage_exit(f"config file {path!r} does not exist (--config={spec})")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _usage_exit(config_error_line(argv, e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _usage_exit(config_error_line(argv, e))
+  return None
+
+
+# -- one run per workdir ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """Holds the workdir's lock (`pipeline/lock.py`) for the block: process 0
+  takes it, every process learns whether it did (all raise WorkdirLocked
+  when it did not). Released on exit, on exceptions and on SIGTERM (which
+  ends the run with status 143 outside the training loops' own handler)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  held, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      held = lock.acquire(workdir)
+    except lock.WorkdirLocked as e:
+      refused = e
+  if jax.process_count() > 1:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+    if not ok and refused is None:
+      refused = lock.WorkdirLocked(f"process 0 could not lock the workdir {workdir} "
+                                   "(its log names the holder)")
+  if refused is not None:
+    raise refused
+  old = None
+  if (threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+    def _on_term(signum, frame):
+      del frame
+      raise SystemExit(128 + signum)
+    old = signal.signal(signal.SIGTERM, _on_term)
+  try:
+    yield held
+  finally:
+    if old is not None:
+      signal.signal(signal.SIGTERM, old)
+    if held is not None:
+      held.release()
 
 
 def initialize_distributed() -> None:
@@ -122,6 +236,11 @@ def run(config, workdir: str) -> dict:
                      "/gcs/<bucket>)")
   os.makedirs(workdir, exist_ok=True)
   check_shared_workdir(workdir)
+  with hold_workdir(workdir):
+    return _run_held(config, workdir)
+
+
+def _run_held(config, workdir: str) -> dict:
   walls: dict[str, float] = {}
   if config.stage != "all":
     stages.get(config.stage)  # raises StageNotImplemented / ValueError early
@@ -151,6 +270,10 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  try:
+    config.get("stage", None)   # a config file that failed to load raises here
+  except OSError as e:
+    _usage_exit(f"--config={_config_spec(sys.argv)}: {_first_line(str(_root_cause(e)))}")
   if _DISTRIBUTED.value:
     initialize_distributed()
   workdir = _WORKDIR.value or config.get("workdir", None)
@@ -158,12 +281,12 @@ def main(argv):
     raise app.UsageError("no workdir: pass --workdir or set config.workdir")
   try:
     run(config, workdir if "://" in workdir else os.path.abspath(workdir))
-  except (config_check.ConfigError, stages.StageNotImplemented, ValueError,
-          FileNotFoundError) as e:
+  except (config_check.ConfigError, stages.StageNotImplemented, lock.WorkdirLocked,
+          ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(USAGE_EXIT)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

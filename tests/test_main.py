@@ -94,3 +94,40 @@ def test_rounds_schedule_comes_from_the_declarations():
   assert keys == ["init", "pretrain", "audit", "mine", "rectify", "audit_r2", "mine_r2",
                   "rectify_r2", "audit_r3", "mine_r3", "rectify_r3", "eval", "report"]
   assert [k for _, _, k in rounds.schedule(stages.STAGES, 1)] == list(stages.ORDER)
+
+
+def _cli(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "auditdm_jax.main", *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _one_line(proc) -> str:
+  """The only non-empty line on stderr (no traceback, no usage dump)."""
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("args,parts", [
+    # An argument the config does not accept: named, with the accepted ones.
+    (("--config=configs/tiny.py:bogus",),
+     ("--config=configs/tiny.py:bogus", "'bogus'", "'smoke'", "'judge'")),
+    (("--config=configs/audit_gemma3.py:colour=red",),
+     ("unknown config argument 'colour'", "known: ['ckpt_dir'", "'slice'")),
+    # A missing config file, with or without an argument.
+    (("--config=configs/nope.py",), ("config file 'configs/nope.py' does not exist",)),
+    (("--config", "configs/nope.py:smoke"), ("config file 'configs/nope.py' does not exist",)),
+    # Overrides of the wrong type, or of a field the config does not have.
+    (("--config=configs/tiny.py", "--config.seed=abc"), ("--config.seed=abc", "'abc'")),
+    (("--config=configs/tiny.py", "--config.models.nokey.x=1"),
+     ("--config.models.nokey.x", "no field 'nokey'")),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, args, parts):
+  proc = _cli(*args, f"--workdir={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _one_line(proc)
+  assert line.startswith("error: ")
+  for part in parts:
+    assert part in line, (part, line)
+  assert not os.listdir(tmp_path)        # nothing built, not even the lock
