@@ -35,6 +35,10 @@ setuptools.setup(
             "torch==2.13.0",
             "transformers>=5.0,<6",
             "safetensors>=0.4",
+            # the FLUX parity reference (works with the torch pin)
+            "diffusers==0.42.1",
+            # property-based tests of every text parser
+            "hypothesis>=6.100",
         ],
     },
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from auditdm_jax import models, sharding, stages
 from auditdm_jax.data import named
 from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.pipeline import editing
 from auditdm_jax.pipeline.layout import ROLES
 from auditdm_jax.pipeline.spec import unknown_keys
 from auditdm_jax.utils import fileio
@@ -97,6 +98,9 @@ def check(config, check_inputs: bool = True) -> None:
     problems.append(f"rounds must be an int >= 1, got {rounds!r}")
   if "data" in config:
     problems += data_problems(config, check_inputs)
+  if check_inputs:   # the FLUX editor's checkpoints (its settings: the audit stage's check)
+    problems += [p for p in editing.problems(config, check_inputs=True)
+                 if p not in editing.problems(config, check_inputs=False)]
   for stage in stages.STAGES:        # each stage's own problems (its declaration)
     problems += stage.config_problems(config)
   if problems:

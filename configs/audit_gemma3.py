@@ -37,7 +37,7 @@ BENCHMARKS = (
 
 def get_config(arg=None):
   a = common.parse_arg(arg, {"ckpt_dir": "", "data_dir": "", "slice": "v5p-32",
-                             "workdir": "", "runlocal": False})
+                             "workdir": "", "runlocal": False, "editor": "none"})
 
   def ckpt(name):
     return common.join(a["ckpt_dir"], name)
@@ -58,6 +58,10 @@ def get_config(arg=None):
                       rectify_train=("vqav2", "train"))
   common.mesh_and_rules(c, a["slice"])
   common.audit_sections(c, prompt_len=320, answer_prompt_len=320)
+  if a["editor"] == "flux":
+    common.flux_editor(c, a["ckpt_dir"])
+  elif a["editor"] != "none":
+    raise ValueError(f"editor must be none or flux, got {a['editor']!r}")
   if a["runlocal"]:
     common.runlocal(c, answerer="tiny-gemma3")
   return c

@@ -18,12 +18,16 @@ Arguments (comma separated key=value):
   workdir   outputs (a path every host sees: a gcsfuse mount on a pod)
   runlocal  true: tiny presets and a few steps on CPU, with checkpoints and data
             written for them (tests/test_real_config.py)
+  editor    none: the auditor writes questions only; flux: FLUX.1 Kontext dev
+            edits and FLUX.1 dev regenerates (diffusers pipeline directories
+            <ckpt_dir>/FLUX.1-Kontext-dev and <ckpt_dir>/FLUX.1-dev), and the
+            mixture adds the edit and caption pairings (configs/common.py)
 
 Auditor: Gemma 3 4B (trained with GRPO, float32 master weights). References:
 the two other PaliGemma 2 sizes at the same resolution (10B and 28B for a 3B
-target). Real images and no diffusion editor: the auditor writes probing
-questions (audit.editor='none'); an Editor backend (audit/editor.py) enables
-the edit and regeneration pairings.
+target). Real images; by default no diffusion editor: the auditor writes
+probing questions (audit.editor='none'); `editor=flux` adds the paper's edit
+and regeneration routes through FLUX (auditdm_jax/diffusion).
 """
 
 import os
@@ -65,7 +69,7 @@ BENCHMARKS = (
 
 def get_config(arg=None):
   a = common.parse_arg(arg, {"size": "3b", "res": 448, "ckpt_dir": "", "data_dir": "",
-                             "slice": "v5p-32", "workdir": "", "runlocal": False})
+                             "slice": "v5p-32", "workdir": "", "runlocal": False, "editor": "none"})
   if a["size"] not in SIZES:
     raise ValueError(f"size must be one of {SIZES}, got {a['size']!r}")
   size, res = a["size"], a["res"]
@@ -96,6 +100,10 @@ def get_config(arg=None):
   # Auditor prompt: 256 soft image tokens + instruction; answers: the
   # target's image tokens ((res/14)^2) + question.
   common.audit_sections(c, prompt_len=320, answer_prompt_len=(res // 14) ** 2 + 48)
+  if a["editor"] == "flux":
+    common.flux_editor(c, a["ckpt_dir"])
+  elif a["editor"] != "none":
+    raise ValueError(f"editor must be none or flux, got {a['editor']!r}")
   if a["runlocal"]:
     common.runlocal(c)
   return c

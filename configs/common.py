@@ -128,6 +128,30 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       kv_cache_dtype="bfloat16", activation_dtype="bfloat16", hbm_headroom=0.9))
 
 
+# The FLUX checkpoints under ckpt_dir, as the Hugging Face repositories name
+# them (diffusers pipeline directories; the Black Forest Labs single files in
+# them may replace a transformer through audit.flux.*_transformer).
+FLUX_EDITOR, FLUX_GENERATOR = "FLUX.1-Kontext-dev", "FLUX.1-dev"
+# Our decision (the paper publishes no mixture): 40% probing questions on the
+# seed, 40% edits (half with a new question on the edited image), 20%
+# regenerations (half with a new question).
+FLUX_MIXTURE = dict(question=0.4, edit=0.2, edit_question=0.2, caption=0.1,
+                    caption_question=0.1)
+
+
+def flux_editor(c, ckpt_dir):
+  """audit.editor = "flux": FLUX.1 Kontext dev edits and FLUX.1 dev
+  regenerates, frozen, on the run's mesh (pipeline/editing.py)."""
+  c.audit.editor = "flux"
+  c.audit.editor_ckpt = join(ckpt_dir, FLUX_EDITOR)
+  c.audit.generator_ckpt = join(ckpt_dir, FLUX_GENERATOR)
+  c.audit.mixture = dict(FLUX_MIXTURE)
+  c.audit.flux = ml_collections.ConfigDict(dict(
+      steps=28, edit_guidance=2.5, generate_guidance=3.5, resolution=1024, batch=8,
+      auto_resize=True, dtype="bfloat16", max_sequence_length=512, editor_transformer="",
+      generator_transformer="", autoencoder="", seed=0))
+
+
 def runlocal(c, auditor="tiny-gemma3", answerer="tiny-paligemma2"):
   """The real config's wiring at toy sizes on CPU (big_vision's `runlocal`):
   a few steps and examples, float32, and the architecture read from the
@@ -143,6 +167,11 @@ def runlocal(c, auditor="tiny-gemma3", answerer="tiny-paligemma2"):
   c.audit.update(dict(steps=2, prompts_per_step=2, eval_budget=2, eval_batch=2,
                       checkpoint_every=1, log_every=1, max_new_tokens=8, seq_len=96))
   c.audit.grpo.num_samples = 2
+  if c.audit.editor == "flux":   # tiny FLUX pipelines (tests write them), a few steps;
+    # with 2 prompts a step, the mixture is the two image routes
+    c.audit.flux.update(dict(steps=2, resolution=32, batch=2, auto_resize=False,
+                             dtype="float32", max_sequence_length=16))
+    c.audit.mixture = dict(edit=0.5, caption_question=0.5)
   c.audit.optim.update(dict(lr=1e-3, grad_accum=1))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))   # every model's mesh
   c.mine.update(dict(seeds=4, samples_per_seed=2, chunk_seeds=2, min_probes=1))

@@ -17,7 +17,8 @@ ALLOWED = {
     "auditdm_jax.pipeline": {"auditdm_jax.models", "auditdm_jax.utils", "auditdm_jax.sharding",
                              "auditdm_jax.sampling", "auditdm_jax.scenes", "auditdm_jax.data",
                              "auditdm_jax.train", "auditdm_jax.eval", "auditdm_jax.audit",
-                             "auditdm_jax.mine", "auditdm_jax.pipeline"},
+                             "auditdm_jax.mine", "auditdm_jax.pipeline",
+                             "auditdm_jax.diffusion"},
     "auditdm_jax.config_check": {"auditdm_jax.models", "auditdm_jax.scenes",
                                  "auditdm_jax.stages", "auditdm_jax.audit", "auditdm_jax.data",
                                  "auditdm_jax.utils", "auditdm_jax.pipeline",
@@ -37,13 +38,15 @@ ALLOWED = {
                           "auditdm_jax.data", "auditdm_jax.utils", "auditdm_jax.train"},
     "auditdm_jax.eval": {"auditdm_jax.models", "auditdm_jax.sampling", "auditdm_jax.scenes",
                          "auditdm_jax.utils", "auditdm_jax.eval"},
+    "auditdm_jax.diffusion": {"auditdm_jax.models", "auditdm_jax.sharding", "auditdm_jax.utils",
+                              "auditdm_jax.diffusion"},
     "auditdm_jax.sharding": set(),
     "auditdm_jax.sampling": {"auditdm_jax.models", "auditdm_jax.sharding"},
     "auditdm_jax.tools": {"auditdm_jax.models", "auditdm_jax.sharding",
                           "auditdm_jax.config_check", "auditdm_jax.tools",
-                          "auditdm_jax.pipeline"},
+                          "auditdm_jax.pipeline", "auditdm_jax.diffusion"},
 }
-FORBIDDEN_EVERYWHERE = ("torch", "transformers")
+FORBIDDEN_EVERYWHERE = ("torch", "transformers", "diffusers")
 
 
 def _modules():

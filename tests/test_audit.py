@@ -241,6 +241,8 @@ def test_scene_editor_renders_edits_and_rejects_with_reasons():
       [("yes", "no"), None]
   assert ed.ground_truth([s.to_json()], ["what colour is the square?"]) == ["blue"]
   with pytest.raises(ValueError, match="unknown editor"):
+    editor_lib.get_editor("dalle")
+  with pytest.raises(ValueError, match="built from its checkpoints"):
     editor_lib.get_editor("flux")
 
 

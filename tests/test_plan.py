@@ -94,3 +94,24 @@ def test_every_listed_slice_fits(name):
   # A slice left out of the table is reported as not fitting.
   c = _load(name, "slice=v5e-32")
   assert not plan_tool.plan(c, ["v5e-16"])["v5e-16"]["fits"]
+
+
+def test_plan_counts_the_flux_editor_and_generator():
+  base = _load("audit_paligemma2", "size=3b,res=448")
+  with_flux = _load("audit_paligemma2", "size=3b,res=448,editor=flux")
+  config_check.check(with_flux, check_inputs=False)
+  a = plan_tool.plan(base, ["v5p-64"])["v5p-64"]
+  b = plan_tool.plan(with_flux, ["v5p-64"])["v5p-64"]
+  assert {"editor", "generator"} <= set(b["models"]) and "editor" not in a["models"]
+  chips = b["slice"].chips
+  # FLUX.1 dev / Kontext transformer 11.9B + T5 XXL encoder 4.76B + CLIP-L text
+  # 0.12B + autoencoder 0.08B parameters, bfloat16, spread over the chips
+  per_model = b["models"]["editor"]["params"] * chips / 2
+  assert 16.5e9 < per_model < 17.3e9, per_model
+  assert b["resident"] - a["resident"] == pytest.approx(
+      b["models"]["editor"]["params"] + b["models"]["generator"]["params"])
+  # Kontext denoises twice the image tokens (its reference), so needs more
+  ed, gen = b["models"]["editor"], b["models"]["generator"]
+  assert ed["denoise"] > gen["denoise"] > 0 and ed["vae_decode"] == gen["vae_decode"] > 0
+  assert b["phases"]["denoise:editor"] == max(ed["denoise"], ed["vae_decode"])
+  assert "editor" in plan_tool.format_plan({"v5p-64": b}, with_flux)

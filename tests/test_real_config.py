@@ -242,13 +242,24 @@ def test_real_config_arguments_and_slices():
     config_check.check(c, check_inputs=False)
 
 
+def write_flux(config):
+  """Tiny random FLUX.1 Kontext / dev pipelines (diffusers format) where the
+  config's flux editor looks for them: the images are noise, the wiring real."""
+  from tests import flux_reference  # pylint: disable=import-outside-toplevel
+  flux_reference.save_pipeline(config.audit.editor_ckpt, kontext=True, seed=0)
+  flux_reference.save_pipeline(config.audit.generator_ckpt, kontext=False, seed=10)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["audit_paligemma2", "audit_gemma3"])
-def test_runlocal_runs_every_stage_on_files_written_here(tmp_path, name):
-  arg = f"ckpt_dir={tmp_path}/ckpts,data_dir={tmp_path}/data,runlocal=true"
+@pytest.mark.parametrize("name,extra", [("audit_paligemma2", ""), ("audit_gemma3", ""),
+                                        ("audit_paligemma2", ",editor=flux")])
+def test_runlocal_runs_every_stage_on_files_written_here(tmp_path, name, extra):
+  arg = f"ckpt_dir={tmp_path}/ckpts,data_dir={tmp_path}/data,runlocal=true{extra}"
   config = _load(name, arg)
   write_checkpoints(f"{tmp_path}/ckpts", config)
   write_data(config)
+  if config.audit.editor == "flux":
+    write_flux(config)
   config_check.check(config)
   out = subprocess.run([sys.executable, "-m", "auditdm_jax.main",
                         f"--config=configs/{name}.py:{arg}", f"--workdir={tmp_path}/w"],
@@ -260,6 +271,11 @@ def test_runlocal_runs_every_stage_on_files_written_here(tmp_path, name):
   assert set(stages) >= {"init", "audit", "mine", "rectify", "eval", "report"}
   audit = json.loads((w / "audit.json").read_text())
   assert audit["steps"] == 2 and 0.0 <= audit["success_rate"]["trained"] <= 1.0
+  if config.audit.editor == "flux":   # the image routes ran through FluxEditor
+    assert set(audit["success_by_pairing"]) == {"edit", "caption_question"}, audit
+    rows = [json.loads(x) for x in (w / "audit" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and min(r["invalid_rate"] for r in rows) < 1.0, rows
+    assert "flux editor" in out.stdout + out.stderr
   mine = json.loads((w / "mine.json").read_text())
   assert mine["seeds"] == 4 and mine["probes"] >= 0
   ev = json.loads((w / "eval.json").read_text())

@@ -150,13 +150,138 @@ class QuestionsOnly:
     return ""
 
 
+class FluxEditor:
+  """The paper's image routes on real images: FLUX.1 Kontext dev edits
+  (I_e = E(I, e)) and FLUX.1 dev regenerates from a caption (I_g = G(C)),
+  both frozen (`auditdm_jax.diffusion` pipelines, sharded over the run's mesh).
+
+  Any non-empty command or caption is rendered; nothing is known of the
+  ground truth. Rows run in fixed batches of `batch` (the last one padded),
+  and every edit runs at its input size's resolution bucket
+  (`Pipeline.bucket`), so there is one compilation per bucket. Each row's
+  initial noise is drawn from a digest of (seed, route, text, image), so a
+  row's image does not depend on its batch or on how often the editor ran
+  before (a resumed audit renders what the interrupted one would have).
+  Outputs are resized to the input image's size (edits) or `image_size`
+  (captions), which is what the answerers take.
+  """
+
+  def __init__(self, edit_pipe, gen_pipe, *, image_size: int, batch: int = 4,
+               steps: int = 28, edit_guidance: float = 2.5, generate_guidance: float = 3.5,
+               resolution: int = 1024, auto_resize: bool = True, seed: int = 0):
+    if edit_pipe is None and gen_pipe is None:
+      raise ValueError("FluxEditor needs an edit pipeline, a generation pipeline or both")
+    if edit_pipe is not None and getattr(edit_pipe, "mode", "edit") != "edit":
+      raise ValueError("the edit pipeline is not a FLUX.1 Kontext pipeline")
+    self.edit_pipe, self.gen_pipe = edit_pipe, gen_pipe
+    self.image_size, self.batch = int(image_size), max(1, int(batch))
+    self.steps, self.resolution = int(steps), int(resolution)
+    self.edit_guidance, self.generate_guidance = float(edit_guidance), float(generate_guidance)
+    self.auto_resize, self.seed = bool(auto_resize), int(seed)
+
+  # -- helpers -------------------------------------------------------------------
+  def _noise(self, pipe, route: str, text: str, image, h: int, w: int) -> np.ndarray:
+    import hashlib  # pylint: disable=import-outside-toplevel
+    d = hashlib.sha256(f"{self.seed}|{route}|{text}".encode())
+    if image is not None:
+      d.update(np.ascontiguousarray(image).tobytes())
+    rng = np.random.default_rng(int.from_bytes(d.digest()[:8], "little"))
+    return rng.standard_normal((pipe.latent_channels, h, w)).astype(np.float32)
+
+  def _batches(self, rows: list[int]):
+    for i in range(0, len(rows), self.batch):
+      chunk = rows[i:i + self.batch]
+      yield chunk, chunk + [chunk[-1]] * (self.batch - len(chunk))
+
+  @staticmethod
+  def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+      return image
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+  # -- the Editor protocol ---------------------------------------------------------
+  def edit(self, images, commands, contexts) -> list[Rendered]:
+    if not len(images) == len(commands) == len(contexts):
+      raise ValueError(f"got {len(images)} images, {len(commands)} commands and "
+                       f"{len(contexts)} contexts")
+    out: list[Rendered | None] = [None] * len(commands)
+    if self.edit_pipe is None:
+      return [_rejected("no edit pipeline (audit.editor_ckpt) is configured") for _ in commands]
+    live = []
+    for i, cmd in enumerate(commands):
+      if not isinstance(cmd, str) or not cmd.strip():
+        out[i] = _rejected("the edit command is empty")
+      else:
+        live.append(i)
+    pipe = self.edit_pipe
+    by_size: dict[tuple, list[int]] = {}
+    for i in live:
+      by_size.setdefault(tuple(np.asarray(images[i]).shape), []).append(i)
+    for shape, rows in by_size.items():
+      if len(shape) != 3 or shape[-1] != 3:
+        for i in rows:
+          out[i] = _rejected(f"the image has shape {shape}, not [H, W, 3]")
+        continue
+      bh, bw = pipe.bucket(shape[0], shape[1], self.auto_resize)
+      h, w = pipe.latent_grid(bh, bw)
+      for chunk, padded in self._batches(rows):
+        imgs = np.stack([np.asarray(images[i], np.uint8) for i in padded])
+        noise = np.stack([self._noise(pipe, "edit", commands[i], imgs[j], h, w)
+                          for j, i in enumerate(padded)])
+        res = pipe.edit(imgs, [commands[i].strip() for i in padded], 0, steps=self.steps,
+                        guidance=self.edit_guidance, noise=noise, auto_resize=self.auto_resize)
+        for j, i in enumerate(chunk):
+          out[i] = Rendered(self._resize(res[j], shape[0], shape[1]), None, True, "", "")
+    return out  # type: ignore[return-value]
+
+  def generate(self, captions) -> list[Rendered]:
+    out: list[Rendered | None] = [None] * len(captions)
+    if self.gen_pipe is None:
+      return [_rejected("no generation pipeline (audit.generator_ckpt) is configured")
+              for _ in captions]
+    live = []
+    for i, cap in enumerate(captions):
+      if not isinstance(cap, str) or not cap.strip():
+        out[i] = _rejected("the caption is empty")
+      else:
+        live.append(i)
+    pipe = self.gen_pipe
+    h, w = pipe.latent_grid(self.resolution, self.resolution)
+    for chunk, padded in self._batches(live):
+      noise = np.stack([self._noise(pipe, "caption", captions[i], None, h, w) for i in padded])
+      res = pipe.generate([captions[i].strip() for i in padded], 0, self.resolution,
+                          self.resolution, steps=self.steps, guidance=self.generate_guidance,
+                          noise=noise)
+      for j, i in enumerate(chunk):
+        out[i] = Rendered(self._resize(res[j], self.image_size, self.image_size), None, True,
+                          "", "")
+    return out  # type: ignore[return-value]
+
+  def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
+    return QuestionsOnly().check_question(contexts, questions)
+
+  def answer_space(self, contexts, questions) -> list[tuple[str, ...] | None]:
+    return [None for _ in questions]
+
+  def ground_truth(self, contexts, questions) -> list[str | None]:
+    return [None for _ in questions]
+
+  def question_skill(self, context, question: str) -> str:
+    return ""
+
+
 EDITORS = {"scene": SceneEditor, "none": QuestionsOnly}
-# Pairings each editor can produce (a diffusion editor would allow them all).
-PAIRINGS = {"scene": None, "none": ("question",)}
+# Pairings each editor can produce (None: all of them).
+PAIRINGS = {"scene": None, "none": ("question",), "flux": None}
+# Editors built from checkpoints (pipeline/editing.build), not by name alone.
+BUILT = ("flux",)
 
 
 def get_editor(name: str) -> Editor:
   if name in EDITORS:
     return EDITORS[name]()
-  raise ValueError(f"unknown editor {name!r}; available: {sorted(EDITORS)} (a diffusion "
-                   "editor plugs in through the Editor protocol in audit/editor.py)")
+  if name in BUILT:
+    raise ValueError(f"editor {name!r} is built from its checkpoints "
+                     f"(auditdm_jax.pipeline.editing.build), not by name")
+  raise ValueError(f"unknown editor {name!r}; available: {sorted(EDITORS) + list(BUILT)}")

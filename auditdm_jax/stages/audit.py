@@ -44,7 +44,7 @@ from auditdm_jax.audit import grpo
 from auditdm_jax.audit import learner as learner_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.eval.benchmark import dumps
-from auditdm_jax.pipeline import judging, layout, placement
+from auditdm_jax.pipeline import editing, judging, layout, placement
 from auditdm_jax.pipeline.layout import audit_target, model_dir, roles, seed_source
 from auditdm_jax.pipeline.recipes import audit_configs
 from auditdm_jax.pipeline.spec import Stage
@@ -90,7 +90,7 @@ def run(config, workdir: str) -> dict:
   judge, _ = judging.build(config, workdir, rcfg, answerers, loaded, mesh, bucket)
   auditing = rollout_lib.Auditing(
       placement.sampler(config, aud_name, auditor, mesh), answerers, target, refs,
-      editor_lib.get_editor(a.editor), rcfg,
+      editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a.temperature),
       max_new_tokens=int(a.max_new_tokens),
       answer_tokens=int(a.get("answer_tokens", 4)), judge=judge)
@@ -193,17 +193,15 @@ def problems(config) -> list[str]:
     problems += judging.problems(config, rcfg)
   except (ValueError, TypeError, AttributeError, KeyError) as e:
     problems.append(f"audit: {e}")
-  try:
-    editor_lib.get_editor(a.get("editor", ""))
-    allowed = editor_lib.PAIRINGS.get(a.get("editor", ""), None)
-    for section in ("audit", "mine"):
-      mix = dict(config.get(section, {}).get("mixture", {}) or {})
-      bad = sorted(k for k, v in mix.items() if v and allowed is not None and k not in allowed)
-      if bad:
-        problems.append(f"{section}.mixture: pairings {bad} need an image editor; editor "
-                        f"{a.get('editor', '')!r} allows only {list(allowed)}")
-  except ValueError as e:
-    problems.append(f"audit.editor: {e}")
+  editor_problems = editing.problems(config, check_inputs=False)   # files: config_check
+  problems += editor_problems
+  allowed = editor_lib.PAIRINGS.get(a.get("editor", ""), None)
+  for section in ("audit", "mine") if not editor_problems else ():
+    mix = dict(config.get(section, {}).get("mixture", {}) or {})
+    bad = sorted(k for k, v in mix.items() if v and allowed is not None and k not in allowed)
+    if bad:
+      problems.append(f"{section}.mixture: pairings {bad} need an image editor; editor "
+                      f"{a.get('editor', '')!r} allows only {list(allowed)}")
   seeds = config.get("world", {}).get("seed_images_size", None)
   budget = a.get("eval_budget", None)
   if isinstance(seeds, int) and isinstance(budget, int) and budget >= seeds:

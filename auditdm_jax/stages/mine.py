@@ -47,7 +47,6 @@ import time
 
 
 from auditdm_jax import models, sharding
-from auditdm_jax.audit import editor as editor_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
@@ -55,7 +54,7 @@ from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.audit.learner import SeedPool
 from auditdm_jax.mine import analysis, clusters, journal
 from auditdm_jax.mine import probes as probes_lib
-from auditdm_jax.pipeline import judging, layout, placement
+from auditdm_jax.pipeline import editing, judging, layout, placement
 from auditdm_jax.pipeline.layout import (audit_target, model_dir, published_path, roles, seed_source,
                                          store_paths)
 from auditdm_jax.pipeline.recipes import audit_configs
@@ -116,7 +115,7 @@ def run(config, workdir: str) -> dict:
   bucket = int(config.audit.get("answer_bucket", 32))   # one compile per answerer
   answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
                for n in targets + refs}
-  editor = editor_lib.get_editor(config.audit.editor)
+  editor = editing.build(config, mesh, size)
   seed = int(config.seed)
   judge, judge_params = judging.build(config, workdir, rcfg, answerers,
                                       {**loaded, **auditor_models}, mesh, bucket)

@@ -28,8 +28,21 @@ length, the KV-cache and activation dtypes and the HBM headroom. Each
 model's parameters are placed by its own partition rules
 (`pipeline/placement.rules`).
 
+With `audit.editor = "flux"` two more rows, `editor` (FLUX.1 Kontext dev) and
+`generator` (FLUX.1 dev), each resident for the whole audit: the transformer,
+the autoencoder and both text encoders at the published shapes in
+audit.flux.dtype, placed by automatic FSDP (diffusion/pipeline.py), and a
+phase each for one denoising forward of audit.flux.batch rows: ~16 x tokens x
+width activations per row (carries, q/k/v, the single blocks' 4x MLP, the
+attention output) plus float32 attention scores (heads x chunk x tokens,
+queries in chunks of flux.ATTN_Q_CHUNK), tokens =
+T5 length + (resolution/16)^2 image tokens (twice that for Kontext's
+reference), or the autoencoder's decode at full resolution (~6 maps of 128
+float32 channels per pixel), whichever is larger.
+
 Peak = resident (params, init policy, optimizer, grads) + the largest phase:
-auditor sampling, one answering model at a time, or the training step. A
+auditor sampling, one answering model at a time, an editor's denoising, or
+the training step. A
 slice fits when the peak is within `plan.hbm_headroom` of its HBM. These are
 planning estimates (XLA's buffer assignment and fragmentation vary); the
 measured peak on a real slice is the ground truth.
@@ -96,6 +109,50 @@ def _param_bytes(cfg, mesh_shape, rules, only=None) -> int:
     spec = sharding.spec_for_param(path, leaf.shape, mesh_shape, rules)
     total += sharding.bytes_per_device(leaf.shape, leaf.dtype, spec, mesh_shape)
   return total
+
+
+def _flux_rows(config, mesh_shape) -> dict:
+  """{"editor": row, "generator": row} of a flux editor (module docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion import vae as ae  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion import flux, pipeline, text  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.pipeline import editing  # pylint: disable=import-outside-toplevel
+  a = config.audit
+  s = editing.flux_settings(a)
+  dtype = s["dtype"]
+  tcfg = dataclasses.replace(flux.FLUX1_DEV, dtype=dtype)
+  key = jax.random.PRNGKey(0)
+  trees = {
+      "transformer": flux.param_shapes(tcfg),
+      "autoencoder": jax.eval_shape(lambda: ae.init_params(
+          dataclasses.replace(ae.FLUX1_AE, dtype=dtype), key)),
+      "t5": jax.eval_shape(lambda: text.t5_init(dataclasses.replace(text.T5_XXL, dtype=dtype), key)),
+      "clip": jax.eval_shape(lambda: text.clip_init(
+          dataclasses.replace(text.CLIP_L, dtype=dtype), key)),
+  }
+  params = 0
+  for tree in trees.values():
+    flat = flax.traverse_util.flatten_dict(tree, sep="/")
+    for path, leaf in flat.items():
+      spec = sharding.spec_for_param(path, leaf.shape, mesh_shape, pipeline.REPLICATE_RULES)
+      params += sharding.bytes_per_device(leaf.shape, leaf.dtype, spec, mesh_shape)
+  rows_dev = _rows_per_device(int(s["batch"]), mesh_shape)
+  res = int(s["resolution"])
+  img = (res // 16) ** 2
+  itemsize = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+  out = {}
+  needs = dict(zip(("editor", "generator"), editing.routes(config)))
+  for name, refs in (("editor", 2), ("generator", 1)):
+    if not needs[name]:
+      continue
+    tokens = int(s["max_sequence_length"]) + refs * img
+    chunk = min(tokens, flux.ATTN_Q_CHUNK)   # attention runs in query chunks
+    denoise = rows_dev * (16 * tokens * tcfg.width * itemsize
+                          + tcfg.num_heads * chunk * tokens * 4)
+    decode = rows_dev * res * res * 128 * 4 * 6
+    out[name] = {"role": name, "params": params, "activations": max(denoise, decode),
+                 "denoise": denoise, "vae_decode": decode}
+  return out
 
 
 def _rows_per_device(rows: int, mesh_shape) -> int:
@@ -188,9 +245,14 @@ def plan(config, slices=None) -> dict:
         r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.answer_prompt_len,
                                         rl.answer_tokens, p.kv_cache_dtype, mesh_shape)
       rows[m] = r
+    if config.audit.get("editor", "") == "flux":
+      rows.update(_flux_rows(config, mesh_shape))
     resident = sum(r["params"] + r.get("grads", 0) + r.get("optimizer", 0)
                    + r.get("init_policy", 0) for r in rows.values())
-    phases = {f"sample:{m}": r["decode_copy"] + r["kv_cache"] for m, r in rows.items()}
+    phases = {f"sample:{m}": r["decode_copy"] + r["kv_cache"] for m, r in rows.items()
+              if "kv_cache" in r}
+    phases.update({f"denoise:{m}": r["activations"] for m, r in rows.items()
+                   if r["role"] in ("editor", "generator")})
     phases["train:" + auditor] = rows[auditor]["activations"]
     worst = max(phases, key=phases.get)
     peak = resident + phases[worst]

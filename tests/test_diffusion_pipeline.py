@@ -1,0 +1,152 @@
+"""The whole FLUX pipeline against diffusers' FluxPipeline / FluxKontextPipeline:
+the same tiny random components (tests/flux_reference.py) saved as a diffusers
+pipeline directory, loaded by `diffusion.load`, the same initial noise, 3 steps."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from auditdm_jax import diffusion  # noqa: E402
+from auditdm_jax.diffusion import sampler  # noqa: E402
+from auditdm_jax.diffusion.common import CheckpointError  # noqa: E402
+from tests import flux_reference as ref  # noqa: E402
+
+MAX_SEQ = 16
+PROMPTS = ["a red cube left of a blue ball", "Make the sky green!"]
+
+
+def _build(path: str, kontext: bool):
+  out = os.path.join(path, "pipe")
+  return ref.save_pipeline(out, kontext), out
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+  return _build(str(tmp_path_factory.mktemp("flux_dev")), kontext=False)
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory):
+  return _build(str(tmp_path_factory.mktemp("flux_kontext")), kontext=True)
+
+
+def _noise(batch, c, h, w, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, c, h, w)).astype(np.float32)
+
+
+def test_sigmas_match_the_scheduler():
+  import diffusers  # pylint: disable=import-outside-toplevel
+  s = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+  for steps, n in ((3, 16), (28, 4096), (50, 1024)):
+    lin = np.linspace(1.0, 1 / steps, steps)
+    s.set_timesteps(sigmas=lin, mu=sampler.shift_mu(n, sampler.FLUX1_SCHEDULER))
+    np.testing.assert_allclose(sampler.sigmas(steps, n), s.sigmas.numpy(), atol=1e-6)
+
+
+def test_pack_matches_diffusers():
+  from diffusers import FluxPipeline  # pylint: disable=import-outside-toplevel
+  x = _noise(2, 4, 6, 8)
+  packed = FluxPipeline._pack_latents(torch.from_numpy(x), 2, 4, 6, 8).numpy()
+  ours = np.asarray(sampler.pack(x.transpose(0, 2, 3, 1)))
+  np.testing.assert_array_equal(ours, packed)
+  np.testing.assert_array_equal(np.asarray(sampler.unpack(ours, 6, 8)), x.transpose(0, 2, 3, 1))
+  ids = FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32).numpy()
+  np.testing.assert_array_equal(sampler.image_ids(6, 8), ids)
+
+
+def test_generate_matches_flux_pipeline(dev):
+  pipe, path = dev
+  ours = diffusion.load(path, dtype="float32", max_sequence_length=MAX_SEQ)
+  assert ours.mode == "generate"
+  height, width = 16, 24
+  noise = _noise(2, 4, height // 2, width // 2, seed=1)
+  packed = pipe._pack_latents(torch.from_numpy(noise), 2, 4, height // 2, width // 2)
+  with torch.no_grad():
+    want = pipe(prompt=PROMPTS, height=height, width=width, num_inference_steps=3,
+                guidance_scale=3.5, latents=packed, output_type="np",
+                max_sequence_length=MAX_SEQ).images
+  got = ours.generate(PROMPTS, 0, height, width, steps=3, guidance=3.5, noise=noise,
+                      output="float")
+  assert got.shape == want.shape == (2, height, width, 3)
+  err = float(np.abs(got - want).max())
+  print(f"generate: max abs diff {err:.2e}")
+  assert err <= 1e-3
+  # uint8 output and rng-drawn noise: right shape and range, deterministic in the rng
+  a = ours.generate(PROMPTS[:1], 7, height, width, steps=2)
+  b = ours.generate(PROMPTS[:1], 7, height, width, steps=2)
+  assert a.dtype == np.uint8 and a.shape == (1, height, width, 3)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_edit_matches_flux_kontext_pipeline(kontext):
+  pipe, path = kontext
+  ours = diffusion.load(path, dtype="float32", max_sequence_length=MAX_SEQ)
+  assert ours.mode == "edit"
+  height, width = 16, 20
+  images = np.random.default_rng(2).integers(0, 256, (2, height, width, 3)).astype(np.uint8)
+  noise = _noise(2, 4, height // 2, width // 2, seed=3)
+  packed = pipe._pack_latents(torch.from_numpy(noise), 2, 4, height // 2, width // 2)
+  image_t = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    want = pipe(image=image_t, prompt=PROMPTS, height=height, width=width,
+                max_area=height * width, _auto_resize=False, num_inference_steps=3,
+                guidance_scale=2.5, latents=packed, output_type="np",
+                max_sequence_length=MAX_SEQ).images
+  got = ours.edit(images, PROMPTS, 0, steps=3, guidance=2.5, noise=noise, auto_resize=False,
+                  output="float")
+  assert got.shape == want.shape == (2, height, width, 3)
+  err = float(np.abs(got - want).max())
+  print(f"edit: max abs diff {err:.2e}")
+  assert err <= 1e-3
+
+
+def test_edit_bad_input(kontext, dev):
+  _, path = kontext
+  ours = diffusion.load(path, dtype="float32", max_sequence_length=MAX_SEQ)
+  img = np.zeros((1, 16, 16, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"instructions\[0\] is empty"):
+    ours.edit(img, [" "], 0, steps=1, auto_resize=False)
+  with pytest.raises(ValueError, match="1 images but 2 instructions"):
+    ours.edit(img, ["a", "b"], 0, steps=1, auto_resize=False)
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    ours.edit(np.zeros((1, 16, 16), np.uint8)[..., None], ["a"], 0, steps=1)
+  with pytest.raises(ValueError, match="too small"):
+    ours.edit(np.zeros((1, 2, 16, 3), np.uint8), ["a"], 0, steps=1, auto_resize=False)
+  with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+    ours.edit(np.full((1, 16, 16, 3), 2.0, np.float32), ["a"], 0, steps=1, auto_resize=False)
+  with pytest.raises(ValueError, match="noise must have shape"):
+    ours.edit(img, ["a"], 0, steps=1, auto_resize=False, noise=np.zeros((1, 4, 4, 4)))
+  gen = diffusion.load(dev[1], dtype="float32", max_sequence_length=MAX_SEQ)
+  with pytest.raises(ValueError, match="needs a FLUX.1 Kontext pipeline"):
+    gen.edit(img, ["a"], 0, steps=1)
+  with pytest.raises(ValueError, match=r"prompts\[1\]"):
+    gen.generate(["ok", ""], 0, 16, 16, steps=1)
+
+
+def test_bucket_picks_the_kontext_resolution(kontext):
+  ours = diffusion.load(kontext[1], dtype="float32", max_sequence_length=MAX_SEQ)
+  assert ours.bucket(480, 640) == (880, 1184)
+  assert ours.bucket(512, 512) == (1024, 1024)
+  assert ours.bucket(18, 23, auto_resize=False) == (16, 20)
+
+
+def test_load_errors(tmp_path, dev):
+  _, path = dev
+  with pytest.raises(CheckpointError, match="model_index.json"):
+    diffusion.load(str(tmp_path))
+  (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+  with pytest.raises(CheckpointError, match="StableDiffusionPipeline"):
+    diffusion.load(str(tmp_path))
+  (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+  os.makedirs(tmp_path / "scheduler")
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+      json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
+  with pytest.raises(CheckpointError, match="no transformer/"):
+    diffusion.load(str(tmp_path))
