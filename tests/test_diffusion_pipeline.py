@@ -150,3 +150,48 @@ def test_load_errors(tmp_path, dev):
       json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
   with pytest.raises(CheckpointError, match="no transformer/"):
     diffusion.load(str(tmp_path))
+
+
+def test_public_faces_match_diffusers(dev):
+  """diffusion.flux_transformer / diffusion.autoencoder on the pipeline's
+  component directories, numpy in and out, against the diffusers modules."""
+  pipe, path = dev
+  tr = diffusion.flux_transformer(os.path.join(path, "transformer"), dtype="float32")
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 12, 16)).astype(np.float32)
+  enc = rng.standard_normal((2, 5, 32)).astype(np.float32)
+  pooled = rng.standard_normal((2, 32)).astype(np.float32)
+  t, g = np.array([0.9, 0.3], np.float32), np.array([3.5, 2.0], np.float32)
+  img_ids, txt_ids = sampler.image_ids(6, 8), np.zeros((5, 3), np.float32)
+  with torch.no_grad():
+    want = pipe.transformer(hidden_states=torch.from_numpy(x),
+                            encoder_hidden_states=torch.from_numpy(enc),
+                            pooled_projections=torch.from_numpy(pooled),
+                            timestep=torch.from_numpy(t), img_ids=torch.from_numpy(img_ids),
+                            txt_ids=torch.from_numpy(txt_ids), guidance=torch.from_numpy(g),
+                            return_dict=False)[0].numpy()
+  got = tr(x, enc, pooled, t, img_ids, txt_ids, guidance=g)
+  assert np.abs(got - want).max() <= 1e-4
+  ae = diffusion.autoencoder(os.path.join(path, "vae"), dtype="float32")
+  im = rng.uniform(-1, 1, (1, 3, 8, 12)).astype(np.float32)
+  with torch.no_grad():
+    mean = pipe.vae.encode(torch.from_numpy(im)).latent_dist.mean.numpy()
+    dec = pipe.vae.decode(torch.from_numpy(mean)).sample.numpy()
+  assert np.abs(ae.encode(im) - mean).max() <= 1e-4
+  assert np.abs(ae.decode(mean) - dec).max() <= 1e-4
+
+
+def test_load_from_a_url(dev, monkeypatch, tmp_path):
+  """A pipeline behind an fsspec URL (memory:// standing in for gs://) is
+  staged into the cache and gives the same images as the local directory."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  _, path = dev
+  fs = fsspec.filesystem("memory")
+  fs.put(path.rstrip("/") + "/", "/flux_dev_url/", recursive=True)
+  monkeypatch.setenv("AUDITDM_CACHE", str(tmp_path / "cache"))
+  remote = diffusion.load("memory://flux_dev_url", dtype="float32", max_sequence_length=MAX_SEQ)
+  local = diffusion.load(path, dtype="float32", max_sequence_length=MAX_SEQ)
+  noise = _noise(1, 4, 8, 8, seed=9)
+  np.testing.assert_array_equal(
+      remote.generate(PROMPTS[:1], 0, 16, 16, steps=1, noise=noise),
+      local.generate(PROMPTS[:1], 0, 16, 16, steps=1, noise=noise))
