@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from auditdm_jax import config_check, stages
 from auditdm_jax.pipeline import lock, rounds
 from auditdm_jax.utils.fileio import atomic_write_text
+from auditdm_jax.utils import chaos
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pipeline config file (get_config(arg) style).", lock_config=True)
@@ -216,7 +217,10 @@ def _record_wall(workdir: str, key: str, seconds: float) -> None:
 def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:
   t0 = time.time()
   print(f"== stage {key} ==", flush=True)
+  chaos.set_stage(key)
+  chaos.point("stage_start")
   stages.get(name)(config, workdir)
+  chaos.point("stage_end")
   from auditdm_jax.sharding import barrier  # pylint: disable=import-outside-toplevel
   barrier(f"auditdm stage {key} done")   # the next stage may read what process 0 wrote
   walls[key] = round(time.time() - t0, 2)

@@ -44,7 +44,8 @@ ALLOWED = {
     "auditdm_jax.sampling": {"auditdm_jax.models", "auditdm_jax.sharding"},
     "auditdm_jax.tools": {"auditdm_jax.models", "auditdm_jax.sharding",
                           "auditdm_jax.config_check", "auditdm_jax.tools",
-                          "auditdm_jax.pipeline", "auditdm_jax.diffusion"},
+                          "auditdm_jax.pipeline", "auditdm_jax.diffusion",
+                          "auditdm_jax.utils", "auditdm_jax.data"},
 }
 FORBIDDEN_EVERYWHERE = ("torch", "transformers", "diffusers")
 

@@ -40,6 +40,7 @@ from etils import epath
 
 from auditdm_jax.data.records import decode_png, encode_png
 from auditdm_jax.utils.fileio import atomic_write_text
+from auditdm_jax.utils import chaos
 
 NAME = "auditdm_exemplars"
 VERSION = "1.0.0"
@@ -183,8 +184,10 @@ def publish(chunks_dir: str, data_dir: str) -> str:
   old = data_dir + ".old"
   if os.path.exists(old):
     shutil.rmtree(old)
+  chaos.point("store_built")
   if os.path.exists(data_dir):
     os.replace(data_dir, old)
+    chaos.point("store_moved_aside")
   os.replace(tmp, data_dir)
   if os.path.exists(old):
     shutil.rmtree(old)

@@ -7,6 +7,7 @@ import os
 
 from auditdm_jax import sharding
 from auditdm_jax.pipeline import layout
+from auditdm_jax.utils import chaos
 
 def prepare_round(config, workdir: str, r: int) -> str:
   """The workdir of round r >= 2: `<workdir>/rounds/r<r>`, whose models/ and
@@ -43,6 +44,7 @@ def prepare_round(config, workdir: str, r: int) -> str:
       if os.path.islink(link) and os.readlink(link) != dest:
         os.unlink(link)
       if not os.path.lexists(link):
+        chaos.point("round_link")
         os.symlink(dest, link)
   sharding.barrier(f"auditdm round {r} links")
   return rdir

@@ -14,18 +14,24 @@ Saving is synchronous (async checkpointing off): Orbax writes into a
 temporary directory and renames it into place when `save` returns, so a
 process killed at any moment leaves the previous checkpoints complete and at
 most an unfinished temporary directory, which Orbax ignores (and removes
-when the next run opens the manager).
+when the next run opens the manager). A save that fails (a full disk, a
+read-only directory) removes its temporary directory and raises an error
+naming the directory, the step and the previous checkpoint, which is intact.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from auditdm_jax.utils import chaos, fileio
 
 DATA_GRAIN, DATA_JSON, DATA_NONE = "grain", "json", "none"
 
@@ -90,8 +96,31 @@ class TrainCheckpointer:
     items = {"state": ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(meta)}
     if self.mode != DATA_NONE:
       items["data"] = self._data_save()
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self.manager.wait_until_finished()
+    chaos.point("train_ckpt_save")
+    previous = self.manager.latest_step()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:   # a full disk, a read-only directory, ... (Orbax's own types too)
+      raise self._save_failed(step, previous, e) from e
+    chaos.point("train_ckpt_saved")
+
+  def _save_failed(self, step: int, previous: int | None, e: Exception) -> Exception:
+    """The error of a failed save: the step's unfinished temporary directory
+    is removed (the finished steps are never touched: Orbax renames a step
+    into place only once it is complete), and the message names the directory,
+    the step and the checkpoint a restart resumes from."""
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(glob.escape(self.directory),
+                                        f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = (f"the previous checkpoint (step {previous}) in {self.directory} is intact and "
+            "a restart resumes from it" if previous is not None
+            else f"no earlier checkpoint was in {self.directory}")
+    what = f"saving the training checkpoint of step {step} in {self.directory} failed"
+    if isinstance(e, OSError):
+      return fileio.write_failed(e, what, kept)
+    return RuntimeError(f"{what}: {type(e).__name__}: {e}; {kept}")
 
   def restore(self, step: int, abstract_state: dict, opt_paths: list[str]
               ) -> tuple[dict, dict]:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from auditdm_jax import sharding
 from auditdm_jax.train import preemption
 from auditdm_jax.train.metrics import MetricsWriter
+from auditdm_jax.utils import chaos
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,6 +131,7 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
       while step < cfg.steps:
         state, m, last = step_fn(state, step)
         step += 1
+        chaos.point("train_step")
         if not m["finite"]:
           where = (f"the last good checkpoint (step {last_saved}) in "
                    f"{checkpointer.directory} is intact" if last_saved is not None

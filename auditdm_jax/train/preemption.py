@@ -6,7 +6,9 @@ only sets a flag; the loop asks `requested()` after each step, saves a
 checkpoint for the step it is at, and raises `Preempted`, a SystemExit with
 status 143 (128 + SIGTERM), so the process ends without a traceback once the
 `finally` blocks (closing checkpointers and writers) have run. The next start
-resumes from that checkpoint.
+resumes from that checkpoint. A signal that arrives after the loop's last
+check is not dropped: leaving the context raises it again for the handler
+outside.
 
 On several JAX processes every process must stop at the same step (a
 checkpoint save is collective), so `requested()` is true on all of them as
@@ -56,10 +58,17 @@ class StopOnSignal:
         self._old[s] = signal.signal(s, self._handler)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, exc, tb) -> None:
     for s, old in self._old.items():
       signal.signal(s, old)
     self._old.clear()
+    pending, self.received = self.received, None
+    if pending is not None and exc_type is None and threading.current_thread() is \
+        threading.main_thread():
+      # The signal came after the loop's last check (during its final save,
+      # say): the run was still asked to stop, so pass it on to the handler
+      # outside (main's: exit 143 once the `finally` blocks ran), not drop it.
+      signal.raise_signal(pending)
 
   def requested(self) -> bool:
     local = self.received is not None

@@ -9,24 +9,61 @@ import contextlib
 import os
 import tempfile
 
+from auditdm_jax.utils import chaos
+
+
+def write_failed(e: OSError, what: str, kept: str) -> OSError:
+  """OSError("<what>: <e's reason>; <kept>") with e's errno (so ENOSPC / EACCES /
+  EROFS survive, and with them OSError's errno subclasses such as
+  PermissionError); raise it `from e`. what: the write that failed, naming
+  its path; kept: what is left intact."""
+  reason = e.strerror or str(e) or type(e).__name__
+  if getattr(e, "filename", None) and e.strerror and str(e.filename) not in what:
+    reason = f"{reason}: {e.filename}"
+  text = f"{what}: {reason}; {kept}"
+  return OSError(e.errno, text) if e.errno is not None else OSError(text)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-  """Yields a file object; on clean exit it atomically replaces `path`."""
+  """Yields a file object; on clean exit it atomically replaces `path`.
+
+  A failed write (ENOSPC from write / flush / fsync, EACCES / EROFS from a
+  read-only directory, ...) removes the temporary file and raises an OSError
+  with the original errno whose message names `path` and says that the
+  previous file there is untouched; the original error is its __cause__."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                             dir=directory)
+  tmp = None
   try:
-    with os.fdopen(fd, mode) as f:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+      f = os.fdopen(fd, mode)
+    except BaseException:
+      os.close(fd)
+      raise
+    with f:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    chaos.point("atomic_write")
     os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
+  except BaseException as e:
+    left = False
+    if tmp is not None:
+      try:
+        os.unlink(tmp)
+      except FileNotFoundError:
+        pass
+      except OSError:
+        left = True
+    if isinstance(e, OSError):
+      tmp_note = (f"the temporary {tmp} could not be removed" if left
+                  else "no temporary file was left")
+      raise write_failed(e, f"cannot write {path}",
+                         f"the previous {path} (if any) is intact, {tmp_note}") from e
     raise
 
 

@@ -15,12 +15,16 @@ Our own format is a directory:
                         "tokenizer": "tokenizer.model" | null}
   params/              Orbax StandardCheckpointer tree in our layout
   tokenizer.model      (optional) sentencepiece model
-written to a temporary sibling directory and renamed into place.
+written to a temporary sibling directory and renamed into place; a failed
+write (a full disk, a read-only directory) removes the temporary directory,
+leaves the previous model directory as it was, and raises an OSError (errno
+kept) naming the model directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -36,7 +40,8 @@ from auditdm_jax.models.ckpt.common import (CheckpointError, adjust_vocab_rows,
                                             assemble, flatten)
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.models.siglip import SigLIPConfig, resample_posemb
-from auditdm_jax.utils.fileio import atomic_write_text
+from auditdm_jax.utils.fileio import atomic_write_text, write_failed
+from auditdm_jax.utils import chaos
 
 NATIVE_MARKER = "auditdm_model.json"
 NATIVE_FORMAT = "auditdm_jax/model/v1"
@@ -244,8 +249,15 @@ def write_gemma3_flat(path: str, params, cfg: VLMConfig) -> None:
       node, leaf = ("SigLiPFromPatches_0/siglip_encoder/" + key[4:]).rsplit("/", 1)
       put(node, leaf, arr)
   tmp = _tmp_sibling(path)
-  ocp.PyTreeCheckpointer().save(tmp, tree)
-  _replace_dir(tmp, path)
+  try:
+    ocp.PyTreeCheckpointer().save(tmp, tree)
+    _replace_dir(tmp, path)
+  except Exception as e:
+    _remove_tmp(tmp)
+    raise _save_failed(path, tmp, e) from e
+  except BaseException:
+    _remove_tmp(tmp)
+    raise
 
 
 # ----------------------------------------------------------------------------
@@ -262,8 +274,16 @@ def _tmp_sibling(path: str) -> str:
   return tmp
 
 
+def _remove_tmp(tmp: str) -> None:
+  """Removes a failed save's temporary directory (and Orbax's own unfinished
+  `<tmp>.orbax-checkpoint-tmp*` beside it, if any)."""
+  for p in [tmp, *glob.glob(glob.escape(tmp) + ".orbax-checkpoint-tmp*")]:
+    shutil.rmtree(p, ignore_errors=True)
+
+
 def _replace_dir(tmp: str, path: str) -> None:
-  """Moves tmp into place; an existing `path` is removed only afterwards."""
+  """Moves tmp into place; an existing `path` is removed only afterwards (and
+  moved back if tmp cannot be moved in)."""
   path = os.path.abspath(path)
   old = None
   if os.path.exists(path):
@@ -271,9 +291,26 @@ def _replace_dir(tmp: str, path: str) -> None:
     if os.path.exists(old):
       shutil.rmtree(old)
     os.replace(path, old)
-  os.replace(tmp, path)
+    chaos.point("model_moved_aside")
+  try:
+    os.replace(tmp, path)
+  except BaseException:
+    if old:
+      os.replace(old, path)
+    raise
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_failed(path: str, tmp: str, e: Exception) -> Exception:
+  """The error of a failed model save (tmp already removed): names the model
+  directory and says the previous one is intact; an OSError keeps its errno,
+  anything else (Orbax's and TensorStore's own errors) becomes a RuntimeError."""
+  what = f"saving the model {os.path.abspath(path)} failed"
+  kept = f"the previous model there (if any) is intact and the temporary {tmp} was removed"
+  if isinstance(e, OSError):
+    return write_failed(e, what, kept)
+  return RuntimeError(f"{what}: {type(e).__name__}: {e}; {kept}")
 
 
 def _host_array(x) -> np.ndarray:
@@ -314,8 +351,11 @@ def _write_native(path: str, cfg: VLMConfig, params: dict[str, np.ndarray],
     meta = {"format": NATIVE_FORMAT, "config": cfg.to_dict(), "tokenizer": tok}
     atomic_write_text(os.path.join(tmp, NATIVE_MARKER), json.dumps(meta, indent=2))
     _replace_dir(tmp, path)
+  except Exception as e:
+    _remove_tmp(tmp)
+    raise _save_failed(path, tmp, e) from e
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tmp(tmp)
     raise
 
 
