@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from auditdm_jax.data.records import decode_png, encode_png
-from auditdm_jax.utils.fileio import atomic_write_text
+from auditdm_jax.utils.fileio import atomic_write_text, error_code, write_failed
 from auditdm_jax.utils import chaos
 
 NAME = "auditdm_exemplars"
@@ -171,24 +171,49 @@ class AuditdmExemplars(tfds.core.GeneratorBasedBuilder):
 
 def publish(chunks_dir: str, data_dir: str) -> str:
   """Builds the dataset from every chunk into data_dir (replacing a previous
-  build atomically); returns its version directory."""
+  build atomically); returns its version directory. A failed build (a full
+  disk, a read-only directory) removes `<data_dir>.building` and raises an
+  OSError (errno kept) naming data_dir (other errors, such as a corrupt chunk,
+  pass through); the previously published store stays as it was."""
   data_dir = os.path.abspath(data_dir)
   tmp = data_dir + ".building"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  tfds.disable_progress_bar()
-  builder = AuditdmExemplars(chunks_dir=chunks_dir, data_dir=tmp)
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  try:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    tfds.disable_progress_bar()
+    builder = AuditdmExemplars(chunks_dir=chunks_dir, data_dir=tmp)
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except Exception as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    what = f"publishing the exemplar store {data_dir} failed while building it in {tmp}"
+    kept = (f"the previously published store {data_dir} is intact and {tmp} was removed"
+            if os.path.exists(data_dir) else f"nothing was published and {tmp} was removed")
+    if error_code(e) is not None:   # a write failed (not a bad chunk: that error stays)
+      raise write_failed(e, what, kept) from e
+    raise
   old = data_dir + ".old"
   if os.path.exists(old):
     shutil.rmtree(old)
   chaos.point("store_built")
+  moved = False
   if os.path.exists(data_dir):
     os.replace(data_dir, old)
+    moved = True
     chaos.point("store_moved_aside")
-  os.replace(tmp, data_dir)
+  try:
+    os.replace(tmp, data_dir)
+  except BaseException as e:
+    if moved:   # put the previous store back
+      os.replace(old, data_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise write_failed(e, f"publishing the exemplar store {data_dir} failed (moving {tmp} "
+                            "into place)",
+                         f"the previously published store {data_dir} (if any) is intact and "
+                         f"{tmp} was removed") from e
+    raise
   if os.path.exists(old):
     shutil.rmtree(old)
   return os.path.join(data_dir, NAME, VERSION)

@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -111,16 +112,26 @@ class TrainCheckpointer:
     into place only once it is complete), and the message names the directory,
     the step and the checkpoint a restart resumes from."""
     if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(glob.escape(self.directory),
-                                        f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+      self._remove_unfinished(step)
     kept = (f"the previous checkpoint (step {previous}) in {self.directory} is intact and "
             "a restart resumes from it" if previous is not None
             else f"no earlier checkpoint was in {self.directory}")
     what = f"saving the training checkpoint of step {step} in {self.directory} failed"
-    if isinstance(e, OSError):
-      return fileio.write_failed(e, what, kept)
-    return RuntimeError(f"{what}: {type(e).__name__}: {e}; {kept}")
+    return fileio.write_failed(e, what, kept)
+
+  def _remove_unfinished(self, step: int, patience_s: float = 5.0) -> None:
+    """Removes `<step>.orbax-checkpoint-tmp*`. When one item of a save fails,
+    Orbax raises at once while the other items' writes may still be running
+    (and recreating their directories), so this removes until nothing has
+    come back for a moment (at most `patience_s`)."""
+    pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
+    deadline = time.monotonic() + patience_s
+    while True:
+      for tmp in glob.glob(pattern):
+        shutil.rmtree(tmp, ignore_errors=True)
+      time.sleep(0.1)
+      if not glob.glob(pattern) or time.monotonic() > deadline:
+        return
 
   def restore(self, step: int, abstract_state: dict, opt_paths: list[str]
               ) -> tuple[dict, dict]:

@@ -1,27 +1,50 @@
 """Atomic file writes: write beside the target, fsync, then rename over it.
 
-A crash mid-write leaves either the old file or the new one, never a torn one.
+A crash mid-write leaves either the old file or the new one, never a torn one;
+a failed write (a full disk, a read-only directory) leaves the old one and no
+temporary file, and raises an OSError naming the path (`write_failed` words
+the same errors for the other writers: checkpoints, model saves, the store).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 
 from auditdm_jax.utils import chaos
 
 
-def write_failed(e: OSError, what: str, kept: str) -> OSError:
-  """OSError("<what>: <e's reason>; <kept>") with e's errno (so ENOSPC / EACCES /
-  EROFS survive, and with them OSError's errno subclasses such as
-  PermissionError); raise it `from e`. what: the write that failed, naming
-  its path; kept: what is left intact."""
-  reason = e.strerror or str(e) or type(e).__name__
-  if getattr(e, "filename", None) and e.strerror and str(e.filename) not in what:
-    reason = f"{reason}: {e.filename}"
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def error_code(e: BaseException) -> int | None:
+  """The errno of a failed write: an OSError's, or the one TensorStore (Orbax's
+  array writer) puts in its messages ("[os_error_code='28']"); None if none."""
+  if isinstance(e, OSError):
+    return e.errno
+  m = _OS_ERROR_CODE.search(str(e))
+  return int(m.group(1)) if m else None
+
+
+def write_failed(e: BaseException, what: str, kept: str) -> Exception:
+  """The error to raise (`from e`) for a failed write: "<what>: <reason>;
+  <kept>". what: the write that failed, naming its path; kept: what is left
+  intact. An OSError with e's errno (error_code: ENOSPC / EACCES / EROFS
+  survive, and with them OSError's subclasses such as PermissionError);
+  without an errno, an OSError for an OSError, else a RuntimeError."""
+  if isinstance(e, OSError):
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename and e.strerror and str(e.filename) not in what:
+      reason = f"{reason}: {e.filename}"
+  else:
+    reason = f"{type(e).__name__}: {e}"
   text = f"{what}: {reason}; {kept}"
-  return OSError(e.errno, text) if e.errno is not None else OSError(text)
+  code = error_code(e)
+  if code is not None:
+    return OSError(code, text)
+  return OSError(text) if isinstance(e, OSError) else RuntimeError(text)
 
 
 @contextlib.contextmanager

@@ -304,13 +304,11 @@ def _replace_dir(tmp: str, path: str) -> None:
 
 def _save_failed(path: str, tmp: str, e: Exception) -> Exception:
   """The error of a failed model save (tmp already removed): names the model
-  directory and says the previous one is intact; an OSError keeps its errno,
-  anything else (Orbax's and TensorStore's own errors) becomes a RuntimeError."""
+  directory and says the previous one is intact (an OSError with the errno,
+  TensorStore's too: `fileio.write_failed`)."""
   what = f"saving the model {os.path.abspath(path)} failed"
   kept = f"the previous model there (if any) is intact and the temporary {tmp} was removed"
-  if isinstance(e, OSError):
-    return write_failed(e, what, kept)
-  return RuntimeError(f"{what}: {type(e).__name__}: {e}; {kept}")
+  return write_failed(e, what, kept)
 
 
 def _host_array(x) -> np.ndarray:
