@@ -19,7 +19,8 @@ r"""The chaos run: kill `main` anywhere, restart it, and lose nothing.
    more to the end. Every restart runs every stage again; each resumes from
    what it finished.
 4. The two workdirs are compared: every JSON / JSONL figure (wall and compile
-   times, init's `reused` flags and the workdir's own path excepted), every model's parameters bit
+   times, the run-history fields `reused` and `chunks_mined_now`, and the
+   workdir's own path excepted), every model's parameters bit
    for bit, and the exemplar store's records. Each difference names the file
    and the field. Exit status 0 when identical, 1 otherwise.
 
@@ -42,9 +43,10 @@ from typing import Any
 import numpy as np
 
 # Keys whose values are measurements of time or the run's history (whether init
-# found a model it had written before the kill), not results.
+# found a model it had written before the kill, how many chunks mine mined in
+# its last process rather than found journaled), not results.
 _TIME_KEY = re.compile(r"(^|_)(wall|time|times|compile|elapsed|seconds|step_time|train_s|"
-                       r"eval_s|wall_s|started|heartbeat)($|_)|_s$|^reused$")
+                       r"eval_s|wall_s|started|heartbeat)($|_)|_s$|^(reused|chunks_mined_now)$")
 _SKIP_FILES = ("stages.json", "chaos.json")
 _SKIP_DIRS = ("tb", "eval_cache", "ckpt")
 
