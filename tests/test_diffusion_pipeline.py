@@ -195,3 +195,39 @@ def test_load_from_a_url(dev, monkeypatch, tmp_path):
   np.testing.assert_array_equal(
       remote.generate(PROMPTS[:1], 0, 16, 16, steps=1, noise=noise),
       local.generate(PROMPTS[:1], 0, 16, 16, steps=1, noise=noise))
+
+
+_SHARDED = r"""
+import sys
+import numpy as np
+import jax
+from auditdm_jax import diffusion, sharding
+path = sys.argv[1]
+mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1})
+noise = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+img = np.random.default_rng(6).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+out = {}
+for name, m in (("single", None), ("sharded", mesh)):
+  pipe = diffusion.load(path, dtype="float32", max_sequence_length=16, mesh=m, fsdp_min_size=64)
+  out[name] = pipe.edit(img, ["make it red", "add a cat"], 0, steps=2, noise=noise,
+                        auto_resize=False, output="float")
+  if m is not None:
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(pipe.params["transformer"])}
+    assert any("fsdp" in s for s in specs), specs
+print("devices", len(jax.devices()), "maxdiff", float(np.abs(out["single"] - out["sharded"]).max()))
+"""
+
+
+def test_edit_sharded_over_a_mesh_matches_one_device(kontext):
+  """8 host devices, mesh data=2 x fsdp=4: parameters FSDP-sharded, the batch
+  split; the edit equals the single-device one."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED, kontext[1]], capture_output=True,
+                       text=True, env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = [x for x in out.stdout.splitlines() if x.startswith("devices")][-1]
+  _, n, _, diff = line.split()
+  assert int(n) == 8 and float(diff) <= 1e-5, line

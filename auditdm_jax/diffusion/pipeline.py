@@ -113,7 +113,8 @@ class Pipeline:
   """A FLUX pipeline; `mode` is "generate" (FLUX.1 dev) or "edit" (Kontext)."""
 
   def __init__(self, parts: Components, mode: str, *, max_sequence_length: int = 512,
-               mesh: jax.sharding.Mesh | None = None, source: str = ""):
+               mesh: jax.sharding.Mesh | None = None, source: str = "",
+               fsdp_min_size: int = sharding_lib.FSDP_MIN_SIZE):
     if mode not in DEFAULTS:
       raise ValueError(f"mode {mode!r} is not one of {sorted(DEFAULTS)}")
     self.parts, self.mode, self.source = parts, mode, source
@@ -133,7 +134,8 @@ class Pipeline:
     if mesh is not None:
       shapes = jax.eval_shape(lambda p: p, self.params)
       self.params = jax.device_put(
-          self.params, sharding_lib.param_shardings(shapes, mesh, REPLICATE_RULES))
+          self.params, sharding_lib.param_shardings(shapes, mesh, REPLICATE_RULES,
+                                                    fsdp_min_size))
     self._jits: dict[str, Any] = {}
 
   # -- pieces -------------------------------------------------------------------
@@ -198,7 +200,9 @@ class Pipeline:
     shift = acfg.shift_factor or 0.0
     decode = self._jit("decode", lambda p, z: ae_lib.decode(
         p, acfg, sampler.unpack(z, h, w).astype(jnp.float32) / acfg.scaling_factor + shift))
-    images = np.asarray(jax.device_get(decode(self.params["autoencoder"], out)), np.float32)
+    # to_host gathers rows split over several processes (a collective)
+    images = np.asarray(sharding_lib.to_host(decode(self.params["autoencoder"], out)),
+                        np.float32)
     images = np.clip(images / 2.0 + 0.5, 0.0, 1.0)
     if output == "float":
       return images
@@ -292,14 +296,16 @@ def read_index(path: str) -> str:
 
 def load(path: str, *, dtype: str = "bfloat16", transformer: str | None = None,
          autoencoder: str | None = None, mesh: jax.sharding.Mesh | None = None,
-         max_sequence_length: int = 512, mode: str | None = None) -> Pipeline:
+         max_sequence_length: int = 512, mode: str | None = None,
+         fsdp_min_size: int = sharding_lib.FSDP_MIN_SIZE) -> Pipeline:
   """A FLUX pipeline from a diffusers pipeline directory (local or gs://).
 
   transformer / autoencoder: another checkpoint for that component (a
   Black Forest Labs single file such as flux1-kontext-dev.safetensors /
   ae.safetensors, or a diffusers component directory). mode: "generate" or
   "edit", by default what model_index.json names (FluxPipeline /
-  FluxKontextPipeline)."""
+  FluxKontextPipeline). fsdp_min_size: arrays smaller than this stay
+  replicated on the mesh."""
   path = str(path)
   mode = mode or read_index(path)
   sched = sampler.SchedulerConfig.from_diffusers(
@@ -312,5 +318,6 @@ def load(path: str, *, dtype: str = "bfloat16", transformer: str | None = None,
       t5=text.load_t5(_component(path, "text_encoder_2"), dtype),
       t5_tokenizer=tokenizers.T5Tokenizer(_component(path, "tokenizer_2")),
       scheduler=sched)
-  return Pipeline(parts, mode, max_sequence_length=max_sequence_length, mesh=mesh, source=path)
+  return Pipeline(parts, mode, max_sequence_length=max_sequence_length, mesh=mesh, source=path,
+                  fsdp_min_size=fsdp_min_size)
 
