@@ -8,8 +8,8 @@ predictions journal, mine's chunk journal and the report.
 Failures are injected (an OSError(ENOSPC) from fsync / write / flush, EROFS or
 EACCES from mkstemp, a failing Orbax / TFDS call, a failing rename) and also
 real: one subprocess writes under RLIMIT_FSIZE (a size limit the kernel
-enforces, even for root: EFBIG), and a chmod 0o500 directory where that makes
-it unwritable (not as root).
+enforces, even for root: EFBIG), and a read-only directory (0o555; as root
+the write runs in a subprocess that has dropped to the user `nobody`).
 """
 
 from __future__ import annotations
@@ -160,22 +160,65 @@ def test_atomic_write_unwritable_directory_is_named(tmp_path, monkeypatch, code)
   assert snapshot(tmp_path) == {"stages.json": b"{}"}
 
 
+_READ_ONLY = r'''
+import json, os, sys
+from auditdm_jax.utils import fileio
+if len(sys.argv) > 2:          # root: drop to an unprivileged user once imported
+  os.setgroups([])
+  os.setgid(int(sys.argv[3]))
+  os.setuid(int(sys.argv[2]))
+try:
+  fileio.atomic_write_text(sys.argv[1], "new")
+  print("RESULT " + json.dumps({"error": None}))
+except OSError as e:
+  print("RESULT " + json.dumps({"error": {"type": type(e).__name__, "errno": e.errno,
+                                          "msg": str(e)}}))
+'''
+
+
 def test_atomic_write_real_read_only_directory(tmp_path):
-  d = tmp_path / "ro"
-  d.mkdir()
-  path = d / "eval.json"
-  fileio.atomic_write_text(path, "old")
-  os.chmod(d, 0o500)
+  """A directory the writer may not write to, for real: chmod 0o500 as an
+  ordinary user; as root (who may write anywhere) the write runs in a
+  subprocess that drops to the unprivileged user `nobody` once it has
+  imported the writer, in a root-owned 0o555 directory."""
+  base = tempfile.mkdtemp(prefix="ro_", dir="/tmp" if os.path.isdir("/tmp") else None)
   try:
-    if os.access(d, os.W_OK):
-      pytest.skip("chmod 0o500 leaves the directory writable here (root); the real "
-                  "size-limited case (test_real_size_limit_*) covers a real failure")
-    with pytest.raises(OSError) as err:
-      fileio.atomic_write_text(path, "new")
-    assert_clear(err.value, path, errno.EACCES)
-    assert os.listdir(d) == ["eval.json"] and path.read_text() == "old"
+    os.chmod(base, 0o755)
+    d = os.path.join(base, "ro")
+    os.mkdir(d)
+    path = os.path.join(d, "eval.json")
+    fileio.atomic_write_text(path, "old")
+    os.chmod(path, 0o644)
+    os.chmod(d, 0o555)
+    if os.geteuid() != 0:
+      with pytest.raises(OSError) as err:
+        fileio.atomic_write_text(path, "new")
+      assert_clear(err.value, path, errno.EACCES)
+    else:
+      import pwd  # pylint: disable=import-outside-toplevel
+      try:
+        nobody = pwd.getpwnam("nobody")
+      except KeyError:
+        pytest.skip("running as root and there is no user 'nobody' to drop to")
+      env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1", HOME=base)
+      proc = subprocess.run([sys.executable, "-c", _READ_ONLY, path, str(nobody.pw_uid),
+                             str(nobody.pw_gid)], env=env, cwd=base, capture_output=True,
+                            text=True, timeout=120, check=False)
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+      assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+      e = json.loads(lines[-1][len("RESULT "):])["error"]
+      assert e is not None, "the unprivileged write into a 0o555 directory succeeded"
+      assert e["type"] == "PermissionError" and e["errno"] == errno.EACCES, e
+      assert path in e["msg"] and "intact" in e["msg"], e["msg"]
+    assert os.listdir(d) == ["eval.json"]
+    with open(path) as f:
+      assert f.read() == "old"
   finally:
-    os.chmod(d, 0o700)
+    for root, dirs, _ in os.walk(base):
+      for x in dirs:
+        os.chmod(os.path.join(root, x), 0o700)
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_write_failed_keeps_tensorstore_errno():
