@@ -139,3 +139,19 @@ def test_chaos_run_on_the_smoke_config(tmp_path):
   assert {"init", "pretrain", "audit", "mine", "rectify", "eval", "report"} <= \
       set(result["stages_killed"]), result["stages_killed"]
   assert result["differences"] == [], result["differences"]
+
+
+def test_seed_workdir_copies_all_but_the_lock(tmp_path):
+  src = tmp_path / "src"
+  (src / "models" / "m").mkdir(parents=True)
+  (src / "models" / "m" / "auditdm_model.json").write_text("{}")
+  (src / "stages.json").write_text('{"init": 1.0}')
+  (src / ".auditdm.lock.3").write_text("held")
+  chaos.seed_workdir(str(src), str(tmp_path / "dst"))
+  got = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "dst")
+               for d, _, fs in os.walk(tmp_path / "dst") for f in fs)
+  assert got == ["models/m/auditdm_model.json", "stages.json"]
+  with pytest.raises(FileExistsError, match="fresh copy"):
+    chaos.seed_workdir(str(src), str(tmp_path / "dst"))
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    chaos.seed_workdir(str(tmp_path / "nope"), str(tmp_path / "x"))

@@ -1,7 +1,12 @@
 r"""The chaos run: kill `main` anywhere, restart it, and lose nothing.
 
   python -m auditdm_jax.tools.chaos --config=configs/tiny.py:smoke --workdir=/tmp/chaos \
-      [--kills=12] [--seed=0] [--signals=KILL,TERM] [-- extra main flags]
+      [--kills=12] [--seed=0] [--signals=KILL,TERM] [--from-workdir=DIR] [-- extra main flags]
+
+`--from-workdir=DIR` starts both runs from a copy of DIR (e.g. a workdir
+whose init and pretrain stages have run on the full tiny config, so that
+the audit finds, mine stores exemplars and rectify trains; the smoke
+config's toy models find nothing). Lock files are not copied.
 
 1. A reference run of `main` in <workdir>/reference, uninterrupted, traced:
    every interruption point it passes (`utils/chaos.py`: atomic writes before
@@ -247,12 +252,26 @@ def compare(reference: str, chaos: str) -> list[str]:
 # -- the run --------------------------------------------------------------------------
 
 
+def seed_workdir(source: str, dest: str) -> None:
+  """`dest` becomes a copy of the workdir `source` (a fresh one: an existing
+  `dest` is refused), without its lock files."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.pipeline import lock  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"--from-workdir {source}: no such directory")
+  if os.path.exists(dest):
+    raise FileExistsError(f"{dest} exists: the chaos run starts from a fresh copy of {source}")
+  shutil.copytree(source, dest, symlinks=True,
+                  ignore=shutil.ignore_patterns(lock.LOCK_PREFIX + "*"))
+
+
 def chaos_run(main_args: list[str], workdir: str, kills: int, seed: int,
               signals: tuple[str, ...] = ("KILL", "TERM"), close_pair: bool = True,
-              timeout: float = 3600.0, log=print) -> dict:
+              timeout: float = 3600.0, log=print, start_from: str | None = None) -> dict:
   """The module docstring's steps 1-4; returns (and writes chaos.json) the
   moments, where each kill landed, every run's exit status and the
-  differences."""
+  differences. With `start_from`, both runs start from a copy of that
+  workdir."""
   from auditdm_jax.utils import chaos as points  # pylint: disable=import-outside-toplevel
   from auditdm_jax.utils.fileio import atomic_write_text  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
@@ -261,6 +280,9 @@ def chaos_run(main_args: list[str], workdir: str, kills: int, seed: int,
   for p in (ref_trace, cha_trace):
     if os.path.exists(p):
       os.unlink(p)
+  if start_from:
+    seed_workdir(start_from, ref)
+    seed_workdir(start_from, cha)
   rc, secs, tail = _run_main(main_args, ref, {points.TRACE: ref_trace}, timeout)
   if rc != 0:
     raise RuntimeError(f"the reference run failed (exit {rc}):\n{tail}")
@@ -290,7 +312,8 @@ def chaos_run(main_args: list[str], workdir: str, kills: int, seed: int,
   log(f"chaos: final restart {secs:.0f} s")
   diffs = compare(ref, cha)
   result = {"kills": moments, "runs": runs, "differences": diffs,
-            "stages_killed": sorted({m["stage"] for m in moments})}
+            "stages_killed": sorted({m["stage"] for m in moments}),
+            "from_workdir": start_from}
   atomic_write_text(os.path.join(workdir, "chaos.json"), json.dumps(result, indent=2))
   return result
 
@@ -304,6 +327,8 @@ def main(argv=None) -> int:
   ap.add_argument("--signals", default="KILL,TERM")
   ap.add_argument("--no-close-pair", action="store_true")
   ap.add_argument("--timeout", type=float, default=3600.0, help="per run of main, seconds")
+  ap.add_argument("--from-workdir", default=None,
+                  help="start both runs from a copy of this workdir (its lock files left out)")
   args, extra = ap.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
   signals = tuple(s.strip().upper().removeprefix("SIG") for s in args.signals.split(","))
@@ -312,7 +337,8 @@ def main(argv=None) -> int:
     print(f"error: --signals takes KILL and/or TERM (got {bad}); --kills >= 1", file=sys.stderr)
     return 2
   result = chaos_run([f"--config={args.config}", *extra], os.path.abspath(args.workdir),
-                     args.kills, args.seed, signals, not args.no_close_pair, args.timeout)
+                     args.kills, args.seed, signals, not args.no_close_pair, args.timeout,
+                     start_from=args.from_workdir)
   kills = result["kills"]
   print(f"chaos: {len(kills)} kills ({sum(k['signal'] == 'KILL' for k in kills)} SIGKILL, "
         f"{sum(k['signal'] == 'TERM' for k in kills)} SIGTERM) in stages "
