@@ -155,3 +155,14 @@ def test_seed_workdir_copies_all_but_the_lock(tmp_path):
     chaos.seed_workdir(str(src), str(tmp_path / "dst"))
   with pytest.raises(FileNotFoundError, match="no such directory"):
     chaos.seed_workdir(str(tmp_path / "nope"), str(tmp_path / "x"))
+
+
+def test_compare_ignores_run_history_not_figures(tmp_path):
+  """Whether a training run's last process resumed, and where, is run
+  history; its final figures are not."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  _workdir(a, extra={"train": {"resumed": False, "start_step": 0, "final": {"loss": 0.1}}})
+  _workdir(b, extra={"train": {"resumed": True, "start_step": 300, "final": {"loss": 0.1}}})
+  assert chaos.compare(str(a), str(b)) == []
+  _workdir(b, extra={"train": {"resumed": True, "start_step": 300, "final": {}}})
+  assert chaos.compare(str(a), str(b)) == ["audit.json.train.final.loss: only in reference"]

@@ -157,6 +157,12 @@ def test_rectify_trains_saves_and_resumes(workdir, scripted):
   c.rectify.steps = 3
   out = rectify.run(c, workdir)
   assert out["train"]["resumed"] and out["train"]["steps"] == 3
+  assert set(out["train"]["final"]) >= {"loss", "lr", "grad_norm"}
+  # Run again once training is done (as after a kill before its outputs were
+  # written): no step runs, and the final figures are the saved ones.
+  again = rectify.run(c, workdir)
+  assert again["train"]["final"] == out["train"]["final"]
+  assert again["accuracy_after"] == out["accuracy_after"]
   rep = report.run(c, workdir)
   assert os.path.exists(rep["html"])
   saved = json.load(open(os.path.join(workdir, "report.json")))

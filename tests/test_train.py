@@ -605,6 +605,11 @@ class _FakeCheckpointer:
 
   def save(self, step, state, meta):
     self.saved.append((step, state, meta["step"]))
+    self.metas = getattr(self, "metas", {})
+    self.metas[step] = meta
+
+  def meta(self, step):
+    return self.metas[step]
 
 
 def test_loop_cadences_number_rows_and_checkpoints_by_update(tmp_path):
@@ -630,6 +635,31 @@ def test_loop_cadences_number_rows_and_checkpoints_by_update(tmp_path):
   assert [r["step"] for r in rows] == [4, 8, 10, 12, 14]    # log cadence + the eval at 5
   assert [r.get("eval/x") for r in rows] == [None, None, 1.0, None, None]
   assert logged == [2, 4, 5, 6, 7]
+
+
+def test_loop_resumed_at_its_last_step_reports_the_saved_row(tmp_path):
+  """A run killed after its last checkpoint and before its outputs were written
+  runs no step when restarted: its `last` is the row saved with that
+  checkpoint (numpy scalars as numbers, non-finite as None), not {}."""
+  from auditdm_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  def step_fn(state, step):
+    return loop.StepOut(state + 1, {"finite": True, "loss": 0.5, "grad_norm": 1.0},
+                        {"loss": np.float32(0.25) + step, "n": np.int32(step),
+                         "acc": float("inf"), "skip": [1]})
+
+  ck = _FakeCheckpointer()
+  cfg = loop.LoopConfig(steps=4, checkpoint_every=2, log_every=1, tensorboard=False,
+                        progress=False)
+  first = loop.run(0, 0, cfg, step_fn, ck, str(tmp_path / "a"), {})
+  assert first.last["loss"] == np.float32(3.25)
+  again = loop.run(4, 4, cfg, step_fn, ck, str(tmp_path / "a"), {}, last_saved=first.last_saved)
+  assert again.step == 4 and again.last == {"loss": 3.25, "n": 3, "acc": None}
+  assert len(ck.saved) == 2                         # nothing ran, nothing saved
+  # with no checkpoint to read (a zero-step loop), nothing is made up
+  assert loop.run(0, 0, loop.LoopConfig(steps=0, checkpoint_every=1, log_every=1,
+                                        tensorboard=False, progress=False),
+                  step_fn, ck, str(tmp_path / "b"), {}).last == {}
 
 
 def test_loop_non_finite_step_raises_before_saving(tmp_path):

@@ -24,9 +24,9 @@ config's toy models find nothing). Lock files are not copied.
    more to the end. Every restart runs every stage again; each resumes from
    what it finished.
 4. The two workdirs are compared: every JSON / JSONL figure (wall and compile
-   times, the run-history fields `reused` and `chunks_mined_now`, and the
-   workdir's own path excepted), every model's parameters bit
-   for bit, and the exemplar store's records. Each difference names the file
+   times, the run-history fields `reused`, `chunks_mined_now`, `resumed` and
+   `start_step`, and the workdir's own path excepted), every model's
+   parameters bit for bit, and the exemplar store's records. Each difference names the file
    and the field. Exit status 0 when identical, 1 otherwise.
 
 `chaos.json` in <workdir> records the moments (armed and where each landed),
@@ -49,9 +49,11 @@ import numpy as np
 
 # Keys whose values are measurements of time or the run's history (whether init
 # found a model it had written before the kill, how many chunks mine mined in
-# its last process rather than found journaled), not results.
+# its last process rather than found journaled, whether a training run's last
+# process resumed from a checkpoint and at which step), not results.
 _TIME_KEY = re.compile(r"(^|_)(wall|time|times|compile|elapsed|seconds|step_time|train_s|"
-                       r"eval_s|wall_s|started|heartbeat)($|_)|_s$|^(reused|chunks_mined_now)$")
+                       r"eval_s|wall_s|started|heartbeat)($|_)|_s$|"
+                       r"^(reused|chunks_mined_now|resumed|start_step)$")
 _SKIP_FILES = ("stages.json", "chaos.json")
 _SKIP_DIRS = ("tb", "eval_cache", "ckpt")
 

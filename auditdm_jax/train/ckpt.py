@@ -133,13 +133,17 @@ class TrainCheckpointer:
       if not glob.glob(pattern) or time.monotonic() > deadline:
         return
 
+  def meta(self, step: int) -> dict:
+    """The JSON meta saved with `step` (no arrays are read)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
   def restore(self, step: int, abstract_state: dict, opt_paths: list[str]
               ) -> tuple[dict, dict]:
     """(state placed as abstract_state's shardings say, meta); the data
     iterator is moved to the saved position in place."""
     where = os.path.join(self.directory, str(step))
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = dict(meta["meta"])
+    meta = self.meta(step)
     if meta.get("opt_paths") != opt_paths:
       raise ValueError(
           f"checkpoint {where} holds a different optimizer state "

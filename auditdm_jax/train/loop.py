@@ -23,6 +23,7 @@ saving, so the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -95,10 +96,24 @@ def _progress_bar(cfg: LoopConfig, start: int):
   return tqdm(total=cfg.steps, initial=start, desc=cfg.name or "train", dynamic_ncols=True)
 
 
+def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
+  """A metrics row as JSON values (numpy scalars as Python numbers, non-finite
+  floats as None, as metrics.jsonl writes them)."""
+  out = {}
+  for k, v in row.items():
+    v = v.item() if hasattr(v, "item") else v
+    if isinstance(v, float) and not math.isfinite(v):
+      v = None
+    if v is None or isinstance(v, (bool, int, float, str)):
+      out[k] = v
+  return out
+
+
 class LoopResult(NamedTuple):
   state: Any
   step: int                    # loop steps done
-  last: dict[str, Any]         # the last step's row ({} when no step ran)
+  last: dict[str, Any]         # the last step's row (when no step ran: the row saved
+                               # with the checkpoint resumed from, else {})
   last_saved: int | None       # the latest checkpoint's update number
 
 
@@ -115,8 +130,11 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
     is then written even off the log cadence.
   on_log(step, row): after a row is written (e.g. print examples).
   postfix(row): the progress bar's postfix.
-  Checkpoints carry `meta` plus the update number. The caller owns (and
-  closes) the checkpointer; the loop closes the writer and bar it made.
+  Checkpoints carry `meta` plus the update number and the last step's row
+  (`last_row`), so a run resumed from its final checkpoint (killed after
+  training, before its outputs were written) reports the same final figures
+  as one that was not. The caller owns (and closes) the checkpointer; the
+  loop closes the writer and bar it made.
   """
   mu = cfg.updates_per_step
   bar = _progress_bar(cfg, start)
@@ -124,6 +142,8 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
                          write_fn=None if bar is None else bar.write,
                          enabled=sharding.is_primary())
   last: dict[str, Any] = {}
+  if start >= cfg.steps and last_saved is not None:
+    last = dict(checkpointer.meta(last_saved).get("last_row") or {})
   step = start
   stop = preemption.StopOnSignal()
   with stop:                     # SIGTERM: save at the step, then exit 143
@@ -149,7 +169,7 @@ def run(state, start: int, cfg: LoopConfig, step_fn: Callable[[Any, int], StepOu
             on_log(step, row)
         stopping = stop.requested()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-          checkpointer.save(step * mu, state, dict(meta, step=step * mu))
+          checkpointer.save(step * mu, state, dict(meta, step=step * mu, last_row=_plain(last)))
           last_saved = step * mu
         if bar is not None:
           bar.update(1)
