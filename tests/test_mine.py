@@ -19,7 +19,7 @@ from auditdm_jax.scenes.world import Obj, Scene, render
 from auditdm_jax.mine import analysis, journal, probes
 from auditdm_jax.pipeline import layout
 from auditdm_jax.stages import report as report_stage
-from auditdm_jax.stages.rectify import Subset, anchor_sources, checks, skill_weights
+from auditdm_jax.stages.rectify import Subset, anchor_sources, checks, gap_shares, skill_weights
 
 flags.FLAGS.mark_as_parsed()
 
@@ -297,13 +297,33 @@ def test_skill_weights_temper_each_skills_share():
 def test_rectify_checks():
   skills = {s: 0.8 for s in questions.SKILLS}
   before = {"t": dict(skills, colour=0.1, counting=0.2, overall=0.6), "l": {"overall": 0.7}}
-  after = {"t": dict(skills, colour=0.35, counting=0.3, shape=0.77, overall=0.72),
+  after = {"t": dict(skills, colour=0.35, counting=0.3, shape=0.77, overall=0.705),
            "l": {"overall": 0.7}}
   out = {c["check"]: c["ok"] for c in checks("t", ["colour:purple", "counting:n>=4"],
                                                 before, after, ["l"])}
   assert out["gapped skill colour gain"] and not out["gapped skill counting gain"]
   assert not out["healthy skill shape cost"] and out["healthy skill size cost"]
-  assert out["overall vs l"]
+  assert not out["overall vs l"]          # +0.5 points: under the 1-point margin
+  # With the slices: each slice must gain 40 points; a skill's +20 is asked only
+  # where its gap holds a fifth of the skill's questions.
+  gb = {"t": {"colour:purple": 0.0, "counting:n>=4": 0.1}}
+  ga = {"t": {"colour:purple": 0.9, "counting:n>=4": 0.45}}
+  after["t"]["overall"] = 0.72
+  rows = checks("t", ["colour:purple", "counting:n>=4"], before, after, ["l"], gb, ga,
+                {"colour": 0.14, "counting": 0.55})
+  out = {c["check"]: c for c in rows}
+  assert out["gap slice colour:purple gain"]["ok"]
+  assert not out["gap slice counting:n>=4 gain"]["ok"]
+  assert np.isclose(out["gap slice counting:n>=4 gain"]["value"], 0.35)
+  assert "gapped skill colour gain" not in out and not out["gapped skill counting gain"]["ok"]
+  assert out["overall vs l"]["ok"]
+
+
+def test_gap_shares():
+  bench = [{"skill": "colour", "facets": {"answer": c}} for c in ("purple", "red", "red", "blue")]
+  bench += [{"skill": "counting", "facets": {"n": n}} for n in range(8)]
+  shares = gap_shares(bench, ["colour:purple", "counting:n>=4"])
+  assert np.isclose(shares["colour"], 0.25) and np.isclose(shares["counting"], 0.5)
 
 
 def test_subset():

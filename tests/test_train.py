@@ -253,6 +253,44 @@ def test_grad_accum_equals_one_big_batch(params0):
   assert compared > 0.9 * total, (compared, total)
 
 
+def test_loss_slots_step_equals_the_full_vocabulary_step(params0):
+  """TrainConfig.loss_slots projects onto the vocabulary only at each row's
+  loss tokens: the same loss, accuracy and gradient as the full projection
+  (rows of 1-3 answer tokens + <eos>, so 4 slots hold them all). The first
+  step has lr 0 and leaves Adam's first moment = (1 - b1) * the gradient."""
+  batch = next(data_iter())
+  out = {}
+  for slots in (0, 4):
+    trainer = Trainer(CFG, dataclasses.replace(BASE, loss_slots=slots))
+    state, m = trainer.step(trainer.init_state(params0), batch)
+    mu = {path_str(p): np.asarray(v) for p, v in
+          jax.tree_util.tree_leaves_with_path(state["opt_state"]) if ".mu[" in jax.tree_util.keystr(p)}
+    out[slots] = mu, m
+  (mu0, m0), (mu4, m4) = out[0], out[4]
+  np.testing.assert_allclose(m4["loss"], m0["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m4["grad_norm"], m0["grad_norm"], rtol=1e-5)
+  assert m0["answer_tokens"] == m4["answer_tokens"] and m0["accuracy"] == m4["accuracy"]
+  assert mu0.keys() == mu4.keys() and len(mu0) > 10
+  scale = max(np.abs(v).max() for v in mu0.values())
+  for k in mu0:
+    np.testing.assert_allclose(mu4[k], mu0[k], rtol=1e-4, atol=1e-6 * scale, err_msg=k)
+
+
+def test_loss_slots_reject_a_row_with_more_loss_tokens(params0):
+  from auditdm_jax.train.batches import loss_positions  # pylint: disable=import-outside-toplevel
+  batch = next(data_iter())
+  counts = (batch["input_mask"] & (batch["mask_ar"] == 1)).sum(1)
+  pos = loss_positions(batch, 4)
+  assert pos.shape == (BATCH, 4) and ((pos >= 0).sum(1) == counts).all()
+  row = int(np.argmax(counts))
+  assert (batch["mask_ar"][row][pos[row][pos[row] >= 0]] == 1).all()
+  trainer = Trainer(CFG, dataclasses.replace(BASE, loss_slots=int(counts.max()) - 1))
+  with pytest.raises(ValueError, match=r"loss tokens, more than TrainConfig.loss_slots"):
+    trainer.step(trainer.init_state(params0), batch)
+  with pytest.raises(ValueError, match="loss_slots must be an int >= 0"):
+    dataclasses.replace(BASE, loss_slots=-1)
+
+
 # ----------------------------------------------------------------------------
 # Frozen vision tower; non-finite losses.
 # ----------------------------------------------------------------------------

@@ -3,6 +3,8 @@ of them: planted-gap recall, exemplar and label precision."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.scenes import parse
@@ -20,11 +22,40 @@ def scene_truth(records_by_id: dict[str, dict]):
   return truth
 
 
+def reference_errors(records: list[dict], refs: list[str], truth) -> dict[str, dict]:
+  """Per skill, over the consensus-backed probes whose truth is known: how
+  often each reference is wrong, how often the consensus (the pseudo-label)
+  is wrong, i.e. the references agree on one wrong answer ("joint"), and
+  the product of the references' own error rates, what the joint rate would
+  be if their errors were independent ("independent"). The paper's
+  "ensemble-wide blind spot", measured; it never enters the reward."""
+  per: dict[str, dict] = {}
+  for r in records:
+    t = truth(r["id"])
+    if t is None:
+      continue
+    answer = reward_lib.normalise(t[2])
+    row = per.setdefault(t[0], {"probes": 0, "joint": 0, **{n: 0 for n in refs}})
+    row["probes"] += 1
+    row["joint"] += reward_lib.normalise(r["pseudo_label"]) != answer
+    for n in refs:
+      row[n] += reward_lib.normalise(r["answers"].get(n, "")) != answer
+  out = {}
+  for skill in sorted(per):
+    row = per[skill]
+    n = row["probes"]
+    own = {name: row[name] / n for name in refs}
+    out[skill] = {"probes": n, "joint": row["joint"] / n, "wrong": own,
+                  "independent": float(np.prod(list(own.values()))) if own else float("nan")}
+  return out
+
+
 def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str, list[str]],
-            m: dict) -> dict:
+            m: dict, refs: list[str] = ()) -> dict:
   """Failure types and, in the scene world, their truth measurements.
   `gaps`: each target's planted gap specs (empty: none known); `m`: the mine
-  settings (merge_rate, min_probes, top_k, purity)."""
+  settings (merge_rate, min_probes, top_k, purity); `refs`: the references,
+  whose joint errors on the probes are measured (`reference_errors`)."""
   probes = [ft.Probe(r["id"], r["skill"], reward_lib.normalise(r["pseudo_label"]),
                      r["factor"], tuple(r["failed"]),
                      tuple(sorted(parse.subject_attributes(r["question"]).items())))
@@ -42,6 +73,7 @@ def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str,
   exemplars = [r for r in records if r["failed"]]
   prec = {t: ft.exemplar_precision(exemplars, t, truth) for t in targets}
   focus_gaps = planted[focus]
+  ref_err = reference_errors(records, list(refs), truth)
   return {
       "failure_types": [t.to_json(focus) for t in types],
       "planted_gaps": planted,
@@ -50,4 +82,7 @@ def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str,
       "planted_gap_recall_all_targets": found / total if total else float("nan"),
       "exemplar_precision": prec[focus]["precision"],
       "label_precision": prec[focus]["label_precision"],
-      "precision": prec}
+      "precision": prec,
+      "reference_errors": ref_err,
+      "reference_joint_error_max": max((v["joint"] for v in ref_err.values()),
+                                       default=float("nan"))}

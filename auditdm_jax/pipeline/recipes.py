@@ -11,6 +11,10 @@ defaults (`OPTIM_DEFAULTS`); a section sets only what differs.
   frozen        regexes of parameters that do not train
   checkpoint_every, log_every     (SFT runs; the audit has its own cadence)
   compiler_options, phrase_aux    (SFT runs)
+  eval_every    SFT runs with an evaluation (pretrain's learning curves): every
+                that many steps, 0 = at the end only
+  loss_slots    SFT runs: the vocabulary projection only at each row's <= this
+                many answer tokens (0: every position; TrainConfig.loss_slots)
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from auditdm_jax.train.config import TrainConfig
 
 OPTIM_DEFAULTS = dict(warmup=0.05, end_lr=0.0, weight_decay=0.0, b2=0.99, grad_clip=1.0,
                       grad_accum=1, frozen=(), checkpoint_every=200, log_every=100,
-                      compiler_options={}, phrase_aux=0.0)
+                      compiler_options={}, phrase_aux=0.0, eval_every=0,
+                      loss_slots=0)
 OPTIM_KEYS = ("lr", "steps", "batch", "seq_len", *OPTIM_DEFAULTS)
 
 
@@ -42,7 +47,8 @@ def train_config(section: Mapping, *, steps: int, seed: int, mesh=None,
       frozen=tuple(s["frozen"]), checkpoint_every=int(s["checkpoint_every"]),
       log_every=int(s["log_every"]), seed=int(seed), tensorboard=True, progress=False,
       compiler_options=tuple(dict(s["compiler_options"]).items()),
-      phrase_aux=float(s["phrase_aux"]), phrase_classes=GRID)
+      phrase_aux=float(s["phrase_aux"]), phrase_classes=GRID,
+      eval_every=int(s["eval_every"]), loss_slots=int(s["loss_slots"]))
   if mesh is not None:
     kw["mesh"] = dict(mesh)
   kw.update(fixed)

@@ -16,7 +16,7 @@ caption) and overall: what the warm start is trained to do; once the audit
 stage has run, the GRPO-trained auditor (`<auditor>_trained`) is evaluated
 too, under that name. The checks are the scene world's targets
 (docs/scene_world.md):
-references >= 0.9 overall and >= 0.8 on every skill; each target >= 0.8 on
+references >= 0.95 overall and >= 0.85 on every skill; each target >= 0.85 on
 every skill without a planted gap and, on each gap slice, at most 0.6 times
 its mean accuracy on the healthy skills. A miss is reported, not raised.
 Answerer reports are cached by weights (`cached_report`): what rectify
@@ -51,8 +51,11 @@ from auditdm_jax.pipeline.layout import model_dir
 from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.utils.fileio import atomic_write_text
 
-REFERENCE_OVERALL, REFERENCE_SKILL = 0.9, 0.8
-TARGET_HEALTHY, GAP_RATIO = 0.8, 0.6
+# The scene world's checks (issue 31): references >= 0.95 overall and >= 0.85 on
+# every skill; each target >= 0.85 on every healthy skill and each gap slice at
+# most 0.6 of its healthy mean.
+REFERENCE_OVERALL, REFERENCE_SKILL = 0.95, 0.85
+TARGET_HEALTHY, GAP_RATIO = 0.85, 0.6
 
 
 def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:

@@ -146,7 +146,7 @@ def run(config, workdir: str) -> dict:
   records = list(store.iter_chunks(chunks_dir))
   gaps = {t: [str(g) for g in gaps_lib.parse_gaps(list(config.models[t].get("gaps", ())))]
           for t in targets}
-  res = analysis.analyse(records, targets, focus, gaps, m)
+  res = analysis.analyse(records, targets, focus, gaps, m, refs)
   out = {"target": focus, "targets": targets, "references": refs,
          "auditors": list(m["auditors"]), "seeds": n_seeds, "samples_per_seed": k,
          "probes": len(records), "exemplars": sum(bool(r["failed"]) for r in records),
@@ -217,6 +217,10 @@ def _log(out: dict, records, focus: str) -> None:
         f"({out['exemplars_of'][focus]} of {focus}); top failure types of {focus}: {top}; "
         f"planted-gap recall {out['planted_gap_recall']:.2f}, exemplar precision "
         f"{out['exemplar_precision']:.2f}; {out['wall_s']:.0f}s", flush=True)
+  if out.get("reference_errors"):
+    print("mine: the references' joint error on the probes (consensus wrong by the truth): " +
+          ", ".join(f"{s} {v['joint']:.3f} (independent {v['independent']:.3f}, n {v['probes']})"
+                    for s, v in out["reference_errors"].items()), flush=True)
 
 
 def problems(config) -> list[str]:

@@ -38,6 +38,7 @@ import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -119,6 +120,51 @@ def scale_post_norms(params: dict, gain: float) -> dict:
   return out
 
 
+def skill_curve_fn(cfg: VLMConfig, tok, seq_len: int, records):
+  """eval_fn(params, step) -> {"acc/SKILL", "acc/overall"}: teacher-forced
+  per-skill accuracy (every answer token right) on held-out `records`, the
+  truth's answers (no gaps). Measurement only: the learning curves of the
+  pretrain runs (pretrain.json `curve`), which never feed training."""
+  from auditdm_jax.train import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  task = tasks.VQATask(cfg, tok, seq_len)
+  rows, skills = [], []
+  for r in records:
+    try:
+      rows.append(task(r))
+    except ValueError:      # longer than the rows: not measured
+      continue
+    skills.append(r["skill"])
+  keys = ("images", "tokens", "input_mask", "mask_ar")
+  batch = {k: np.stack([row[k] for row in rows]) for k in keys}
+  skills = np.asarray(skills)
+
+  @jax.jit
+  def correct(params, b):
+    _, ok = loss_lib.token_stats(cfg, params, b)
+    return jnp.all(ok | ~loss_lib.loss_mask(b), axis=-1)
+
+  def eval_fn(params, step):
+    del step
+    ok = np.asarray(correct({k: v for k, v in params.items() if k != loss_lib.PHRASE_HEADS},
+                            batch))
+    out = {f"acc/{s}": float(ok[skills == s].mean()) for s in sorted(set(skills.tolist()))}
+    out["acc/overall"] = float(ok.mean())
+    return out
+
+  return eval_fn
+
+
+def read_curve(run_dir: str) -> list[dict]:
+  """The eval rows of a training run's metrics.jsonl: [{"step", SKILL: acc, ...}]."""
+  from auditdm_jax.train.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  out = {}
+  for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
+    acc = {k[len("eval/acc/"):]: v for k, v in row.items() if k.startswith("eval/acc/")}
+    if acc:
+      out[int(row["step"])] = {"step": int(row["step"]), **acc}
+  return [out[k] for k in sorted(out)]
+
+
 class _Status:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "pretrain.json")
@@ -177,6 +223,20 @@ class _Run:
     self.root = os.path.join(workdir, "pretrain")
     self.tok = world_tokenizer("paligemma")
     self.base_cfg = presets.get_preset(self.pc.base.preset)
+    self._curve_records = None
+
+  def curve_fn(self, cfg: VLMConfig, rc):
+    """The learning-curve eval_fn of a recipe that sets eval_every (None
+    otherwise): per-skill accuracy on the first `pretrain.curve_records`
+    benchmark records."""
+    n = int(self.pc.get("curve_records", 0) or 0)
+    if not n or not int(rc.get("eval_every", 0) or 0):
+      return None
+    if self._curve_records is None:
+      src = scene_source(self.config, self.workdir, "benchmark")
+      self._curve_records = [src[i] for i in range(min(n, len(src)))]
+    return skill_curve_fn(cfg, self.tok, int(rc.get("seq_len", 0) or self.pc.seq_len),
+                          self._curve_records)
 
   def loader(self, task, batch: int, seed: int):
     return _loader(self.config, self.workdir, task, batch, seed)
@@ -244,8 +304,9 @@ def _base(r: _Run, img) -> dict:
     it = _loader(config, workdir, task, int(pc.base.batch), seed)
     tcfg = dataclasses.replace(placed(recipe_config(pc.base, seed), config, BASE),
                                export_final=True)
-    _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok)
-    status.mark("base", summary)
+    _, summary = sft.train(base_cfg, params, it, tcfg, base_dir, tokenizer=tok,
+                           eval_fn=r.curve_fn(base_cfg, pc.base))
+    status.mark("base", dict(summary, curve=read_curve(base_dir)))
   # -- 3b. optional second base phase (e.g. the tower unfrozen at a low lr) ----
   if pc.get("base_tune") and int(pc.base_tune.get("steps", 0)) > 0:
     tune_dir = os.path.join(root, "base_tune")
@@ -299,9 +360,11 @@ def _answerers(r: _Run, specs, base_params) -> dict:
     if spec.get("finetune_steps", 0):        # a model that needs more steps (a shallower one)
       rc = ml_collections.ConfigDict(dict(rc.to_dict(), steps=int(spec.finetune_steps)))
     params, summary = sft.train(cfg, params, it, placed(recipe_config(rc, mseed), config, name),
-                                os.path.join(root, name), tokenizer=tok)
+                                os.path.join(root, name), tokenizer=tok,
+                                eval_fn=r.curve_fn(cfg, rc))
     models.VLM(cfg, sharding.to_host(params), tok).save(model_dir(workdir, name))
-    results[name] = dict(summary, gaps=list(gaps), preset=spec.preset, judge_rate=judge_rate)
+    results[name] = dict(summary, gaps=list(gaps), preset=spec.preset, judge_rate=judge_rate,
+                         curve=read_curve(os.path.join(root, name)))
     status.mark(name, results[name])
     print(f"pretrain: {name} ({spec.role}, {spec.preset}, gaps {list(gaps)}) trained "
           f"{summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}",

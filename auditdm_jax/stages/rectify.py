@@ -74,7 +74,11 @@ DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
                 skill_balance=0.0, freeze_vision=True, seq_len=32,
                 steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
                 checkpoint_every=100, log_every=50)
-GAIN, HEALTHY_COST = 0.20, 0.02    # issue targets: gapped skills +20 points, healthy -2 at most
+# The repair checks (issue 31): every gap slice +40 points; a gapped skill +20
+# where its gap holds at least a fifth of the skill's questions; no healthy
+# skill down more than 2 points; the rectified target 1 point above the others.
+SLICE_GAIN, GAIN, SKILL_GAIN_SHARE = 0.40, 0.20, 0.2
+HEALTHY_COST, OVERALL_MARGIN = 0.02, 0.01
 
 
 def settings(config) -> dict:
@@ -173,11 +177,36 @@ def accuracy(config, workdir: str, name: str, model, bench, gaps) -> dict:
   return {"accuracy": rep["accuracy"], "gap_accuracy": rep["gap_accuracy"]}
 
 
-def checks(target: str, gaps: list[str], before: dict, after: dict, others: list[str]) -> list:
+def gap_shares(bench, gaps: list[str]) -> dict[str, float]:
+  """Each gapped skill's share of its benchmark questions that lie in a gap slice."""
+  out = {}
+  skills = np.array([r["skill"] for r in bench])
+  for spec in gaps_lib.parse_gaps(list(gaps)):
+    in_skill = skills == spec.skill
+    inside = gaps_lib.gap_mask(bench, spec) & in_skill
+    prev = out.get(spec.skill, 0.0)
+    out[spec.skill] = prev + (float(inside.sum() / in_skill.sum()) if in_skill.any() else 0.0)
+  return out
+
+
+def checks(target: str, gaps: list[str], before: dict, after: dict, others: list[str],
+           gap_before: dict | None = None, gap_after: dict | None = None,
+           shares: dict | None = None) -> list:
+  """The repair checks (issue 31): every gap slice of `target` gains >= SLICE_GAIN;
+  a gapped skill gains >= GAIN where its gap slices hold at least
+  SKILL_GAIN_SHARE of the skill's benchmark questions (`shares`; without
+  them, every gapped skill); no healthy skill loses more than HEALTHY_COST;
+  the rectified target's overall beats each other target's by OVERALL_MARGIN."""
   gapped = sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps})
   out = []
   a0, a1 = before[target], after[target]
+  for g in (gaps if gap_before is not None and gap_after is not None else ()):
+    gain = gap_after[target][g] - gap_before[target][g]
+    out.append({"check": f"gap slice {g} gain", "value": gain, "target": f">= {SLICE_GAIN}",
+                "ok": bool(gain >= SLICE_GAIN)})
   for s in gapped:
+    if shares is not None and shares.get(s, 0.0) < SKILL_GAIN_SHARE:
+      continue      # one answer of seven: the slice's gain is the check
     gain = a1[s] - a0[s]
     out.append({"check": f"gapped skill {s} gain", "value": gain, "target": f">= {GAIN}",
                 "ok": bool(gain >= GAIN)})
@@ -188,8 +217,9 @@ def checks(target: str, gaps: list[str], before: dict, after: dict, others: list
     out.append({"check": f"healthy skill {s} cost", "value": cost,
                 "target": f"<= {HEALTHY_COST}", "ok": bool(cost <= HEALTHY_COST)})
   for o in others:
-    out.append({"check": f"overall vs {o}", "value": a1["overall"] - after[o]["overall"],
-                "target": "> 0", "ok": bool(a1["overall"] > after[o]["overall"])})
+    margin = a1["overall"] - after[o]["overall"]
+    out.append({"check": f"overall vs {o}", "value": margin,
+                "target": f">= {OVERALL_MARGIN}", "ok": bool(margin >= OVERALL_MARGIN - 1e-9)})
   return out
 
 
@@ -296,6 +326,10 @@ def run(config, workdir: str) -> dict:
       rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
     after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
   others = [t for t in roles(config, "target") if t != target]
+  shares = gap_shares(bench, gaps)
+  gains = {"slices": {g: gap_after[target][g] - gap_before[target][g] for g in gaps},
+           "skills": {s: after[target][s] - before[target][s] for s in sorted(shares)},
+           "gap_share_of_skill": shares}
   out = {"target": target, "rectified": "" if skipped else out_name, "skipped": skipped,
          "strategy": r["strategy"],
          "mix_ratio": float(r["mix_ratio"]), "freeze_vision": bool(r["freeze_vision"]),
@@ -304,7 +338,9 @@ def run(config, workdir: str) -> dict:
          "gapped_skills": sorted({gaps_lib.GapSpec.parse(g).skill for g in gaps}),
          "accuracy_before": before, "accuracy_after": after,
          "gap_accuracy_before": gap_before, "gap_accuracy_after": gap_after,
-         "checks": [] if skipped else checks(target, gaps, before, after, others),
+         "gains": gains,
+         "checks": [] if skipped else checks(target, gaps, before, after, others,
+                                             gap_before, gap_after, shares),
          "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
@@ -313,6 +349,8 @@ def run(config, workdir: str) -> dict:
   print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
         f"{summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
         + ", ".join(f"{s} {a0[s]:.3f} -> {a1[s]:.3f}" for s in out["gapped_skills"])
+        + "; gap slices " + ", ".join(f"{g} {gap_before[target][g]:.3f} -> "
+                                      f"{gap_after[target][g]:.3f}" for g in gaps)
         + f"; {sum(c['ok'] for c in out['checks'])}/{len(out['checks'])} checks met; "
         f"{out['wall_s']:.0f}s", flush=True)
   return out

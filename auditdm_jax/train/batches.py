@@ -86,3 +86,24 @@ def check_batch(cfg: VLMConfig, batch, grad_accum: int = 1) -> dict[str, np.ndar
     raise ValueError(f"batch size {b} is not divisible by TrainConfig.grad_accum="
                      f"{grad_accum}")
   return out
+
+
+def loss_positions(batch: Mapping[str, np.ndarray], slots: int) -> np.ndarray:
+  """int32 [B, slots]: each row's loss-token positions (`loss.loss_mask`: the
+  answer tokens, or `loss_mask`) in order, -1 where a row has fewer. Raises
+  when a row has more loss tokens than `slots` (it would lose some)."""
+  mask = np.asarray(batch["input_mask"], bool)
+  if "loss_mask" in batch:
+    mask = mask & np.asarray(batch["loss_mask"], bool)
+  else:
+    mask = mask & (np.asarray(batch["mask_ar"]) != 0)
+  counts = mask.sum(1)
+  if counts.size and counts.max() > slots:
+    row = int(np.argmax(counts))
+    raise ValueError(f"row {row} of the batch has {int(counts[row])} loss tokens, more than "
+                     f"TrainConfig.loss_slots={slots}; raise loss_slots or set it to 0")
+  order = np.argsort(~mask, axis=1, kind="stable")[:, :slots]
+  pos = np.where(np.arange(slots)[None, :] < counts[:, None], order, -1)
+  if pos.shape[1] < slots:                      # rows shorter than the slots
+    pos = np.pad(pos, ((0, 0), (0, slots - pos.shape[1])), constant_values=-1)
+  return pos.astype(np.int32)

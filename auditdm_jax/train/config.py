@@ -71,6 +71,9 @@ class TrainConfig:
   export_final: bool = False          # also save the final model to workdir/final
   phrase_aux: float = 0.0             # weight of the phrase grounding loss (0: off)
   phrase_classes: int = 3             # classes of its row and column heads
+  loss_slots: int = 0                 # > 0: logits only at the <= this many loss tokens
+                                      # of each row (the vocabulary projection skips
+                                      # the prompt); 0: at every position
 
   def __post_init__(self):
     problems: list[str] = []
@@ -112,6 +115,8 @@ class TrainConfig:
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         problems.append(f"{name} must be an int >= 1, got {v!r}")
+    if not _is_int(self.loss_slots) or self.loss_slots < 0:
+      problems.append(f"loss_slots must be an int >= 0, got {self.loss_slots!r}")
     if not _is_int(self.eval_every) or self.eval_every < 0:
       problems.append(f"eval_every must be an int >= 0, got {self.eval_every!r}")
     if self.keep_checkpoints is not None and (not _is_int(self.keep_checkpoints)

@@ -114,8 +114,42 @@ def _sums(batch, lp, correct):
   return nll, jnp.sum(correct & mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32)
 
 
+def slot_stats(cfg: VLMConfig, params, batch, rng=None):
+  """(log p, argmax == token, valid), each [B, K], at the loss tokens named by
+  batch["loss_pos"] [B, K] (text positions, -1 unused; `batches.loss_positions`):
+  one forward pass to the final hidden states, the vocabulary projection only
+  at the K predicting positions. Equal to `token_stats` read at those tokens."""
+  module = vlm.build(cfg)
+  rngs = None if rng is None else {"dropout": rng}
+  tokens = batch["tokens"]
+  paligemma = cfg.family == "paligemma"
+  args = (batch["images"], tokens, batch["input_mask"]) + ((batch["mask_ar"],) if paligemma
+                                                            else ())
+  hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
+  pos = batch["loss_pos"]
+  valid = pos >= 0
+  p = jnp.maximum(pos, 0)
+  # the hidden state predicting text token t: PaliGemma's sequence is [image
+  # tokens, text], so n_img - 1 + t; Gemma 3's image block is inside the text,
+  # so t - 1 (token 0 is never a loss token).
+  at = p + (cfg.num_image_tokens - 1 if paligemma else -1)
+  h = jnp.take_along_axis(hidden, jnp.maximum(at, 0)[..., None], axis=1)   # [B, K, D]
+  logits = module.apply({"params": params}, h,
+                        method=lambda m, x: m.llm.logits(x)).astype(jnp.float32)
+  target = jnp.clip(jnp.take_along_axis(tokens, p, axis=1), 0, logits.shape[-1] - 1)
+  lsm = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
+  correct = jnp.argmax(logits, axis=-1) == target
+  return lp, correct, valid
+
+
 def batch_sums(cfg: VLMConfig, params, batch, rng=None):
-  """(summed NLL, correct argmax count, loss-token count) over the batch."""
+  """(summed NLL, correct argmax count, loss-token count) over the batch
+  (with batch["loss_pos"], from the named loss tokens only: `slot_stats`)."""
+  if "loss_pos" in batch:
+    lp, correct, valid = slot_stats(cfg, params, batch, rng)
+    return (-jnp.sum(jnp.where(valid, lp, 0.0)),
+            jnp.sum(correct & valid).astype(jnp.float32), jnp.sum(valid).astype(jnp.float32))
   return _sums(batch, *token_stats(cfg, params, batch, rng))
 
 

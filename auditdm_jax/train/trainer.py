@@ -21,7 +21,7 @@ from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.train import ckpt as ckpt_lib
 from auditdm_jax.train.optim import make_optimizer, opt_state_shardings
 from auditdm_jax.train.config import DEFAULT_MESH, TrainConfig
-from auditdm_jax.train.batches import check_batch
+from auditdm_jax.train.batches import check_batch, loss_positions
 from auditdm_jax.train.loss import PHRASE_HEADS, phrase_head_params
 from auditdm_jax.train.step import make_train_step
 
@@ -166,7 +166,10 @@ class Trainer:
                            self.state_shardings, batch_shardings)
 
   def check(self, batch) -> dict[str, np.ndarray]:
-    return check_batch(self.cfg, batch, self.tcfg.grad_accum)
+    out = check_batch(self.cfg, batch, self.tcfg.grad_accum)
+    if self.tcfg.loss_slots:
+      out["loss_pos"] = loss_positions(out, self.tcfg.loss_slots)
+    return out
 
   def step(self, state, batch) -> tuple[dict, dict[str, np.ndarray]]:
     """One optimizer step on a host batch; `state` is donated (invalid after).
