@@ -44,6 +44,20 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def snapshot_tree(dest: str) -> str:
+  """Copies the working tree's files (git ls-files: tracked and untracked,
+  not ignored) to `dest`; returns it."""
+  files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], capture_output=True, check=True).stdout
+  for rel in filter(None, files.decode().split("\0")):
+    src = os.path.join(ROOT, rel)
+    if not os.path.isfile(src):
+      continue          # deleted but still in the index
+    os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+    shutil.copy2(src, os.path.join(dest, rel))
+  return dest
+
+
 def run_loop(checkout: str, workdir: str, config: str, overrides: list[str], log: str) -> dict:
   """Runs the main job of `checkout` into `workdir`; returns stages.json and the wall."""
   env = dict(os.environ, PYTHONPATH=checkout)
@@ -94,8 +108,11 @@ def main(argv=None) -> int:
       print(f"loop_time: base {rev} ...", flush=True)
       results["base"] = run_loop(worktree, os.path.join(out, "wd_base"), args.config,
                                  overrides, os.path.join(out, "base.log"))
-    print("loop_time: working tree ...", flush=True)
-    results["tree"] = run_loop(ROOT, os.path.join(out, "wd_tree"), args.config, overrides,
+    # A snapshot of the working tree (tracked and untracked, not ignored
+    # files): edits made while the runs go on do not leak into them.
+    tree = snapshot_tree(os.path.join(out, "tree_checkout"))
+    print(f"loop_time: working tree (snapshot in {tree}) ...", flush=True)
+    results["tree"] = run_loop(tree, os.path.join(out, "wd_tree"), args.config, overrides,
                                os.path.join(out, "tree.log"))
   finally:
     if worktree:

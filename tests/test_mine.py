@@ -196,6 +196,32 @@ def test_scene_truth_reads_the_world():
   assert analysis.scene_truth({"a": dict(rec, context="")})("a") is None
 
 
+def test_reference_errors_measure_the_joint_and_independent_rates():
+  """Per skill: each reference's error, the consensus's (both wrong with the
+  same answer) and the product of the two (independent errors)."""
+  truth = {f"c{i}": ("colour", {}, "red") for i in range(4)}
+  truth.update({f"n{i}": ("counting", {}, "two") for i in range(5)})
+  recs = [  # colour: ref_a wrong twice, ref_b once, both together once
+      {"id": "c0", "pseudo_label": "blue", "answers": {"ref_a": "blue", "ref_b": "blue"}},
+      {"id": "c1", "pseudo_label": "red", "answers": {"ref_a": "green", "ref_b": "red"}},
+      {"id": "c2", "pseudo_label": "red", "answers": {"ref_a": "red", "ref_b": "red"}},
+      {"id": "c3", "pseudo_label": "red", "answers": {"ref_a": "red", "ref_b": "red"}},
+      # counting: "2" is "two" once normalised; one joint error
+      {"id": "n0", "pseudo_label": "2", "answers": {"ref_a": "2", "ref_b": "two"}},
+      {"id": "n1", "pseudo_label": "three", "answers": {"ref_a": "three", "ref_b": "three"}},
+      {"id": "n2", "pseudo_label": "two", "answers": {"ref_a": "two", "ref_b": "two"}},
+      {"id": "n3", "pseudo_label": "two", "answers": {"ref_a": "two", "ref_b": "two"}},
+      {"id": "n4", "pseudo_label": "two", "answers": {"ref_a": "two", "ref_b": "two"}},
+      {"id": "x", "pseudo_label": "red", "answers": {"ref_a": "red", "ref_b": "blue"}}]
+  out = analysis.reference_errors(recs, ["ref_a", "ref_b"], truth.get)   # "x": no truth
+  assert set(out) == {"colour", "counting"}
+  c = out["colour"]
+  assert c["probes"] == 4 and c["joint"] == 0.25
+  assert c["wrong"] == {"ref_a": 0.5, "ref_b": 0.25} and np.isclose(c["independent"], 0.125)
+  n = out["counting"]
+  assert n["probes"] == 5 and n["joint"] == 0.2 and n["wrong"] == {"ref_a": 0.2, "ref_b": 0.2}
+
+
 # -- the rectification mix -------------------------------------------------------------
 
 def test_mixed_source_proportions_order_and_errors():

@@ -52,6 +52,12 @@ def test_pretrain_writes_trained_models_with_world_tokenizer(workdir):
   assert "phrase_loss" in status["base_first"]["final"] and "phrase_loss" in status["base"]["final"]
   assert len(status["vision"]["accuracy"]) == 7          # + row, column, two counts
   assert status["target_small"]["gaps"] == ["counting:n>=4", "colour:purple"]
+  # The base's learning curve (configs/tiny.py: eval_every, curve_records): at
+  # its last step, every skill of the benchmark's first records.
+  curve = status["base"]["curve"]
+  assert curve and curve[-1]["step"] == status["base"]["steps"]
+  assert set(curve[-1]) >= {"step", "overall", "colour", "spatial"}
+  assert all(0.0 <= v <= 1.0 for k, v in curve[-1].items() if k != "step")
   small = models.load(os.path.join(workdir, "models", "target_small"))
   large = models.load(os.path.join(workdir, "models", "target_large"))
   assert small.tokenizer is not None and small.tokenizer.vocab_size <= small.config.text.vocab_size
@@ -107,6 +113,16 @@ def test_eval_json_schema(workdir):
   assert any(c["model"] == "ref_a" and c["check"] == "overall" for c in data["checks"])
   assert out["models"]["ref_a"]["accuracy"]["overall"] == pytest.approx(
       data["models"]["ref_a"]["accuracy"]["overall"])
+
+
+def test_read_curve_keeps_the_eval_rows(tmp_path):
+  rows = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5, "eval/acc/colour": 0.5,
+                                      "eval/acc/overall": 0.25},
+          {"step": 40, "eval/acc/colour": 1.0, "eval/acc/overall": 0.75}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 50, "eval/ac')  # torn
+  assert pretrain.read_curve(str(tmp_path)) == [
+      {"step": 20, "colour": 0.5, "overall": 0.25}, {"step": 40, "colour": 1.0, "overall": 0.75}]
 
 
 def test_derive_params_takes_a_layer_subset():

@@ -29,7 +29,12 @@ model is measured on the benchmark, before and after, into
 `<workdir>/rectify.json`:
 
   {"target", "rectified", "strategy", "accuracy_before": {MODEL: {SKILL, "overall"}},
-   "accuracy_after": {...}, "gap_accuracy_before" / "_after", "checks", "wall_s", ...}
+   "accuracy_after": {...}, "gap_accuracy_before" / "_after",
+   "gains": {"slices": {SPEC: gain}, "skills": {SKILL: gain},
+             "gap_share_of_skill": {SKILL: share}}, "checks", "wall_s", ...}
+with the repair checks of `checks` (every gap slice +40 points, a gapped skill
++20 where its gap slices hold a fifth of its questions, healthy skills -2 at
+most, 1 point above the other targets overall).
 
 With named benchmarks (`data.benchmarks`, the real configs) each benchmark is
 scored with its declared metric in the paper's unit (VQA accuracy in %,
