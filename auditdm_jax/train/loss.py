@@ -13,18 +13,23 @@ from auditdm_jax.models import vlm
 from auditdm_jax.models.config import VLMConfig
 
 
+def _forward_args(cfg: VLMConfig, batch, rng):
+  """(module, positional model inputs, rngs) of a training batch."""
+  args = (batch["images"], batch["tokens"], batch["input_mask"])
+  if cfg.family == "paligemma":
+    args += (batch["mask_ar"],)
+  return vlm.build(cfg), args, None if rng is None else {"dropout": rng}
+
+
 def aligned_logits(cfg: VLMConfig, params, batch, rng=None, return_hidden: bool = False):
   """(logits float32 [B, T', V], target ids [B, T']) where logits[:, t]
   predicts target[:, t]. PaliGemma: T' = T (the last image token predicts the
   first text token); Gemma 3: T' = T - 1 (text token t predicts t + 1).
   With return_hidden, also the final hidden states [B, S, D] of the whole
   sequence (PaliGemma: image tokens first), from the same forward pass."""
-  module = vlm.build(cfg)
-  rngs = None if rng is None else {"dropout": rng}
+  module, args, rngs = _forward_args(cfg, batch, rng)
   tokens = batch["tokens"]
   paligemma = cfg.family == "paligemma"
-  args = (batch["images"], tokens, batch["input_mask"]) + ((batch["mask_ar"],) if paligemma
-                                                            else ())
   hidden = None
   if return_hidden:
     hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
@@ -119,12 +124,9 @@ def slot_stats(cfg: VLMConfig, params, batch, rng=None):
   batch["loss_pos"] [B, K] (text positions, -1 unused; `batches.loss_positions`):
   one forward pass to the final hidden states, the vocabulary projection only
   at the K predicting positions. Equal to `token_stats` read at those tokens."""
-  module = vlm.build(cfg)
-  rngs = None if rng is None else {"dropout": rng}
+  module, args, rngs = _forward_args(cfg, batch, rng)
   tokens = batch["tokens"]
   paligemma = cfg.family == "paligemma"
-  args = (batch["images"], tokens, batch["input_mask"]) + ((batch["mask_ar"],) if paligemma
-                                                            else ())
   hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
   pos = batch["loss_pos"]
   valid = pos >= 0
