@@ -284,6 +284,8 @@ def test_loss_slots_reject_a_row_with_more_loss_tokens(params0):
   assert pos.shape == (BATCH, 4) and ((pos >= 0).sum(1) == counts).all()
   row = int(np.argmax(counts))
   assert (batch["mask_ar"][row][pos[row][pos[row] >= 0]] == 1).all()
+  wide = loss_positions(batch, SEQ + 3)          # more slots than the rows' tokens
+  assert wide.shape == (BATCH, SEQ + 3) and (wide[:, :4] == pos).all() and (wide[:, SEQ:] == -1).all()
   trainer = Trainer(CFG, dataclasses.replace(BASE, loss_slots=int(counts.max()) - 1))
   with pytest.raises(ValueError, match=r"loss tokens, more than TrainConfig.loss_slots"):
     trainer.step(trainer.init_state(params0), batch)

@@ -103,7 +103,6 @@ def loss_positions(batch: Mapping[str, np.ndarray], slots: int) -> np.ndarray:
     raise ValueError(f"row {row} of the batch has {int(counts[row])} loss tokens, more than "
                      f"TrainConfig.loss_slots={slots}; raise loss_slots or set it to 0")
   order = np.argsort(~mask, axis=1, kind="stable")[:, :slots]
-  pos = np.where(np.arange(slots)[None, :] < counts[:, None], order, -1)
-  if pos.shape[1] < slots:                      # rows shorter than the slots
-    pos = np.pad(pos, ((0, 0), (0, slots - pos.shape[1])), constant_values=-1)
-  return pos.astype(np.int32)
+  if order.shape[1] < slots:                    # rows shorter than the slots
+    order = np.pad(order, ((0, 0), (0, slots - order.shape[1])))
+  return np.where(np.arange(slots)[None, :] < counts[:, None], order, -1).astype(np.int32)
