@@ -88,6 +88,14 @@ def mesh_and_rules(c, slice_name):
   c.partition_rules = ()
 
 
+# The paper's top 15 failure types (PAPER.md), as the auditor's descriptors.
+FAILURE_DESCRIPTORS = (
+    "world knowledge", "clock reading", "size comparison", "action recognition",
+    "sign understanding", "small text", "material", "distraction avoidance",
+    "object relationship", "small object detection", "spatial relationship",
+    "emotion and atmosphere", "color", "counting", "hallucination avoidance")
+
+
 def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
   """The audit / mine / rectify / eval sections at the paper's scale, and the
   workload the memory planner sizes (`rl`, `answers`, `plan`), from one set
@@ -109,7 +117,13 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       # reference) decides where the exact comparison finds the answers differ.
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0,
                   max_answer_tokens=16, judge="", judge_threshold=0.5, judge_batch=64),
-      eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2))
+      eval_budget=1000, eval_batch=64, checkpoint_every=50, log_every=10, log_examples=2,
+      seed_count=256, seed_budget=8,     # the paper's per-seed search success
+      # Every GRPO group's question names one of the paper's top failure types
+      # (PAPER.md); an eighth ask generically, for the kinds no descriptor names.
+      diversity=dict(mode="descriptors", generic=0.125, elites=8,
+                     prompt="ask a question about the image that tests {descriptor}",
+                     descriptors=FAILURE_DESCRIPTORS)))
   # Mining: the trained auditor over 20K seed images (the paper's audit
   # budget on VQAv2), K probes each.
   c.mine = ml_collections.ConfigDict(dict(

@@ -79,8 +79,10 @@ def get_config(arg=None):
       # so 1000 steps cost what 400 did at seq_len 100 (captions need ~95),
       # and strict validity rises from 0.45 / 0.32 to 0.63 / 0.46
       # (question / edit; docs/loop.md).
+      # descriptor_rate: that share of the question rows names the question's
+      # kind ("ask a question about counting"), what `audit.diversity` asks through.
       auditor=dict(steps=1000, batch=32, lr=3e-3, warmup=50, end_lr=1e-4, seq_len=48,
-                   routes=("question", "edit"),
+                   routes=("question", "edit"), descriptor_rate=0.75,
                    frozen=frozen, checkpoint_every=250, log_every=100),
   ))
   # GRPO training of the auditor against one target (audit stage).
@@ -95,14 +97,19 @@ def get_config(arg=None):
       optim=dict(lr=1e-3, warmup=0.1, end_lr=1e-4, b2=0.99, grad_clip=1.0, grad_accum=1),
       reward=dict(consensus="majority", invalid_reward=-1.0, mode="exact", soft_weight=0.0),
       eval_budget=256, eval_batch=64, checkpoint_every=20, log_every=10, log_examples=2,
+      # The paper's search success: 8 probes on each of 64 held-out seeds.
+      seed_count=64, seed_budget=8,
+      # Every GRPO group asks through a descriptor, a kind of question as the
+      # paper names failure types (docs/audit.md "Diversity").
+      diversity=dict(mode="descriptors", generic=0.0, elites=8,
+                     prompt="ask a question about {descriptor}",
+                     descriptors=("colour", "shape", "counting", "existence", "position",
+                                  "size", "binding", "small objects")),
   ))
-  # One pass of two auditor checkpoints over the seed images (mine stage):
-  # the trained one finds the most failures but has narrowed onto its best
-  # probes (4 of 409 exemplars were purple ones); the warm start's broader
-  # probes add coverage (25 purple exemplars of 588) for the repair (the
-  # paper mines with several checkpoints).
+  # One pass of the trained auditor over the seed images (mine stage), each
+  # seed's 8 samples spread over the 8 descriptors.
   c.mine = ml_collections.ConfigDict(dict(
-      auditors=("auditor", "auditor_trained"), seeds=256,   # 0: every seed image
+      seeds=256,   # 0: every seed image
       samples_per_seed=8, chunk_seeds=32, temperature=1.0,
       top_k=5, purity=0.5, merge_rate=0.5, min_probes=3))
   # Fine-tuning the audited target on its exemplars (rectify stage): 80% of

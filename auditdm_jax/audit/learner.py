@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from auditdm_jax import sharding
+from auditdm_jax.audit import diversity as diversity_lib
 from auditdm_jax.audit import grpo
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.train import loop as loop_lib
@@ -93,7 +94,8 @@ def find_rows(roll: rollout_lib.Rollout, step: int, target: str) -> list[dict]:
   carries the judge's p_same of the target's answer."""
   out = []
   for i in np.nonzero(roll.success)[0]:
-    row = {"step": step, "pairing": roll.pairings[i], "texts": roll.texts[i],
+    row = {"step": step, "pairing": roll.pairings[i], "descriptor": roll.descriptor[i],
+           "texts": roll.texts[i],
            "question": roll.question[i], "factor": roll.factor[i],
            "context": roll.context[i], "consensus": roll.consensus[i],
            "target": target, "answers": {k: v[i] for k, v in roll.answers.items()}}
@@ -221,16 +223,19 @@ def step_metrics(roll: rollout_lib.Rollout, editor=None, judge: bool = False
 
 def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budget: int,
                     mixture, seed: int, batch: int) -> tuple[rollout_lib.Rollout, dict]:
-  """One sample per held-out seed, `budget` seeds, with `params` as the policy."""
+  """One sample per held-out seed, `budget` seeds, with `params` as the policy
+  (with descriptors: seed i asks through the i-th of a stratified walk)."""
   auditing.auditor.params = jax.device_put(params, auditing.auditor.param_shardings)
   rng = np.random.default_rng([seed, 104729])
   pairings = rollout_lib.draw_pairings(mixture, budget, rng)
+  descs = diversity_lib.assign(auditing.diversity, budget, 0, rng)
   rolls = []
   for start in range(0, budget, batch):
     idx = list(range(start, min(start + batch, budget)))
     idx += [idx[0]] * (batch - len(idx))              # fixed shape; extra rows dropped
     roll = auditing.run(pool.get(idx), [pairings[i] for i in idx],
-                        jax.random.key(seed * 1000 + start), num_samples=1)
+                        jax.random.key(seed * 1000 + start), num_samples=1,
+                        descriptors=[descs[i] for i in idx])
     keep = min(batch, budget - start)
     rolls.append((roll, keep))
   success = np.concatenate([r.success[:k] for r, k in rolls])
@@ -279,6 +284,46 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
   return fig, roll_t
 
 
+def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_seeds: int,
+                    budget: int, mixture, seed: int, batch: int) -> tuple[dict, list, list]:
+  """The paper's search success: `budget` probes on each of the first
+  `n_seeds` held-out seeds (with descriptors, spread over them:
+  `diversity.spread`), the share of seeds with at least one
+  consensus-backed disagreement. Returns (figures, the rollouts, each
+  rollout's rows' seed) for `diversity_figures`. `batch` seeds a call."""
+  auditing.auditor.params = jax.device_put(params, auditing.auditor.param_shardings)
+  rng = np.random.default_rng([seed, 7_368_787])
+  groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
+  pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
+  per_call = max(1, batch // k)                          # groups a call: ~batch rows
+  rolls, seeds_of = [], []
+  for start in range(0, len(groups), per_call):
+    sel = list(range(start, min(start + per_call, len(groups))))
+    keep = len(sel)
+    sel += [sel[0]] * (per_call - keep)                  # fixed shape; extra rows dropped
+    roll = auditing.run(pool.get([groups[i] for i in sel]), [pairings[i] for i in sel],
+                        jax.random.key(seed * 1000 + 17 + start), num_samples=k,
+                        descriptors=[descs[i] for i in sel])
+    rolls.append((roll, keep * k))
+    seeds_of.append([groups[sel[j // k]] for j in range(keep * k)])
+  merged = merge_rollouts([r for r, _ in rolls], [n for _, n in rolls])
+  seed_rows = [g for s in seeds_of for g in s]
+  fig = {"seeds": n_seeds, "budget": budget,
+         "success": diversity_lib.per_seed_success(merged.success, seed_rows),
+         "success_rate": float(np.mean(merged.success))}
+  return fig, merged, seed_rows
+
+
+def probe_diversity(roll: rollout_lib.Rollout, categories: list[str]) -> dict:
+  """`diversity.diversity_figures` of a rollout's valid probes, `categories`
+  naming each row's failure category (the caller's measurement; on the scene
+  world the skill:answer categories, never the reward)."""
+  idx = [i for i in range(roll.n) if roll.valid[i]]
+  return diversity_lib.diversity_figures([roll.question[i] for i in idx],
+                                         [bool(roll.success[i]) for i in idx],
+                                         [categories[i] for i in idx])
+
+
 def merge_rollouts(rolls, keeps) -> rollout_lib.Rollout:
   def cat(field):
     vals = [getattr(r, field)[:k] for r, k in zip(rolls, keeps)]
@@ -304,8 +349,10 @@ class GRPOLearner:
 
   def __init__(self, trainer: grpo.GRPOTrainer, auditing: rollout_lib.Auditing,
                pool: SeedPool, mixture, *, seed: int, prompts_per_step: int, seq_len: int,
-               warm_params, finds_path: str, log_examples: int = 2):
+               warm_params, finds_path: str, log_examples: int = 2,
+               journal: diversity_lib.Journal | None = None):
     self.trainer, self.auditing, self.pool, self.mixture = trainer, auditing, pool, mixture
+    self.journal = journal
     self.gcfg = trainer.gcfg
     self.seed, self.prompts_per_step, self.seq_len = seed, prompts_per_step, seq_len
     self.second_rows = rollout_lib.second_text_budget(mixture, prompts_per_step,
@@ -319,8 +366,10 @@ class GRPOLearner:
     rng = step_rng(self.seed, step)
     idx = rng.integers(0, len(self.pool), self.prompts_per_step)
     pairings = rollout_lib.draw_pairings(self.mixture, len(idx), rng)
+    descs = diversity_lib.assign(auditing.diversity, len(idx), step * len(idx), rng)
     auditing.auditor.params = jax.device_put(state["params"], auditing.auditor.param_shardings)
-    roll = auditing.run(self.pool.get(idx), pairings, jax.random.key(self.seed * 100_003 + step))
+    roll = auditing.run(self.pool.get(idx), pairings, jax.random.key(self.seed * 100_003 + step),
+                        descriptors=descs)
     adv = np.asarray(grpo.group_advantages(roll.reward, gcfg.num_samples, gcfg.adv_eps,
                                            gcfg.scale_rewards))
     batch = build_batch(trainer.cfg, roll, adv, self.seq_len, self.second_rows, gcfg.loss_agg)
@@ -336,6 +385,11 @@ class GRPOLearner:
     row.update({k: float(m[k]) for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm")})
     row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
     row["step_time"] = time.perf_counter() - t0
+    if self.journal is not None:
+      self.journal.record(step + 1, roll.descriptor, roll.question, roll.success,
+                          write=sharding.is_primary())
+      row["descriptors_found"] = float(sum(1 for d, n in self.journal.archive.successes.items()
+                                           if d and n))
     self._finds = find_rows(roll, step + 1, auditing.target)
     if self._finds and sharding.is_primary():
       with open(self.finds_path, "a") as f:

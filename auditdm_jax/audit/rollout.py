@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from auditdm_jax.audit import diversity as diversity_lib
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit.editor import Editor
 from auditdm_jax.eval.benchmark import generate_text, strip_stops
@@ -124,10 +125,15 @@ class Rollout:
   # judge was asked. Empty in exact mode.
   p_same: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   judged: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # [N] the descriptor the row's question was asked through ("": the generic
+  # prompt, or no question written by the auditor; `audit.diversity`).
+  descriptor: list[str] | None = None
 
   def __post_init__(self):
     if self.exact_success is None:
       self.exact_success = np.asarray(self.success).copy()
+    if self.descriptor is None:
+      self.descriptor = [""] * len(self.pairings)
 
   @property
   def n(self) -> int:
@@ -168,12 +174,16 @@ class Auditing:
   mode (`rcfg.mode == "judge"`), `judge` (a `reward.ModelJudge`, or any
   object with its `same_prob`) decides, for every answerer that is not a
   reference, the rows where its answer and the consensus differ exactly.
+  `diversity` (`diversity.DiversityConfig`): the prompt a descriptor's
+  question is asked through (`run(..., descriptors=...)`).
   """
 
   def __init__(self, auditor: Sampler, answerers: Mapping[str, Sampler], target: str,
                references: Sequence[str], editor: Editor, rcfg: reward_lib.RewardConfig,
                num_samples: int, temperature: float = 1.0, max_new_tokens: int = 40,
-               answer_tokens: int = 4, batch_size: int = 256, judge=None):
+               answer_tokens: int = 4, batch_size: int = 256, judge=None,
+               diversity: diversity_lib.DiversityConfig | None = None):
+    self.diversity = diversity or diversity_lib.DiversityConfig()
     if target not in answerers or any(r not in answerers for r in references):
       raise ValueError(f"target {target!r} and references {list(references)} must be "
                        f"among the answerers {list(answerers)}")
@@ -301,20 +311,30 @@ class Auditing:
     return nll
 
   # -- one round ---------------------------------------------------------------
-  def run(self, seeds: Sequence[Seed], pairings: Sequence[str], rng, num_samples=None
-          ) -> Rollout:
-    """K (or `num_samples`) samples per seed; pairing i applies to seed i."""
+  def question_prompt(self, descriptor: str = "") -> str:
+    """The question prompt of a descriptor ("": the generic one)."""
+    return self.diversity.prompt_text(descriptor, AUDITOR_TASKS["question"])
+
+  def run(self, seeds: Sequence[Seed], pairings: Sequence[str], rng, num_samples=None,
+          descriptors: Sequence[str] | None = None) -> Rollout:
+    """K (or `num_samples`) samples per seed; pairing i applies to seed i,
+    and seed i's questions are asked through descriptor i (default: all
+    generic)."""
     k = self.k if num_samples is None else int(num_samples)
     sp = dataclasses.replace(self.sp, num_samples=k)
     if len(seeds) != len(pairings):
       raise ValueError(f"got {len(seeds)} seeds and {len(pairings)} pairings")
+    descriptors = [""] * len(seeds) if descriptors is None else list(descriptors)
+    if len(descriptors) != len(seeds):
+      raise ValueError(f"got {len(seeds)} seeds and {len(descriptors)} descriptors")
     bad = [p for p in pairings if p not in PAIRINGS]
     if bad:
       raise ValueError(f"unknown pairings {sorted(set(bad))}; known: {list(PAIRINGS)}")
     rng1, rng2 = jax.random.split(rng)
     seed_images = np.stack([s.image for s in seeds])
     first = [PAIRINGS[p][0] for p in pairings]
-    prompts1 = [self.tok.prompt(AUDITOR_TASKS[r]) for r in first]
+    prompts1 = [self.tok.prompt(self.question_prompt(d) if r == "question"
+                                else AUDITOR_TASKS[r]) for r, d in zip(first, descriptors)]
     rows1, texts1 = self._sample(seed_images, prompts1, sp, rng1)
     n = len(rows1)
     seed_of = np.arange(n) // k
@@ -350,14 +370,14 @@ class Auditing:
     imgs_in = [[seed_images[s]] for s in seed_of]
     two = [i for i in range(n) if len(PAIRINGS[pair[i]]) == 2]
     if two:
-      qprompt = self.tok.prompt(AUDITOR_TASKS["question"])
+      qprompts = [self.tok.prompt(self.question_prompt(descriptors[s])) for s in seed_of]
       # Only the two-text rows, padded to a multiple of 8 rows (few shapes).
       pad = two + [two[0]] * (-len(two) % 8)
-      rows2, texts2 = self._sample(image[pad], [qprompt] * len(pad), self.sp1, rng2)
+      rows2, texts2 = self._sample(image[pad], [qprompts[i] for i in pad], self.sp1, rng2)
       for j, i in enumerate(two):
         texts[i].append(texts2[j])
         toks[i].append(rows2[j])
-        prm[i].append(qprompt)
+        prm[i].append(qprompts[i])
         imgs_in[i].append(image[i])
         question[i] = texts2[j]
 
@@ -386,7 +406,9 @@ class Auditing:
                    success=scored["success"], consensus=cons,
                    answered=np.array([bool(a) for a in parsed[self.target]]),
                    exact_success=scored["exact_success"], p_same=scored["p_same"],
-                   judged=scored["judged"])
+                   judged=scored["judged"],
+                   descriptor=[descriptors[s] if "question" in PAIRINGS[pair[i]] else ""
+                               for i, s in enumerate(seed_of)])
 
 
 def consensus_truth(roll: Rollout, editor: Editor) -> tuple[float, int]:

@@ -86,6 +86,8 @@ def write_chunk(path: str, records: Sequence[dict]) -> None:
     row = {k: r[k] for k in TEXT + INTS}
     row["answers"] = r["answers"]
     row["failed"] = list(r["failed"])
+    if r.get("descriptor"):      # the journal keeps it; the TFDS features do not
+      row["descriptor"] = str(r["descriptor"])
     for k in IMAGES:
       row[k] = base64.b64encode(encode_png(np.asarray(r[k]))).decode("ascii")
     lines.append(json.dumps(row) + "\n")

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from auditdm_jax import sharding
+from auditdm_jax.audit import diversity as diversity_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.mine.probes import probe_records
@@ -93,10 +94,15 @@ def mine_chunks(auditors: Mapping, new_auditing: Callable, pool, chunks_dir: str
         rng = np.random.default_rng([seed, 31337, a_i, c])
         idx = [(c * chunk + j) % n_seeds for j in range(chunk)]   # fixed shape
         seeds = pool.get(idx)
-        pairings = rollout_lib.draw_pairings(mixture, chunk, rng)
+        # With descriptors (audit.diversity) each seed's k samples are spread
+        # over them: groups of k / m samples, one descriptor each.
+        groups, descs, kk = diversity_lib.spread(auditing.diversity, chunk, k, c * chunk)
+        idx = [idx[g] for g in groups]
+        seeds = [seeds[g] for g in groups]
+        pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
         roll = auditing.run(seeds, pairings, jax.random.key(seed * 7_919 + 1_000 * a_i + c),
-                            num_samples=k)
-        recs = probe_records(roll, seeds, idx, k, targets, refs, consensus, editor,
+                            num_samples=kk, descriptors=descs)
+        recs = probe_records(roll, seeds, idx, kk, targets, refs, consensus, editor,
                              aud_name, step, judge_threshold=judge_threshold)
         keep = []
         for r in recs:

@@ -52,7 +52,7 @@ def probe_records(roll: rollout_lib.Rollout, seeds, seed_index, k: int, targets,
     skill = skill_of(roll.context[i], roll.question[i]) if skill_of else ""
     texts = roll.texts[i]
     s = i // k
-    extra = {"failed_exact": failed_exact}
+    extra = {"failed_exact": failed_exact, "descriptor": roll.descriptor[i]}
     if judge_threshold is not None:
       extra["p_same"] = judged
     out.append({

@@ -30,6 +30,27 @@ AUDITOR_TASKS = {
     "edit": "write an edit command for the image",
     "caption": "describe the image",
 }
+# A question prompt that names a kind of question (a descriptor, as the paper
+# names failure types): `audit.diversity` asks the auditor through it, and
+# the auditor's warm start learns it on the world's questions, each skill
+# named by its descriptor below (the stand-in for a real MLLM that reads
+# "ask a question about counting"). Words of the corpus only: the tokenizer
+# stays as it was.
+DESCRIBED_QUESTION = "ask a question about {descriptor}"
+SKILL_DESCRIPTORS = {
+    "colour": "colour", "shape": "shape", "counting": "counting",
+    "existence": "existence", "spatial": "position", "size": "size",
+    "binding": "binding", "small_object": "small objects",
+}
+assert tuple(SKILL_DESCRIPTORS) == Q.SKILLS
+
+
+def question_prompt(descriptor: str = "", template: str = DESCRIBED_QUESTION) -> str:
+  """The auditor's question prompt: the generic one, or `template` naming
+  `descriptor`."""
+  if not descriptor:
+    return AUDITOR_TASKS["question"]
+  return template.format(descriptor=descriptor)
 
 
 def cell_name(row: int, col: int) -> str:

@@ -39,11 +39,13 @@ import time
 import jax
 
 from auditdm_jax import models, sharding
+from auditdm_jax.audit import diversity as diversity_lib
 from auditdm_jax.audit import editor as editor_lib
 from auditdm_jax.audit import grpo
 from auditdm_jax.audit import learner as learner_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.eval.benchmark import dumps
+from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.pipeline import editing, judging, layout, placement
 from auditdm_jax.pipeline.layout import audit_target, model_dir, roles, seed_source
 from auditdm_jax.pipeline.recipes import audit_configs
@@ -70,6 +72,7 @@ def run(config, workdir: str) -> dict:
   aud_name = auditors[0]
   tcfg, gcfg, rcfg = audit_configs(config)
   mixture = rollout_lib.check_mixture(dict(a.mixture))
+  dcfg = diversity_lib.DiversityConfig.from_config(a.get("diversity", None))
 
   loaded = {}
   for name in [aud_name, target] + refs:
@@ -93,7 +96,7 @@ def run(config, workdir: str) -> dict:
       editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a.temperature),
       max_new_tokens=int(a.max_new_tokens),
-      answer_tokens=int(a.get("answer_tokens", 4)), judge=judge)
+      answer_tokens=int(a.get("answer_tokens", 4)), judge=judge, diversity=dcfg)
 
   src = seed_source(config, workdir, auditor.config.vision.image_size)
   n_eval = int(a.eval_budget)
@@ -117,11 +120,15 @@ def run(config, workdir: str) -> dict:
     finds_path = os.path.join(root, "finds.jsonl")
     if sharding.is_primary():
       learner_lib.truncate_finds(finds_path, start)
+    journal = None
+    if dcfg.on:   # the archive of the checkpoint's step, rebuilt from its journal
+      journal = diversity_lib.Journal(dcfg, os.path.join(root, "diversity.jsonl"))
+      journal.resume(start, write=sharding.is_primary())
     learner = learner_lib.GRPOLearner(
         trainer, auditing, train_pool, mixture, seed=seed,
         prompts_per_step=int(a.prompts_per_step), seq_len=int(a.seq_len),
         warm_params=warm_params, finds_path=finds_path,
-        log_examples=int(a.get("log_examples", 2)))
+        log_examples=int(a.get("log_examples", 2)), journal=journal)
     progress = a.get("progress", None)
     lcfg = loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a.checkpoint_every),
                                log_every=int(a.get("log_every", 10)), updates_per_step=mu,
@@ -147,6 +154,11 @@ def run(config, workdir: str) -> dict:
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
                                            mixture, seed, int(a.get("eval_batch", 64)))
   ratio = fig.pop("ratio")
+  per_seed, div = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture, seed)
+  fig["success_rate_per_seed"] = per_seed
+  fig["diversity"] = div
+  if journal is not None:
+    fig["archive"] = journal.archive.state()
   out = {**fig, "steps": steps, "target": target, "references": refs, "ratio": ratio,
          "train_s": train_s, "eval_s": time.time() - t_eval,
          "wall_s": time.time() - t_stage, "learning_curve": curve,
@@ -155,6 +167,29 @@ def run(config, workdir: str) -> dict:
     atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
   _log(out, n_eval)
   return out
+
+
+def _per_seed(auditing, trained, warm, pool, a, mixture, seed) -> tuple[dict, dict]:
+  """The paper's per-seed search success at `audit.seed_budget` probes a seed
+  on the first `audit.seed_count` held-out seeds, for the trained auditor and
+  the warm start, and the diversity of those probes (`diversity_figures`:
+  top question share, distinct questions, template entropy, failure
+  categories; the scene world's truth only measures)."""
+  n = min(int(a.get("seed_count", 64)), len(pool))
+  budget = int(a.get("seed_budget", 8))
+  batch = int(a.get("eval_batch", 64))
+  per_seed, div = {"budget": budget, "seeds": n}, {}
+  for name, params in (("trained", trained), ("warm_start", warm)):
+    fig, roll, _ = learner_lib.search_per_seed(auditing, params, pool, n, budget, mixture,
+                                               seed, batch)
+    per_seed[name] = fig["success"]
+    skill_of = getattr(auditing.editor, "question_skill", None)
+    cats = [ft.category(skill_of(roll.context[i], roll.question[i]) if skill_of else "",
+                        roll.consensus[i], roll.factor[i]) for i in range(roll.n)]
+    div[name] = dict(learner_lib.probe_diversity(roll, cats),
+                     success_rate=fig["success_rate"],
+                     consensus_truth=rollout_lib.consensus_truth(roll, auditing.editor)[0])
+  return per_seed, div
 
 
 def _log(out: dict, n_eval: int) -> None:
@@ -169,6 +204,17 @@ def _log(out: dict, n_eval: int) -> None:
         f"{sr['trained']:.3f} vs warm start {sr['warm_start']:.3f}; "
         f"ground-truth precision of the trained auditor's finds {out['precision_gt']:.3f} "
         f"({out['finds_with_ground_truth']} finds); {out['wall_s']:.0f}s", flush=True)
+  ps = out.get("success_rate_per_seed")
+  if ps:
+    print(f"audit: per-seed search success ({ps['budget']} probes on each of {ps['seeds']} "
+          f"held-out seeds): trained {ps['trained']:.3f} vs warm start "
+          f"{ps['warm_start']:.3f}", flush=True)
+  for name, d in out.get("diversity", {}).items():
+    print(f"audit: {name} auditor's probes: top question {d['top_question']!r} "
+          f"{d['top_question_share']:.3f} of {d['probes']}, {d['distinct_questions']} "
+          f"distinct, template entropy {d['template_entropy']:.2f} bits, "
+          f"{d.get('failure_categories', 0)} failure categories, consensus_truth "
+          f"{d['consensus_truth']:.3f}", flush=True)
 
 
 def problems(config) -> list[str]:
@@ -193,6 +239,12 @@ def problems(config) -> list[str]:
     problems += judging.problems(config, rcfg)
   except (ValueError, TypeError, AttributeError, KeyError) as e:
     problems.append(f"audit: {e}")
+  problems += [f"audit.diversity: {p}" for p in
+               diversity_lib.check_section(a.get("diversity", None))]
+  for key in ("seed_count", "seed_budget"):
+    v = a.get(key, 1)
+    if not isinstance(v, int) or v < 1:
+      problems.append(f"audit.{key} must be an int >= 1, got {v!r}")
   editor_problems = editing.problems(config, check_inputs=False)   # files: config_check
   problems += editor_problems
   allowed = editor_lib.PAIRINGS.get(a.get("editor", ""), None)

@@ -47,6 +47,7 @@ import time
 
 
 from auditdm_jax import models, sharding
+from auditdm_jax.audit import diversity as diversity_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
@@ -97,6 +98,7 @@ def run(config, workdir: str) -> dict:
   targets, refs = roles(config, "target"), roles(config, "reference")
   _, _, rcfg = audit_configs(config)
   mixture = rollout_lib.check_mixture(dict(m["mixture"]))
+  dcfg = diversity_lib.DiversityConfig.from_config(config.audit.get("diversity", None))
   k = int(m["samples_per_seed"])
   chunk = int(m["chunk_seeds"])
   if k < 1 or chunk < 1:
@@ -126,14 +128,16 @@ def run(config, workdir: str) -> dict:
       "targets": targets, "references": refs, "auditors": list(m["auditors"]),
       "params": {n: params_fingerprint(v.params)
                  for n, v in {**loaded, **auditor_models}.items()},
-      **_judge_identity(judge, judge_params, rcfg)})
+      **_judge_identity(judge, judge_params, rcfg),
+      **({"diversity": {"descriptors": list(dcfg.descriptors), "prompt": dcfg.prompt,
+                        "generic": dcfg.generic}} if dcfg.on else {})})
 
   def new_auditing(name, aud):
     return rollout_lib.Auditing(
         placement.sampler(config, name, aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
         temperature=float(m["temperature"]), max_new_tokens=int(config.audit.max_new_tokens),
         answer_tokens=int(config.audit.get("answer_tokens", 4)),
-        judge=judge)
+        judge=judge, diversity=dcfg)
 
   mined = journal.mine_chunks(
       auditor_models, new_auditing, pool, chunks_dir, mixture=mixture, samples_per_seed=k,
@@ -152,6 +156,7 @@ def run(config, workdir: str) -> dict:
          "probes": len(records), "exemplars": sum(bool(r["failed"]) for r in records),
          "exemplars_of": {t: sum(t in r["failed"] for r in records) for t in targets},
          "store": path, "chunks_mined_now": mined, **res,
+         "diversity": _diversity(records, m["auditors"], focus),
          "publish_s": time.time() - t_pub, "wall_s": time.time() - t0}
   if judge is not None:
     out["judge"] = {"model": judge.name, "threshold": rcfg.judge_threshold,
@@ -164,6 +169,20 @@ def run(config, workdir: str) -> dict:
   if sharding.is_primary():
     atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
   _log(out, records, focus)
+  return out
+
+
+def _diversity(records, auditors, focus: str) -> dict:
+  """Per auditor, `diversity.diversity_figures` of its mined probes: the top
+  question's share, distinct questions, template entropy, and the failure
+  categories of `focus` (the records' skill:answer categories, >= 3
+  failures each: a measurement)."""
+  out = {}
+  for a in auditors:
+    rs = [r for r in records if r["auditor"] == a]
+    out[a] = diversity_lib.diversity_figures(
+        [r["question"] for r in rs], [focus in r["failed"] for r in rs],
+        [r["category"] for r in rs])
   return out
 
 
@@ -217,6 +236,11 @@ def _log(out: dict, records, focus: str) -> None:
         f"({out['exemplars_of'][focus]} of {focus}); top failure types of {focus}: {top}; "
         f"planted-gap recall {out['planted_gap_recall']:.2f}, exemplar precision "
         f"{out['exemplar_precision']:.2f}; {out['wall_s']:.0f}s", flush=True)
+  for a, d in out.get("diversity", {}).items():
+    print(f"mine: {a}'s probes: top question {d['top_question']!r} "
+          f"{d['top_question_share']:.3f} of {d['probes']}, {d['distinct_questions']} distinct, "
+          f"template entropy {d['template_entropy']:.2f} bits, "
+          f"{d.get('failure_categories', 0)} failure categories of {focus}", flush=True)
   if out.get("reference_errors"):
     print("mine: the references' joint error on the probes (consensus wrong by the truth): " +
           ", ".join(f"{s} {v['joint']:.3f} (independent {v['independent']:.3f}, n {v['probes']})"

@@ -380,21 +380,28 @@ def _auditors(r: _Run, specs, img) -> dict:
   for name, spec in sorted(specs.items()):
     if spec.role != "auditor":
       continue
+    rate = float(pc.auditor.get("descriptor_rate", 0.0) or 0.0)
     if status.done(name) and os.path.exists(model_dir(workdir, name)):
-      results[name] = status.data[name]
-      continue
+      if float(status.data[name].get("descriptor_rate", 0.0)) == rate:
+        results[name] = status.data[name]
+        continue
+      print(f"pretrain: {name} was warm-started with descriptor rate "
+            f"{status.data[name].get('descriptor_rate', 0.0)}; the config asks for {rate}: "
+            f"training it again", flush=True)
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     cfg = presets.get_preset(spec.preset)
     params = models.VLM.random(cfg, seed=seed + 7).params
     params = scale_post_norms(dict(params, img={k: v for k, v in img.items() if k != "head"}),
                               float(pc.get("post_norm_init", 1.0)))
     task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed,
-                             routes=tuple(pc.auditor.get("routes", tasks.ROUTES)))
+                             routes=tuple(pc.auditor.get("routes", tasks.ROUTES)),
+                             descriptor_rate=rate)
     it = _loader(config, workdir, task, int(pc.auditor.batch), seed + 7)
     params, summary = sft.train(cfg, params, it,
                                 placed(recipe_config(pc.auditor, seed + 7), config, name),
                                 os.path.join(root, name), tokenizer=atok)
     models.VLM(cfg, sharding.to_host(params), atok).save(model_dir(workdir, name))
-    results[name] = dict(summary, preset=spec.preset)
+    results[name] = dict(summary, preset=spec.preset, descriptor_rate=rate)
     status.mark(name, results[name])
     print(f"pretrain: {name} (auditor, {spec.preset}) trained {summary['steps']} steps, "
           f"final loss {summary['final'].get('loss', float('nan')):.4f}", flush=True)
@@ -423,6 +430,9 @@ def problems(config) -> list[str]:
     from auditdm_jax.audit.rollout import PAIRINGS  # pylint: disable=import-outside-toplevel
     from auditdm_jax.scenes.text import AUDITOR_TASKS  # pylint: disable=import-outside-toplevel
     known = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
+    rate = aud.get("descriptor_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+      problems.append(f"pretrain.auditor.descriptor_rate must be in [0, 1], got {rate!r}")
     routes = aud.get("routes", known)
     if isinstance(routes, str) or not routes or any(r not in known for r in routes):
       problems.append(f"pretrain.auditor.routes must be a non-empty list of {known}, "

@@ -35,7 +35,7 @@ from auditdm_jax.models.inputs import fit_images
 from auditdm_jax.models.tokenizer import Tokenizer
 from auditdm_jax.scenes import captions, edits
 from auditdm_jax.scenes import gaps as gaps_lib
-from auditdm_jax.scenes.text import AUDITOR_TASKS
+from auditdm_jax.scenes.text import AUDITOR_TASKS, SKILL_DESCRIPTORS, question_prompt
 from auditdm_jax.scenes.world import COLOURS, GRID, SHAPES, SIZES, Scene
 from auditdm_jax.train.batches import sft_example
 
@@ -151,23 +151,35 @@ def auditor_target(route: str, record: dict, rng: np.random.Generator) -> str:
 
 
 class AuditorTask(_Tokenized):
-  """record -> the auditor's supervised warm-start row for one route."""
+  """record -> the auditor's supervised warm-start row for one route. With
+  `descriptor_rate`, that share of the question rows is asked through the
+  descriptor prompt of the record's skill (`text.question_prompt`,
+  `SKILL_DESCRIPTORS`): the warm start then writes a question of the kind a
+  descriptor names (`audit.diversity`), and still any question when asked
+  generically."""
 
   def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer, seq_len: int, seed: int = 0,
-               routes: Sequence[str] = ROUTES):
+               routes: Sequence[str] = ROUTES, descriptor_rate: float = 0.0):
     super().__init__(cfg, tokenizer, seq_len)
     bad = [r for r in routes if r not in ROUTES]
     if bad or not routes:
       raise ValueError(f"routes must be a non-empty subset of {ROUTES}, got {routes!r}")
+    if not 0.0 <= float(descriptor_rate) <= 1.0:
+      raise ValueError(f"descriptor_rate must be in [0, 1], got {descriptor_rate!r}")
     self.routes = tuple(routes)
     self.seed = int(seed)
+    self.descriptor_rate = float(descriptor_rate)
 
   def __call__(self, record: dict) -> dict | None:
     index = int(record.get("index", 0))
     route = self.routes[index % len(self.routes)]
     rng = np.random.default_rng([self.seed, index])
     target = auditor_target(route, record, rng)
-    return self.row(record["image"], AUDITOR_TASKS[route], target)
+    prompt = AUDITOR_TASKS[route]
+    if (route == "question" and self.descriptor_rate
+        and rng.random() < self.descriptor_rate and record.get("skill") in SKILL_DESCRIPTORS):
+      prompt = question_prompt(SKILL_DESCRIPTORS[record["skill"]])
+    return self.row(record["image"], prompt, target)
 
 
 def cell_labels(scene_json: str) -> np.ndarray:

@@ -1,0 +1,281 @@
+"""Keeping the auditor diverse: descriptor-conditioned GRPO with an archive.
+
+Plain GRPO against one target collapses onto the one probe that pays most
+(docs/audit.md: "how many objects are there?" for 94% of the finds after step
+20). Shaping the reward of the successes does not help once the policy has
+stopped trying anything else. `audit.diversity.mode = "descriptors"` keeps
+the breadth by construction, as Rainbow Teaming conditions its attacker on a
+category: every GRPO group (seed image x K samples) asks its question
+through a prompt that names one *descriptor*, a kind of question such as the
+paper's failure types ("counting", "position", ...; `text.question_prompt`).
+The K samples of a group compete only with each other, so the policy learns
+the best probe of every descriptor instead of the best probe overall, and
+mining spreads each seed image's samples over the descriptors.
+
+The state is an archive in the spirit of MAP-Elites: per descriptor, how
+often it was asked (`tries`), how often a probe succeeded (`successes`),
+and its elite probes (the most successful distinct questions, with their
+counts). It is a fold over the per-step journal `audit/diversity.jsonl`, so
+a resumed run rebuilds exactly the state of its checkpoint's step. It
+reads only the auditor's texts and the reward's decisions: nothing of the
+scene world's truth.
+
+Also here: what "diverse" is measured by (`diversity_figures`), on any
+probe set: the most common question's share, distinct questions, the
+entropy of question templates (the first two words and the length, a
+text-only proxy that works on real questions), and the failure categories
+(given per probe by the caller: the skill:answer categories of the scene
+world, a measurement only).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from auditdm_jax.utils.fileio import atomic_write_text
+
+MODES = ("none", "descriptors")
+DEFAULT_TEMPLATE = "ask a question about {descriptor}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiversityConfig:
+  """`audit.diversity`.
+
+  mode         "none": plain GRPO (one generic question prompt);
+               "descriptors": every group's question prompt names a descriptor.
+  descriptors  the kinds of question, as words the auditor reads.
+  prompt       the question prompt, with `{descriptor}`.
+  generic      share of the groups asked with the generic prompt instead
+               (0: none), so the auditor still probes what no descriptor names.
+  elites       elite probes kept per descriptor in the archive.
+  """
+
+  mode: str = "none"
+  descriptors: tuple[str, ...] = ()
+  prompt: str = DEFAULT_TEMPLATE
+  generic: float = 0.0
+  elites: int = 8
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"audit.diversity.mode must be one of {MODES}, got {self.mode!r}")
+    if isinstance(self.descriptors, str) or not all(
+        isinstance(d, str) and d.strip() for d in self.descriptors):
+      raise ValueError(f"audit.diversity.descriptors must be a list of non-empty strings, "
+                       f"got {self.descriptors!r}")
+    if len(set(self.descriptors)) != len(self.descriptors):
+      raise ValueError(f"audit.diversity.descriptors repeats a descriptor: "
+                       f"{list(self.descriptors)}")
+    if self.mode == "descriptors" and not self.descriptors:
+      raise ValueError("audit.diversity.mode 'descriptors' needs a non-empty "
+                       "audit.diversity.descriptors")
+    if "{descriptor}" not in self.prompt:
+      raise ValueError(f"audit.diversity.prompt must contain '{{descriptor}}', got "
+                       f"{self.prompt!r}")
+    if not (isinstance(self.generic, (int, float)) and 0.0 <= self.generic < 1.0):
+      raise ValueError(f"audit.diversity.generic must be in [0, 1), got {self.generic!r}")
+    if not isinstance(self.elites, int) or self.elites < 1:
+      raise ValueError(f"audit.diversity.elites must be an int >= 1, got {self.elites!r}")
+
+  @property
+  def on(self) -> bool:
+    return self.mode == "descriptors"
+
+  @classmethod
+  def from_config(cls, section) -> "DiversityConfig":
+    d = dict(section or {})
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"audit.diversity has unknown keys {unknown}; known: "
+                       f"{[f.name for f in dataclasses.fields(cls)]}")
+    if "descriptors" in d:
+      d["descriptors"] = tuple(d["descriptors"])
+    return cls(**d)
+
+  def prompt_text(self, descriptor: str, generic_prompt: str) -> str:
+    return generic_prompt if not descriptor else self.prompt.format(descriptor=descriptor)
+
+  def slots(self) -> list[str]:
+    """The descriptors one cycle of `assign` walks through."""
+    return list(self.descriptors)
+
+
+def assign(cfg: DiversityConfig, n: int, offset: int, rng: np.random.Generator) -> list[str]:
+  """Descriptors for n groups ("" = the generic prompt): a stratified walk
+  through the descriptors starting at `offset` (every descriptor gets n / D
+  groups, +-1, over any window), each group generic with probability
+  `cfg.generic`; the order is shuffled. Plain GRPO: all generic."""
+  if not cfg.on:
+    return [""] * n
+  d = cfg.slots()
+  out = [d[(offset + j) % len(d)] for j in range(n)]
+  if cfg.generic:
+    out = ["" if rng.random() < cfg.generic else x for x in out]
+  return [out[i] for i in rng.permutation(n)]
+
+
+def spread(cfg: DiversityConfig, n_seeds: int, samples: int, offset: int = 0
+           ) -> tuple[list[int], list[str], int]:
+  """Mining: each seed's `samples` probes spread over the descriptors.
+  Returns (the seed position of each group, each group's descriptor, the
+  samples per group): with D descriptors a seed gets m = min(samples, D)
+  groups of samples / m (samples must divide), the descriptors walked in
+  order from `offset` + the seed's position, so every descriptor meets every
+  kind of image. Plain GRPO: one generic group of `samples` per seed."""
+  if not cfg.on:
+    return list(range(n_seeds)), [""] * n_seeds, samples
+  d = cfg.slots() + ([""] if cfg.generic else [])
+  m = min(samples, len(d))
+  if samples % m:
+    raise ValueError(f"mine.samples_per_seed ({samples}) must be a multiple of the "
+                     f"{m} descriptor groups each seed gets (audit.diversity.descriptors"
+                     f"{' + the generic prompt' if cfg.generic else ''})")
+  groups, descs = [], []
+  for s in range(n_seeds):
+    for t in range(m):
+      groups.append(s)
+      descs.append(d[(offset + s * m + t) % len(d)])
+  return groups, descs, samples // m
+
+
+class Archive:
+  """Per descriptor ("" = generic): tries, successes and the elite probes
+  (question -> successes, the `elites` most successful kept)."""
+
+  def __init__(self, cfg: DiversityConfig):
+    self.cfg = cfg
+    self.tries: collections.Counter = collections.Counter()
+    self.successes: collections.Counter = collections.Counter()
+    self.elites: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+  def update(self, descriptors: Sequence[str], questions: Sequence[str], success) -> None:
+    for d, q, ok in zip(descriptors, questions, np.asarray(success, bool), strict=True):
+      self.tries[d] += 1
+      if ok:
+        self.successes[d] += 1
+        self.elites[d][q] += 1
+    for d, c in self.elites.items():
+      if len(c) > self.cfg.elites:
+        self.elites[d] = collections.Counter(dict(sorted(
+            c.items(), key=lambda kv: (-kv[1], kv[0]))[:self.cfg.elites]))
+
+  def state(self) -> dict:
+    keys = sorted(set(self.tries) | set(self.successes))
+    return {"tries": {k: int(self.tries[k]) for k in keys},
+            "successes": {k: int(self.successes[k]) for k in keys},
+            "success_rate": {k: (self.successes[k] / self.tries[k] if self.tries[k] else 0.0)
+                             for k in keys},
+            "elites": {k: [[q, int(n)] for q, n in sorted(
+                self.elites[k].items(), key=lambda kv: (-kv[1], kv[0]))] for k in keys}}
+
+
+class Journal:
+  """`audit/diversity.jsonl`: one row per GRPO step (its descriptors,
+  questions and successes); the archive is their fold, so a resumed run
+  truncates the rows after its checkpoint and rebuilds the archive of that
+  step (`Journal.resume`)."""
+
+  def __init__(self, cfg: DiversityConfig, path: str):
+    self.cfg, self.path = cfg, path
+    self.archive = Archive(cfg)
+
+  def resume(self, last_step: int, write: bool = True) -> None:
+    """Keeps the rows of steps <= last_step (rewriting the file when
+    `write`, process 0) and folds them into a fresh archive."""
+    self.archive = Archive(self.cfg)
+    rows = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          if not line.strip():
+            continue
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: a corrupt line ({e}); delete the file and the "
+                             f"audit checkpoints to start the audit again") from e
+          if int(row["step"]) <= last_step:
+            rows.append(row)
+      if write:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+    for row in rows:
+      self.archive.update(row["descriptors"], row["questions"], row["success"])
+
+  def record(self, step: int, descriptors, questions, success, write: bool = True) -> None:
+    row = {"step": int(step), "descriptors": list(descriptors), "questions": list(questions),
+           "success": [bool(x) for x in np.asarray(success, bool)]}
+    self.archive.update(row["descriptors"], row["questions"], row["success"])
+    if write:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# -- measuring diversity -------------------------------------------------------
+
+def question_template(question: str) -> str:
+  """A text-only template of a question: its first two words and its length
+  in words ("how many/5"); questions of one form share it whatever objects
+  they name."""
+  words = question.lower().replace("?", " ").split()
+  return f"{' '.join(words[:2])}/{len(words)}"
+
+
+def entropy_bits(items: Iterable) -> float:
+  counts = np.array(list(collections.Counter(items).values()), float)
+  if not counts.size:
+    return 0.0
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def diversity_figures(questions: Sequence[str], failed: Sequence[bool] | None = None,
+                      categories: Sequence[str] | None = None, min_count: int = 3
+                      ) -> dict:
+  """How diverse a set of probes is:
+
+    probes               how many
+    top_question         the most common question, `top_question_share` its share
+    distinct_questions   how many different questions
+    template_entropy     entropy (bits) of `question_template` over the probes
+    failure_categories   with `failed` and `categories` (per probe): how many
+                         categories hold >= `min_count` failures
+  """
+  qs = [q.strip().lower() for q in questions]
+  out: dict = {"probes": len(qs)}
+  if qs:
+    top, n = collections.Counter(qs).most_common(1)[0]
+    out.update(top_question=top, top_question_share=n / len(qs))
+  else:
+    out.update(top_question="", top_question_share=float("nan"))
+  out["distinct_questions"] = len(set(qs))
+  out["template_entropy"] = entropy_bits(question_template(q) for q in qs)
+  if failed is not None and categories is not None:
+    c = collections.Counter(cat for cat, f in zip(categories, failed, strict=True) if f and cat)
+    out["failure_categories"] = sum(1 for v in c.values() if v >= min_count)
+  return out
+
+
+def per_seed_success(success, groups: Sequence[int]) -> float:
+  """The paper's search success: the share of seed images on which at least
+  one probe (rows grouped by `groups`, the seed of each row) succeeds."""
+  success = np.asarray(success, bool)
+  by: dict[int, bool] = {}
+  for g, ok in zip(groups, success, strict=True):
+    by[g] = by.get(g, False) or bool(ok)
+  return float(np.mean(list(by.values()))) if by else float("nan")
+
+
+def check_section(section: Mapping | None) -> list[str]:
+  try:
+    DiversityConfig.from_config(section)
+  except (ValueError, TypeError) as e:
+    return [str(e)]
+  return []
+

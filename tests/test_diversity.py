@@ -1,0 +1,177 @@
+"""audit.diversity: descriptor-conditioned GRPO, its archive and journal, and the
+diversity figures (docs/audit.md "Diversity")."""
+
+import collections
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from auditdm_jax.audit import diversity as D
+from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.audit import reward as R
+from auditdm_jax.audit import rollout
+from auditdm_jax.sampling import Sampler
+from tests.test_audit import _seeds, tiny_models  # noqa: F401  (fixture)
+
+DESC = ("colour", "shape", "counting", "existence", "position")
+
+
+def cfg(**kw):
+  return D.DiversityConfig(**{"mode": "descriptors", "descriptors": DESC, **kw})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mode="novelty"), "mode must be one of"),
+    (dict(descriptors=()), "needs a non-empty"),
+    (dict(descriptors=("a", "a")), "repeats"),
+    (dict(descriptors=("a", " ")), "non-empty strings"),
+    (dict(descriptors="counting"), "list of non-empty strings"),
+    (dict(prompt="ask about it"), "must contain"),
+    (dict(generic=1.0), "generic must be in"),
+    (dict(elites=0), "elites must be"),
+])
+def test_config_names_the_problem(bad, match):
+  with pytest.raises(ValueError, match=match):
+    cfg(**bad)
+
+
+def test_config_from_section_rejects_unknown_keys():
+  assert D.DiversityConfig.from_config(None).mode == "none"
+  c = D.DiversityConfig.from_config({"mode": "descriptors", "descriptors": ["a", "b"]})
+  assert c.descriptors == ("a", "b") and c.on
+  with pytest.raises(ValueError, match="unknown keys \\['novelty'\\]"):
+    D.DiversityConfig.from_config({"novelty": 1})
+  assert D.check_section({"mode": "x"}) and not D.check_section({})
+
+
+def test_assign_is_stratified_over_any_window():
+  c = cfg()
+  rng = np.random.default_rng(0)
+  seen = collections.Counter()
+  for step in range(4):           # 4 steps of 5 groups: every descriptor 4 times
+    got = D.assign(c, 5, step * 5, rng)
+    assert sorted(got) == sorted(DESC)
+    seen.update(got)
+  assert set(seen.values()) == {4}
+  assert D.assign(D.DiversityConfig(), 3, 0, rng) == ["", "", ""]
+  # 8 groups over 5 descriptors: each 1 or 2 times
+  assert set(collections.Counter(D.assign(c, 8, 3, rng)).values()) <= {1, 2}
+  # generic: about that share of the groups use the generic prompt
+  many = D.assign(cfg(generic=0.25), 4000, 0, rng)
+  assert 0.22 < many.count("") / 4000 < 0.28
+
+
+def test_spread_gives_every_seed_every_descriptor():
+  groups, descs, k = D.spread(cfg(), 3, 5)
+  assert k == 1 and groups == [0] * 5 + [1] * 5 + [2] * 5
+  for s in range(3):
+    assert sorted(descs[5 * s:5 * s + 5]) == sorted(DESC)
+  groups, descs, k = D.spread(cfg(), 2, 10)        # 10 samples over 5: 2 each
+  assert k == 2 and len(groups) == 10
+  with pytest.raises(ValueError, match="multiple of the 5 descriptor groups"):
+    D.spread(cfg(), 2, 8)
+  # more descriptors than samples: the walk moves on with the seed
+  groups, descs, k = D.spread(cfg(generic=0.1), 3, 2)   # 6 slots (+ generic), 2 a seed
+  assert k == 1 and descs == ["colour", "shape", "counting", "existence", "position", ""]
+  assert D.spread(D.DiversityConfig(), 4, 8) == ([0, 1, 2, 3], [""] * 4, 8)
+
+
+def test_archive_keeps_counts_and_elites():
+  a = D.Archive(cfg(elites=2))
+  a.update(["counting", "counting", "colour", "counting"],
+           ["how many?", "how many?", "what colour?", "how many circles?"],
+           [True, True, False, True])
+  a.update(["counting"], ["how many squares?"], [True])
+  s = a.state()
+  assert s["tries"] == {"colour": 1, "counting": 4}
+  assert s["successes"] == {"colour": 0, "counting": 4}
+  assert s["elites"]["counting"][0] == ["how many?", 2] and len(s["elites"]["counting"]) == 2
+  assert s["elites"]["colour"] == []
+
+
+def test_journal_resume_rebuilds_the_archive_of_the_checkpoint_step(tmp_path):
+  path = str(tmp_path / "diversity.jsonl")
+  j = D.Journal(cfg(), path)
+  rows = [(1, ["counting", "colour"], ["q1", "q2"], [True, False]),
+          (2, ["shape", "counting"], ["q3", "q1"], [True, True]),
+          (3, ["position", "position"], ["q4", "q5"], [False, True])]
+  for r in rows:
+    j.record(*r)
+  at2 = D.Archive(cfg())
+  for r in rows[:2]:
+    at2.update(*r[1:])
+  again = D.Journal(cfg(), path)
+  again.resume(2)
+  assert again.archive.state() == at2.state()
+  assert [json.loads(line)["step"] for line in open(path)] == [1, 2]   # step 3 dropped
+  with open(path, "a") as f:
+    f.write("{not json\n")
+  with pytest.raises(ValueError, match="corrupt line"):
+    D.Journal(cfg(), path).resume(5)
+
+
+def test_diversity_figures_by_hand():
+  qs = ["how many objects are there?"] * 3 + ["what colour is the red circle?",
+                                              "what colour is the blue square?"]
+  fig = D.diversity_figures(qs, [True, True, True, True, False],
+                            ["counting:4", "counting:4", "counting:4", "colour:red", "x"])
+  assert fig["top_question"] == "how many objects are there?"
+  assert fig["top_question_share"] == pytest.approx(0.6)
+  assert fig["distinct_questions"] == 3
+  # templates: "how many/5" x3, "what colour/6" x2
+  p = np.array([0.6, 0.4])
+  assert fig["template_entropy"] == pytest.approx(float(-(p * np.log2(p)).sum()))
+  assert fig["failure_categories"] == 1        # counting:4 (3 failures); colour:red has 1
+  assert D.question_template("Is there a red circle?") == "is there/5"
+  assert D.per_seed_success([False, True, False, False], [0, 0, 1, 1]) == 0.5
+
+
+def test_auditor_task_names_the_skill_in_the_descriptor_share():
+  from auditdm_jax.data import scene_tfds  # noqa: F401  (records come from the world)
+  from auditdm_jax.models import presets
+  from auditdm_jax.scenes import questions as Q
+  from auditdm_jax.scenes import world
+  from auditdm_jax.scenes.text import SKILL_DESCRIPTORS, question_prompt, world_tokenizer
+  from auditdm_jax.train import tasks
+  acfg = presets.get_preset("scene-gemma3")
+  tok = world_tokenizer("gemma3")
+  rng = np.random.default_rng(1)
+  recs = []
+  for i in range(0, 60, 3):          # route "question" is index % 3 == 0
+    skill = Q.SKILLS[(i // 3) % len(Q.SKILLS)]
+    scene, q = Q.scene_for_skill(skill, rng)
+    recs.append({"index": i, "image": world.render(scene), "scene": scene.to_json(),
+                 "question": q.text, "answer": q.answer, "skill": skill})
+  task = tasks.AuditorTask(acfg, tok, seq_len=112, seed=0, descriptor_rate=0.5)
+  prompts = collections.Counter()
+  for r in recs:
+    row = task(r)
+    text = tok.decode(row["tokens"][~row["mask_ar"].astype(bool)
+                                    & (row["tokens"] != acfg.image_token_id)])
+    named = question_prompt(SKILL_DESCRIPTORS[r["skill"]])
+    generic = question_prompt("")
+    assert (named in text) != (generic in text), text
+    prompts[named in text] += 1
+  assert prompts[True] > 3 and prompts[False] > 3
+  with pytest.raises(ValueError, match="descriptor_rate"):
+    tasks.AuditorTask(acfg, tok, seq_len=112, descriptor_rate=1.5)
+
+
+@pytest.mark.slow
+def test_rollout_asks_each_seed_through_its_descriptor(tiny_models):  # noqa: F811
+  auditor, answerers = tiny_models
+  auditing = rollout.Auditing(Sampler(auditor), {n: Sampler(m) for n, m in answerers.items()},
+                              "target", ["ref_a", "ref_b"], editor_lib.SceneEditor(),
+                              R.RewardConfig(), num_samples=2, max_new_tokens=6,
+                              diversity=cfg())
+  tok = auditor.tokenizer
+  roll = auditing.run(_seeds(3), ["question", "edit", "edit_question"], jax.random.key(0),
+                      descriptors=["counting", "shape", "position"])
+  assert roll.descriptor == ["counting"] * 2 + [""] * 2 + ["position"] * 2
+  assert roll.prompts[0][0] == tok.prompt("ask a question about counting")
+  assert roll.prompts[2][0] == tok.prompt("write an edit command for the image")
+  assert roll.prompts[4][1] == tok.prompt("ask a question about position")
+  with pytest.raises(ValueError, match="descriptors"):
+    auditing.run(_seeds(2), ["question"] * 2, jax.random.key(0), descriptors=["a"])
