@@ -100,14 +100,16 @@ def run_stage(config: str, workdir: str, stage: str, seed: int, overrides, log) 
 
 def link_copy(src: str, dst: str, names) -> None:
   """Hard-linked copies of `names` under src into dst (the stages replace
-  files by rename, so the source is never written through a link)."""
+  files by rename, so the source is never written through a link); models
+  the later stages write (`*_trained`, `*_rectified`) are left behind."""
   os.makedirs(dst, exist_ok=True)
+  skip = shutil.ignore_patterns("*_trained", "*_rectified")
   for n in names:
     s, d = os.path.join(src, n), os.path.join(dst, n)
     if not os.path.exists(s) or os.path.exists(d):
       continue
     if os.path.isdir(s):
-      shutil.copytree(s, d, copy_function=os.link)
+      shutil.copytree(s, d, copy_function=os.link, ignore=skip if n == "models" else None)
     else:
       os.link(s, d)
 

@@ -109,6 +109,8 @@ def get_config(arg=None):
   # One pass of the trained auditor over the seed images (mine stage), each
   # seed's 8 samples spread over the 8 descriptors.
   c.mine = ml_collections.ConfigDict(dict(
+      auditors=(),          # () = the trained auditor alone
+      unlabelled_types="on",
       seeds=256,   # 0: every seed image
       samples_per_seed=8, chunk_seeds=32, temperature=1.0,
       top_k=5, purity=0.5, merge_rate=0.5, min_probes=3))

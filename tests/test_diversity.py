@@ -139,12 +139,13 @@ def test_auditor_task_names_the_skill_in_the_descriptor_share():
   tok = world_tokenizer("gemma3")
   rng = np.random.default_rng(1)
   recs = []
-  for i in range(0, 60, 3):          # route "question" is index % 3 == 0
+  for i in range(0, 60, 3):
     skill = Q.SKILLS[(i // 3) % len(Q.SKILLS)]
     scene, q = Q.scene_for_skill(skill, rng)
     recs.append({"index": i, "image": world.render(scene), "scene": scene.to_json(),
                  "question": q.text, "answer": q.answer, "skill": skill})
-  task = tasks.AuditorTask(acfg, tok, seq_len=112, seed=0, descriptor_rate=0.5)
+  task = tasks.AuditorTask(acfg, tok, seq_len=112, seed=0, descriptor_rate=0.5,
+                           routes=("question",))
   prompts = collections.Counter()
   for r in recs:
     row = task(r)
@@ -175,3 +176,47 @@ def test_rollout_asks_each_seed_through_its_descriptor(tiny_models):  # noqa: F8
   assert roll.prompts[4][1] == tok.prompt("ask a question about position")
   with pytest.raises(ValueError, match="descriptors"):
     auditing.run(_seeds(2), ["question"] * 2, jax.random.key(0), descriptors=["a"])
+
+
+class _FakeJudge:
+  """A sampler whose likelihood prefers, for completion [c], the prompt of
+  descriptor DESC[c]."""
+
+  def __init__(self):
+    from auditdm_jax.scenes.text import world_tokenizer
+    self.tokenizer = world_tokenizer("gemma3")
+    self.calls = []
+
+  def score(self, images, prompts, answers):
+    self.calls.append(len(prompts))
+    want = {tuple(self.tokenizer.prompt(f"ask a question about {d}")): j
+            for j, d in enumerate(DESC)}
+    return [np.array([0.0 if want[tuple(p)] == a[0] else -5.0, -1.0])
+            for p, a in zip(prompts, answers)]
+
+
+def test_adherence_pays_only_probes_that_read_as_their_descriptor():
+  judge = _FakeJudge()
+  adh = D.Adherence(judge, cfg(), "ask a question about the image", batch=7)
+  n = 5
+  img = np.zeros((8, 8, 3), np.uint8)
+  roll = rollout.Rollout(
+      pairings=["question"] * n, texts=[["q"]] * n,
+      tokens=[[[2, 1]], [[0, 1]], [[4, 1]], [[1, 1]], [[3, 1]]],
+      prompts=[[[]]] * n, images_in=[[img]] * n, question=["q"] * n,
+      image=np.zeros((n, 8, 8, 3), np.uint8), context=[None] * n,
+      valid=np.array([True, True, True, False, True]), reason=[""] * n, factor=[""] * n,
+      answers={}, parsed={}, reward=np.array([1, 1, 0, -1, 1], np.float32),
+      has_consensus=np.ones(n, bool), success=np.array([1, 1, 0, 0, 1], bool),
+      consensus=[""] * n, answered=np.ones(n, bool),
+      descriptor=["counting", "shape", "position", "colour", ""])
+  ok = adh(roll)
+  # row 0 reads as counting (DESC[2]); row 1 as colour, not shape; row 2 as
+  # position; row 3 is invalid and row 4 generic: not judged
+  np.testing.assert_array_equal(ok, [True, False, True, True, True])
+  assert judge.calls == [7, 7, 7]           # 3 rows x 5 descriptors, padded to 7s
+  reward, paid = D.apply_adherence(roll.reward, roll.success, ok, -1.0)
+  np.testing.assert_array_equal(reward, [1, -1, 0, -1, 1])
+  np.testing.assert_array_equal(paid, [True, False, False, False, True])
+  with pytest.raises(ValueError, match="adherence must be one of"):
+    cfg(adherence="judge")

@@ -1,6 +1,7 @@
 """Fast checks of the scene-world training rows and the benchmark arithmetic
 (the stage-level run is tests/test_pretrain_eval.py, marked slow)."""
 
+import collections
 import json
 
 import numpy as np
@@ -57,13 +58,22 @@ def test_auditor_task_routes_produce_well_formed_text(records):
   tok = world_tokenizer("gemma3")
   task = tasks.AuditorTask(cfg, tok, seq_len=112, seed=3)
   from auditdm_jax.scenes.world import Scene
-  for r in records[:12]:
+  from auditdm_jax.scenes.text import AUDITOR_TASKS
+  routes = collections.Counter()
+  for r in records[:24]:
     row = task(r)
     target = tok.decode(benchmark.strip_stops(row["tokens"][row["mask_ar"].astype(bool)],
                                               {tok.end_of_turn_id, tok.eos_id}))
-    route = tasks.ROUTES[r["index"] % 3]
+    prompt = tok.decode(row["tokens"][~row["mask_ar"].astype(bool)
+                                      & (row["tokens"] != cfg.image_token_id)])
+    route, = [k for k, v in AUDITOR_TASKS.items() if v in prompt]
+    routes[route] += 1
     ok, why = benchmark.route_validity(route, Scene.from_json(r["scene"]), target)
     assert ok, (route, target, why)
+  # Routes are drawn per record, not by index (the data cycles its skills
+  # with the index): every route turns up, and question rows of every
+  # skill parity.
+  assert set(routes) == set(tasks.ROUTES)
   # The image block is expanded: one placeholder per soft token.
   assert int((row["tokens"] == cfg.image_token_id).sum()) == cfg.mm_tokens_per_image
 

@@ -170,3 +170,19 @@ def test_audit_stage_writes_audit_json_and_resumes_exactly(workdir, tmp_path):
   with open(os.path.join(workdir, "audit", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if line.strip()]
   assert steps == [1, 2, 3]
+  # The diversity archive resumes with the rest: the same journal, the same
+  # archive, the per-seed search and diversity figures written.
+  assert c.audit.diversity.mode == "descriptors"
+  journals = []
+  for wd in (workdir, fresh):
+    with open(os.path.join(wd, "audit", "diversity.jsonl")) as f:
+      journals.append([json.loads(line) for line in f if line.strip()])
+  assert [r["step"] for r in journals[0]] == [1, 2, 3] and journals[0] == journals[1]
+  with open(os.path.join(workdir, "audit.json")) as f:
+    a, = [json.load(f)]
+  with open(os.path.join(fresh, "audit.json")) as f:
+    b = json.load(f)
+  assert a["archive"] == b["archive"] and sum(a["archive"]["tries"].values()) == 3 * (
+      c.audit.prompts_per_step * c.audit.grpo.num_samples)
+  assert set(a["success_rate_per_seed"]) == {"budget", "seeds", "trained", "warm_start"}
+  assert set(a["diversity"]) == {"trained", "warm_start"}

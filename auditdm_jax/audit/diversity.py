@@ -41,6 +41,7 @@ import numpy as np
 from auditdm_jax.utils.fileio import atomic_write_text
 
 MODES = ("none", "descriptors")
+ADHERENCE = ("warm_likelihood", "off")
 DEFAULT_TEMPLATE = "ask a question about {descriptor}"
 
 
@@ -55,6 +56,10 @@ class DiversityConfig:
   generic      share of the groups asked with the generic prompt instead
                (0: none), so the auditor still probes what no descriptor names.
   elites       elite probes kept per descriptor in the archive.
+  adherence    "warm_likelihood": a probe pays only when its question reads as
+               its descriptor's (`Adherence`: the warm-start auditor's
+               likelihood of the question is highest under that descriptor's
+               prompt); "off": any probe pays.
   """
 
   mode: str = "none"
@@ -62,6 +67,7 @@ class DiversityConfig:
   prompt: str = DEFAULT_TEMPLATE
   generic: float = 0.0
   elites: int = 8
+  adherence: str = "warm_likelihood"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -81,6 +87,9 @@ class DiversityConfig:
                        f"{self.prompt!r}")
     if not (isinstance(self.generic, (int, float)) and 0.0 <= self.generic < 1.0):
       raise ValueError(f"audit.diversity.generic must be in [0, 1), got {self.generic!r}")
+    if self.adherence not in ADHERENCE:
+      raise ValueError(f"audit.diversity.adherence must be one of {ADHERENCE}, got "
+                       f"{self.adherence!r}")
     if not isinstance(self.elites, int) or self.elites < 1:
       raise ValueError(f"audit.diversity.elites must be an int >= 1, got {self.elites!r}")
 
@@ -143,6 +152,66 @@ def spread(cfg: DiversityConfig, n_seeds: int, samples: int, offset: int = 0
       groups.append(s)
       descs.append(d[(offset + s * m + t) % len(d)])
   return groups, descs, samples // m
+
+
+class Adherence:
+  """Does each probe's question read as the descriptor it was asked for?
+
+  Conditioning alone does not keep a policy on its descriptor: GRPO pays a
+  "colour" group's sample that asks "how many objects are there?" whenever
+  that pays more (measured: 81% of the trained auditor's probes, every
+  descriptor, were that question). The judge is the warm-start auditor, frozen:
+  it scores the question's tokens under every descriptor's prompt, the
+  question reads as the descriptors of highest likelihood (a zero-shot
+  classifier from the model's own instruction following, as any MLLM
+  auditor offers), and a probe adheres when its descriptor is the argmax.
+  `sampler` is a `Sampler` over the warm-start params; `batch` rows a call."""
+
+  def __init__(self, sampler, cfg: DiversityConfig, generic_prompt: str, batch: int = 256):
+    self.sampler, self.cfg, self.batch = sampler, cfg, int(batch)
+    tok = sampler.tokenizer
+    self.descs = cfg.slots()
+    self.prompts = [tok.prompt(cfg.prompt_text(d, generic_prompt)) for d in self.descs]
+
+  def loglik(self, images, completions) -> np.ndarray:
+    """float32 [N, D]: log p_warm(completion_i | image_i, prompt of descriptor d)."""
+    n, d = len(completions), len(self.descs)
+    rows = [(i, j) for i in range(n) for j in range(d)]
+    out = np.zeros((n, d), np.float32)
+    for start in range(0, len(rows), self.batch):
+      part = rows[start:start + self.batch]
+      pad = part + [part[0]] * (self.batch - len(part))    # one shape: one compile
+      lp = self.sampler.score(np.stack([images[i] for i, _ in pad]),
+                              [self.prompts[j] for _, j in pad],
+                              [list(completions[i]) or [0] for i, _ in pad])
+      for (i, j), v in zip(part, lp):
+        out[i, j] = float(np.sum(v))
+    return out
+
+  def __call__(self, roll) -> np.ndarray:
+    """bool [N]: True where the row adheres (or has no descriptor, or is invalid:
+    its reward is already the invalid one)."""
+    ok = np.ones(roll.n, bool)
+    idx = [i for i in range(roll.n) if roll.descriptor[i] and roll.valid[i]]
+    if not idx:
+      return ok
+    ll = self.loglik([roll.images_in[i][-1] for i in idx], [roll.tokens[i][-1] for i in idx])
+    best = ll.argmax(axis=1)
+    for row, i in enumerate(idx):
+      ok[i] = self.descs[best[row]] == roll.descriptor[i]
+    return ok
+
+
+def apply_adherence(reward, success, ok, invalid_reward: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(reward, success) with the rows that do not adhere paid as invalid
+  (`RewardConfig.invalid_reward`: a question of another kind is not what
+  was asked for; paid 0 instead, a group whose descriptor the target never
+  fails drifts to the always-valid off-descriptor question) and not counted
+  as successes."""
+  ok = np.asarray(ok, bool)
+  return (np.where(ok, reward, np.minimum(reward, invalid_reward)).astype(np.float32),
+          np.asarray(success, bool) & ok)
 
 
 class Archive:

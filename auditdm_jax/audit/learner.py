@@ -350,9 +350,10 @@ class GRPOLearner:
   def __init__(self, trainer: grpo.GRPOTrainer, auditing: rollout_lib.Auditing,
                pool: SeedPool, mixture, *, seed: int, prompts_per_step: int, seq_len: int,
                warm_params, finds_path: str, log_examples: int = 2,
-               journal: diversity_lib.Journal | None = None):
+               journal: diversity_lib.Journal | None = None,
+               adherence: diversity_lib.Adherence | None = None):
     self.trainer, self.auditing, self.pool, self.mixture = trainer, auditing, pool, mixture
-    self.journal = journal
+    self.journal, self.adherence = journal, adherence
     self.gcfg = trainer.gcfg
     self.seed, self.prompts_per_step, self.seq_len = seed, prompts_per_step, seq_len
     self.second_rows = rollout_lib.second_text_budget(mixture, prompts_per_step,
@@ -370,6 +371,11 @@ class GRPOLearner:
     auditing.auditor.params = jax.device_put(state["params"], auditing.auditor.param_shardings)
     roll = auditing.run(self.pool.get(idx), pairings, jax.random.key(self.seed * 100_003 + step),
                         descriptors=descs)
+    adherent = None
+    if self.adherence is not None:   # off-descriptor probes do not pay
+      adherent = self.adherence(roll)
+      roll.reward, paid = diversity_lib.apply_adherence(roll.reward, roll.success, adherent,
+                                                        auditing.rcfg.invalid_reward)
     adv = np.asarray(grpo.group_advantages(roll.reward, gcfg.num_samples, gcfg.adv_eps,
                                            gcfg.scale_rewards))
     batch = build_batch(trainer.cfg, roll, adv, self.seq_len, self.second_rows, gcfg.loss_agg)
@@ -385,8 +391,13 @@ class GRPOLearner:
     row.update({k: float(m[k]) for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm")})
     row["lr"] = float(trainer.schedule(int(state["step"]) - 1))
     row["step_time"] = time.perf_counter() - t0
+    if adherent is not None:
+      asked = np.array([bool(d) and v for d, v in zip(roll.descriptor, roll.valid)])
+      row["adherence"] = float(adherent[asked].mean()) if asked.any() else float("nan")
+      row["paid_rate"] = float(paid.mean())
     if self.journal is not None:
-      self.journal.record(step + 1, roll.descriptor, roll.question, roll.success,
+      self.journal.record(step + 1, roll.descriptor, roll.question,
+                          roll.success if adherent is None else paid,
                           write=sharding.is_primary())
       row["descriptors_found"] = float(sum(1 for d, n in self.journal.archive.successes.items()
                                            if d and n))

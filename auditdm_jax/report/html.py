@@ -74,7 +74,9 @@ def render(facts: Mapping | None, gallery: Sequence[Mapping] = ()) -> str:
   `facts` (every key optional; missing or None renders as "not available"):
     title, workdir: str
     planted_gap_recall, exemplar_precision: float
-    label_precision, search_trained, search_warm_start: float (shown when present)
+    label_precision, search_trained, search_warm_start (per probe),
+      search_per_seed_trained, search_per_seed_warm_start (the paper's per-seed
+      count), top_question_share: float (shown when present)
     planted_gaps: {MODEL: {SPEC: {"found": bool, "rank": int, "type": str}}}
     failure_types: [{"name", "count", "share": {MODEL: f}, "rate": {MODEL: f}}],
       ranked best first
@@ -217,8 +219,13 @@ def _same_answer(a, b) -> bool:
 def _header(facts: Mapping, title: str) -> str:
   stats = "".join(
       f"<div class=\"stat\">{_e(label)}<b>{_pct(facts.get(key))}</b></div>"
-      for label, key in (("search success, trained auditor", "search_trained"),
-                         ("search success, warm start", "search_warm_start"),
+      for label, key in (("search success per probe, trained auditor", "search_trained"),
+                         ("search success per probe, warm start", "search_warm_start"),
+                         ("search success per seed, trained auditor",
+                          "search_per_seed_trained"),
+                         ("search success per seed, warm start",
+                          "search_per_seed_warm_start"),
+                         ("top question's share of the probes", "top_question_share"),
                          ("planted-gap recall", "planted_gap_recall"),
                          ("exemplar precision", "exemplar_precision"),
                          ("pseudo-label precision", "label_precision"))

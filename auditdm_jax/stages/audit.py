@@ -124,11 +124,17 @@ def run(config, workdir: str) -> dict:
     if dcfg.on:   # the archive of the checkpoint's step, rebuilt from its journal
       journal = diversity_lib.Journal(dcfg, os.path.join(root, "diversity.jsonl"))
       journal.resume(start, write=sharding.is_primary())
+    adherence = None
+    if dcfg.on and dcfg.adherence == "warm_likelihood":   # the frozen warm start judges
+      judge_sampler = placement.sampler(config, aud_name, auditor, mesh)
+      adherence = diversity_lib.Adherence(judge_sampler, dcfg,
+                                          rollout_lib.AUDITOR_TASKS["question"],
+                                          batch=int(a.get("eval_batch", 64)) * 4)
     learner = learner_lib.GRPOLearner(
         trainer, auditing, train_pool, mixture, seed=seed,
         prompts_per_step=int(a.prompts_per_step), seq_len=int(a.seq_len),
         warm_params=warm_params, finds_path=finds_path,
-        log_examples=int(a.get("log_examples", 2)), journal=journal)
+        log_examples=int(a.get("log_examples", 2)), journal=journal, adherence=adherence)
     progress = a.get("progress", None)
     lcfg = loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a.checkpoint_every),
                                log_every=int(a.get("log_every", 10)), updates_per_step=mu,

@@ -382,12 +382,15 @@ def _auditors(r: _Run, specs, img) -> dict:
       continue
     rate = float(pc.auditor.get("descriptor_rate", 0.0) or 0.0)
     if status.done(name) and os.path.exists(model_dir(workdir, name)):
-      if float(status.data[name].get("descriptor_rate", 0.0)) == rate:
-        results[name] = status.data[name]
+      old = status.data[name]
+      if (float(old.get("descriptor_rate", 0.0)) == rate
+          and old.get("task_version", 1) == tasks.AUDITOR_TASK_VERSION):
+        results[name] = old
         continue
       print(f"pretrain: {name} was warm-started with descriptor rate "
-            f"{status.data[name].get('descriptor_rate', 0.0)}; the config asks for {rate}: "
-            f"training it again", flush=True)
+            f"{old.get('descriptor_rate', 0.0)} (task version {old.get('task_version', 1)}); "
+            f"the config asks for {rate} (version {tasks.AUDITOR_TASK_VERSION}): training "
+            f"it again", flush=True)
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     cfg = presets.get_preset(spec.preset)
     params = models.VLM.random(cfg, seed=seed + 7).params
@@ -401,7 +404,8 @@ def _auditors(r: _Run, specs, img) -> dict:
                                 placed(recipe_config(pc.auditor, seed + 7), config, name),
                                 os.path.join(root, name), tokenizer=atok)
     models.VLM(cfg, sharding.to_host(params), atok).save(model_dir(workdir, name))
-    results[name] = dict(summary, preset=spec.preset, descriptor_rate=rate)
+    results[name] = dict(summary, preset=spec.preset, descriptor_rate=rate,
+                         task_version=tasks.AUDITOR_TASK_VERSION)
     status.mark(name, results[name])
     print(f"pretrain: {name} (auditor, {spec.preset}) trained {summary['steps']} steps, "
           f"final loss {summary['final'].get('loss', float('nan')):.4f}", flush=True)

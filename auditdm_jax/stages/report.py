@@ -158,6 +158,11 @@ def run(config, workdir: str) -> dict:
       "label_precision": mine.get("label_precision"),
       "search_trained": (audit.get("success_rate") or {}).get("trained"),
       "search_warm_start": (audit.get("success_rate") or {}).get("warm_start"),
+      "search_per_seed_trained": (audit.get("success_rate_per_seed") or {}).get("trained"),
+      "search_per_seed_warm_start": (audit.get("success_rate_per_seed") or {}).get(
+          "warm_start"),
+      "top_question_share": ((audit.get("diversity") or {}).get("trained") or {}).get(
+          "top_question_share"),
       "planted_gaps": mine.get("planted_gaps"),
       "failure_types": failure_types,
       "accuracy_before": before, "accuracy_after": after, "gapped_skills": gapped,
@@ -178,6 +183,8 @@ def run(config, workdir: str) -> dict:
          "accuracy_after": after, "checks": rect.get("checks", []),
          "rounds": [{k: v for k, v in r.items() if k != "workdir"} for r in rounds],
          "search_success_rate": audit.get("success_rate"),
+         "search_success_rate_per_seed": audit.get("success_rate_per_seed"),
+         "diversity": audit.get("diversity"),
          "gallery": [{k: v for k, v in g.items() if k not in ("seed_image", "image")}
                      for g in items],
          "wall_s": dict(walls, report=time.time() - t0), "html": html_path}
@@ -200,6 +207,17 @@ def _notes(audit: dict, mine: dict, rect: dict, rounds: list) -> list[str]:
     sr = audit.get("success_rate", {})
     notes.append(f"Search success at a budget of {audit.get('budget')} samples: trained "
                  f"{_f(sr.get('trained'))}, warm start {_f(sr.get('warm_start'))}.")
+    ps = audit.get("success_rate_per_seed")
+    if ps:
+      notes.append(f"Per seed image ({ps.get('budget')} probes on each of {ps.get('seeds')} "
+                   f"held-out seeds, the paper's count): trained {_f(ps.get('trained'))}, "
+                   f"warm start {_f(ps.get('warm_start'))}.")
+    div = (audit.get("diversity") or {}).get("trained")
+    if div:
+      notes.append(f"The trained auditor's most common question is "
+                   f"{_f(div.get('top_question_share'))} of its probes "
+                   f"({div.get('distinct_questions')} distinct questions, "
+                   f"{div.get('failure_categories')} failure categories).")
   if mine:
     notes.append(f"{mine.get('probes')} consensus-backed probes, {mine.get('exemplars')} "
                  f"failure exemplars; pseudo-labels equal the ground truth in "

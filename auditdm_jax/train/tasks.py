@@ -11,7 +11,7 @@ each process.
                `judge_rate`, that share of rows asks instead whether two
                answers mean the same (`judge_row`: a reference that judges).
   AuditorTask  the auditor's warm start: for the record's scene, one of the
-               three routes (by record index): a well-formed probing question,
+               routes (drawn per record): a well-formed probing question,
                an edit command valid for the scene, or the scene's caption.
   cell_labels  per-cell (colour, shape, size) class ids for the vision
                tower's dense pretraining (0 = empty cell).
@@ -40,6 +40,9 @@ from auditdm_jax.scenes.world import COLOURS, GRID, SHAPES, SIZES, Scene
 from auditdm_jax.train.batches import sft_example
 
 ROUTES = tuple(AUDITOR_TASKS)
+# 2: routes drawn per record (1 took index % routes, which aliased with the
+# data's skill cycle); pretrain retrains a warm start of another version.
+AUDITOR_TASK_VERSION = 2
 
 
 class _Tokenized:
@@ -172,7 +175,12 @@ class AuditorTask(_Tokenized):
 
   def __call__(self, record: dict) -> dict | None:
     index = int(record.get("index", 0))
-    route = self.routes[index % len(self.routes)]
+    # The route by a draw, not `index % len(routes)`: the scene data cycles
+    # its skills with the index (8 skills), so with two routes every question
+    # row was of colour, counting, spatial or binding and the warm start
+    # never asked about shape, existence, size or small objects.
+    route = self.routes[int(np.random.default_rng([self.seed, index, 1]).integers(
+        len(self.routes)))]
     rng = np.random.default_rng([self.seed, index])
     target = auditor_target(route, record, rng)
     prompt = AUDITOR_TASKS[route]
