@@ -221,7 +221,7 @@ def table(rows) -> str:
     for name, m in row["methods"].items():
       per = ", ".join(f"{g} {n}{'' if m['found'][g] else ' (missed)'}"
                       for g, n in m["exemplars_per_gap"].items())
-      f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+      f = lambda x: "n/a" if x is None or x != x else f"{x:.3f}"  # noqa: E731
       lines.append(
           f"| {row['seed']} | {row['target']} | {name} | {m['recall']:.2f} | "
           f"{f(m['exemplar_precision'])} / {f(m['label_precision'])} | {per} | "
@@ -234,16 +234,21 @@ def summary(rows) -> dict:
   """Per method over every gap set: the share of all planted gaps found, the
   worst gap set's recall, the worst precisions and the largest top-question
   share."""
+  def worst(values, fn):
+    vals = [v for v in values if isinstance(v, (int, float)) and v == v]
+    return fn(vals) if vals else float("nan")
+
   out = {}
   for name in {n for r in rows for n in r["methods"]}:
-    ms = [(r, r["methods"][name]) for r in rows if name in r["methods"]]
-    found = sum(sum(m["found"].values()) for _, m in ms)
-    total = sum(len(m["found"]) for _, m in ms)
+    ms = [r["methods"][name] for r in rows if name in r["methods"]]
+    found = sum(sum(m["found"].values()) for m in ms)
+    total = sum(len(m["found"]) for m in ms)
     out[name] = {"recall_all": found / total if total else float("nan"),
-                 "recall_worst_set": min(m["recall"] for _, m in ms),
-                 "exemplar_precision_min": min(m["exemplar_precision"] for _, m in ms),
-                 "label_precision_min": min(m["label_precision"] for _, m in ms),
-                 "top_question_share_max": max(m["top_question_share"] for _, m in ms)}
+                 "recall_worst_set": worst([m["recall"] for m in ms], min),
+                 "exemplar_precision_min": worst([m["exemplar_precision"] for m in ms], min),
+                 "label_precision_min": worst([m["label_precision"] for m in ms], min),
+                 "consensus_truth_min": worst([m["consensus_truth"] for m in ms], min),
+                 "top_question_share_max": worst([m["top_question_share"] for m in ms], max)}
   return out
 
 
@@ -291,7 +296,8 @@ def main(argv=None) -> int:
     print(f"{name}: planted gaps found {s['recall_all']:.3f} (worst gap set "
           f"{s['recall_worst_set']:.2f}), exemplar precision >= "
           f"{s['exemplar_precision_min']:.3f}, label precision >= "
-          f"{s['label_precision_min']:.3f}, top question share <= "
+          f"{s['label_precision_min']:.3f}, consensus_truth >= "
+          f"{s['consensus_truth_min']:.3f}, top question share <= "
           f"{s['top_question_share_max']:.3f}")
   if args.out:
     _write(args.out, rows)
