@@ -17,7 +17,13 @@ precision of the trained auditor's finds, into `<workdir>/audit.json`:
 
   {"budget", "success_rate": {"trained", "warm_start"}, "precision_gt",
    "consensus_truth": {"trained", "warm_start"}, "success_by_pairing",
-   "steps", "wall_s", ...}
+   "success_rate_per_seed": {"trained", "warm_start", "budget", "seeds"},
+   "diversity": {"trained", "warm_start"}, "archive", "steps", "wall_s", ...}
+
+`audit.diversity` (`audit/diversity.py`, docs/audit.md "Diversity"): every
+GRPO group asks through a descriptor, probes off their descriptor are paid
+as invalid (the frozen warm start judges), and the archive is journaled in
+`audit/diversity.jsonl` (rebuilt to the checkpoint's step on resume).
 
 `consensus_truth` is how often the references' consensus is the world's
 answer on the valid probes each auditor wrote (not on the benchmark): the
