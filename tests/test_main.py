@@ -53,6 +53,9 @@ def test_config_errors_name_every_problem():
   config.pretrain.base.phrase_aux = -1.0
   config.mesh = {"data": 1, "fsdp": -1, "tensor": -1}
   config.models.target_small.partition_rules = [["(unclosed", [None]]]
+  config.audit.diversity.mode = "novelty"
+  config.audit.seed_budget = 0
+  config.pretrain.auditor.descriptor_rate = 2.0
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
   msg = str(e.value)
@@ -64,7 +67,10 @@ def test_config_errors_name_every_problem():
                "pretrain.base_first.skills must be a non-empty list of",
                "pretrain.base.phrase_aux must be a number >= 0",
                "mesh must map data / fsdp / model to sizes",
-               "models.target_small.partition_rules: partition rule 0: bad regex"):
+               "models.target_small.partition_rules: partition rule 0: bad regex",
+               "audit.diversity: audit.diversity.mode must be one of",
+               "audit.seed_budget must be an int >= 1",
+               "pretrain.auditor.descriptor_rate must be in [0, 1]"):
     assert part in msg
 
 

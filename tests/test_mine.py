@@ -493,3 +493,63 @@ def test_report_stage_shows_the_unlabelled_types_only_when_mined(tmp_path):
   assert "&lt;b&gt;red&lt;/b&gt; things" in page and "<b>red</b>" not in page
   section = page[page.index('id="unlabelled"'):page.index('id="planted-gaps"')]
   assert section.count("data:image/png;base64,") == 2     # the members nearest the centre
+
+
+class _FakeAuditing:
+  """Writes "question <descriptor> <seed>" for every sample; ref_a / ref_b say
+  "red", t_small "blue" (every probe is a failure of t_small)."""
+
+  def __init__(self, diversity):
+    self.diversity = diversity
+    self.calls = []
+
+  def run(self, seeds, pairings, rng, num_samples=None, descriptors=None):
+    from auditdm_jax.audit import rollout
+    del rng
+    k = int(num_samples)
+    self.calls.append((len(seeds), k))
+    n = len(seeds) * k
+    qs = [f"what colour is the {descriptors[i // k] or 'thing'} {seeds[i // k].question}?"
+          for i in range(n)]
+    img = np.stack([seeds[i // k].image for i in range(n)])
+    ans = {"ref_a": ["red"] * n, "ref_b": ["red"] * n, "t_small": ["blue"] * n}
+    return rollout.Rollout(
+        pairings=[pairings[i // k] for i in range(n)], texts=[[q] for q in qs],
+        tokens=[[[1]]] * n, prompts=[[[1]]] * n, images_in=[[im] for im in img], question=qs,
+        image=img, context=[""] * n, valid=np.ones(n, bool), reason=[""] * n,
+        factor=[""] * n, answers=ans, parsed=ans, reward=np.ones(n, np.float32),
+        has_consensus=np.ones(n, bool), success=np.ones(n, bool), consensus=["red"] * n,
+        answered=np.ones(n, bool), descriptor=[descriptors[i // k] for i in range(n)])
+
+
+class _Pool:
+  def get(self, idx):
+    from auditdm_jax.audit import rollout
+    return [rollout.Seed(np.full((8, 8, 3), i, np.uint8), None, f"s{i}") for i in idx]
+
+
+def test_mining_spreads_each_seeds_samples_over_the_descriptors(tmp_path):
+  from auditdm_jax.audit import diversity
+  chunks = str(tmp_path / "chunks")
+  cfg = diversity.DiversityConfig(mode="descriptors", descriptors=("a", "b", "c", "d"))
+  fake = _FakeAuditing(cfg)
+  n = journal.mine_chunks({"auditor_trained": None}, lambda name, aud: fake, _Pool(), chunks,
+                          mixture={"question": 1.0}, samples_per_seed=8, chunk_seeds=3,
+                          n_seeds=6, seed=0, targets=["t_small"], refs=["ref_a", "ref_b"],
+                          focus="t_small", consensus="majority", editor=None,
+                          auditor_steps={})
+  assert n == 2 and fake.calls == [(12, 2), (12, 2)]   # 3 seeds x 4 descriptors, 2 samples
+  recs = list(store.iter_chunks(chunks))
+  by_seed = {}
+  for r in recs:
+    by_seed.setdefault(r["seed_index"], set()).add(r["descriptor"])
+  assert by_seed == {s: {"a", "b", "c", "d"} for s in range(6)}
+  # plain GRPO: one generic group of 8 a seed, no descriptor kept
+  plain = _FakeAuditing(diversity.DiversityConfig())
+  journal.mine_chunks({"auditor_trained": None}, lambda name, aud: plain, _Pool(),
+                      str(tmp_path / "plain"), mixture={"question": 1.0}, samples_per_seed=8,
+                      chunk_seeds=3, n_seeds=3, seed=0, targets=["t_small"],
+                      refs=["ref_a", "ref_b"], focus="t_small", consensus="majority",
+                      editor=None, auditor_steps={})
+  assert plain.calls == [(3, 8)]
+  assert all("descriptor" not in r for r in store.iter_chunks(str(tmp_path / "plain")))
