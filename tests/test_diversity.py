@@ -125,6 +125,8 @@ def test_diversity_figures_by_hand():
   assert fig["template_entropy"] == pytest.approx(float(-(p * np.log2(p)).sum()))
   assert fig["failure_categories"] == 1        # counting:4 (3 failures); colour:red has 1
   assert D.question_template("Is there a red circle?") == "is there/5"
+  assert D.describe(fig) == ("top question 'how many objects are there?' 0.600 of 5, 3 "
+                             "distinct, template entropy 0.97 bits, 1 failure categories")
   assert D.per_seed_success([False, True, False, False], [0, 0, 1, 1]) == 0.5
 
 

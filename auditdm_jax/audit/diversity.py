@@ -331,6 +331,14 @@ def diversity_figures(questions: Sequence[str], failed: Sequence[bool] | None = 
   return out
 
 
+def describe(fig: Mapping) -> str:
+  """One log phrase of `diversity_figures`."""
+  return (f"top question {fig['top_question']!r} {fig['top_question_share']:.3f} of "
+          f"{fig['probes']}, {fig['distinct_questions']} distinct, template entropy "
+          f"{fig['template_entropy']:.2f} bits, {fig.get('failure_categories', 0)} failure "
+          f"categories")
+
+
 def per_seed_success(success, groups: Sequence[int]) -> float:
   """The paper's search success: the share of seed images on which at least
   one probe (rows grouped by `groups`, the seed of each row) succeeds."""

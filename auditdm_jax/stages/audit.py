@@ -222,10 +222,7 @@ def _log(out: dict, n_eval: int) -> None:
           f"held-out seeds): trained {ps['trained']:.3f} vs warm start "
           f"{ps['warm_start']:.3f}", flush=True)
   for name, d in out.get("diversity", {}).items():
-    print(f"audit: {name} auditor's probes: top question {d['top_question']!r} "
-          f"{d['top_question_share']:.3f} of {d['probes']}, {d['distinct_questions']} "
-          f"distinct, template entropy {d['template_entropy']:.2f} bits, "
-          f"{d.get('failure_categories', 0)} failure categories, consensus_truth "
+    print(f"audit: {name} auditor's probes: {diversity_lib.describe(d)}, consensus_truth "
           f"{d['consensus_truth']:.3f}", flush=True)
 
 

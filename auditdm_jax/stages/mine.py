@@ -237,10 +237,7 @@ def _log(out: dict, records, focus: str) -> None:
         f"planted-gap recall {out['planted_gap_recall']:.2f}, exemplar precision "
         f"{out['exemplar_precision']:.2f}; {out['wall_s']:.0f}s", flush=True)
   for a, d in out.get("diversity", {}).items():
-    print(f"mine: {a}'s probes: top question {d['top_question']!r} "
-          f"{d['top_question_share']:.3f} of {d['probes']}, {d['distinct_questions']} distinct, "
-          f"template entropy {d['template_entropy']:.2f} bits, "
-          f"{d.get('failure_categories', 0)} failure categories of {focus}", flush=True)
+    print(f"mine: {a}'s probes: {diversity_lib.describe(d)} of {focus}", flush=True)
   if out.get("reference_errors"):
     print("mine: the references' joint error on the probes (consensus wrong by the truth): " +
           ", ".join(f"{s} {v['joint']:.3f} (independent {v['independent']:.3f}, n {v['probes']})"
