@@ -228,9 +228,9 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
   """Average Normalised Levenshtein Similarity of one question (DocVQA; the
   official RRC evaluation script, also lmms-eval's `anls`): both strings
   stripped, lowercased and whitespace-collapsed; NL = edit distance / the
-  longer length; the question scores s = 1 - min over answers of NL, and 0
-  when s < threshold. So at the default 0.5 an NL of exactly 0.5 still scores
-  0.5, and NL > 0.5 scores 0.
+  longer length; the question scores 1 - NL for the closest answer when that
+  NL < threshold, else 0 (the published definition, Biten et al. 2019: an NL
+  of exactly 0.5 scores 0 at the default threshold).
 
   As in the official script the lengths are those of the strings before
   normalisation (so trailing whitespace lengthens the denominator); two empty
@@ -243,8 +243,8 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
     gt = " ".join(answer.strip().lower().split())
     length = max(len(answer), len(prediction))
     dists.append(0.0 if length == 0 else levenshtein(gt, pred) / length)
-  sim = 1.0 - min(dists)
-  return 0.0 if sim < threshold else float(sim)
+  nl = min(dists)
+  return float(1.0 - nl) if nl < threshold else 0.0
 
 
 def _to_number(text: str) -> float | None:
