@@ -141,6 +141,22 @@ class Sampler:
     self.params = jax.device_put(model.params, self.param_shardings)
     self.traces = collections.Counter()
 
+  def set_params(self, params) -> None:
+    """Swaps in new weights of the same model (a policy after an update, another
+    checkpoint), placed with this sampler's shardings; the compiled functions
+    are kept. A tree of other paths, shapes or dtypes is refused by name."""
+    old = jax.tree_util.tree_flatten_with_path(self.params)[0]
+    new = jax.tree_util.tree_flatten_with_path(params)[0]
+    key = lambda leaves: {jax.tree_util.keystr(p): (tuple(np.shape(v)), jnp.dtype(v.dtype))
+                          for p, v in leaves}
+    a, b = key(old), key(new)
+    if a != b:
+      diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      raise ValueError(f"set_params: the new weights differ from the sampler's model at "
+                       f"{diff[:5]}{' ...' if len(diff) > 5 else ''} (path: (shape, dtype) "
+                       f"{[(k, a.get(k), b.get(k)) for k in diff[:2]]})")
+    self.params = jax.device_put(params, self.param_shardings)
+
   @property
   def num_compiles(self) -> int:
     return sum(self.traces.values())

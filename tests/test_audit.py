@@ -411,7 +411,7 @@ def test_toy_policy_learns_to_raise_its_reward(tiny_models):
 
   history = []
   for step in range(steps):
-    sampler.params = jax.device_put(state["params"], sampler.param_shardings)
+    sampler.set_params(state["params"])
     out = sampler.sample(images, [prompt] * n_prompts, sp, rng=jax.random.key(step))
     r = reward(out)
     history.append(float(r.mean()))

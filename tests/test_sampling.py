@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from auditdm_jax import models
 from auditdm_jax.models.gemma3 import expand_image_tokens
 from auditdm_jax.sampling import Sampler, SamplingParams, ring_layout
 from tests import hf_reference as ref
@@ -184,3 +185,19 @@ def test_sharded_equals_single_device():
   assert res["donation"] == {"device": 0, "host": 0}, res["donation"]
   # Two models on one mesh, partitioned by different rules.
   assert res["paligemma"]["emb_spec"] != res["gemma3"]["emb_spec"]
+
+
+def test_set_params_swaps_weights_and_names_a_mismatch():
+  from auditdm_jax.models import presets
+  cfg = presets.tiny_paligemma2(vocab_size=64, width=16, depth=1, image_size=32,
+                                patch_size=16, vision_width=8, vision_depth=1,
+                                sliding_window=None)
+  a, b = models.VLM.random(cfg, seed=0), models.VLM.random(cfg, seed=1)
+  s = Sampler(a)
+  s.set_params(b.params)
+  leaf = lambda p: np.asarray(jax.tree.leaves(p)[0])  # noqa: E731
+  np.testing.assert_array_equal(leaf(s.params), leaf(b.params))
+  bad = jax.tree.map(lambda x: x, b.params)
+  bad["llm"]["embedder"]["input_embedding"] = np.zeros((3, 3), np.float32)
+  with pytest.raises(ValueError, match="input_embedding"):
+    s.set_params(bad)

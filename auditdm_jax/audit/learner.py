@@ -225,7 +225,7 @@ def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budg
                     mixture, seed: int, batch: int) -> tuple[rollout_lib.Rollout, dict]:
   """One sample per held-out seed, `budget` seeds, with `params` as the policy
   (with descriptors: seed i asks through the i-th of a stratified walk)."""
-  auditing.auditor.params = jax.device_put(params, auditing.auditor.param_shardings)
+  auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 104729])
   pairings = rollout_lib.draw_pairings(mixture, budget, rng)
   descs = diversity_lib.assign(auditing.diversity, budget, 0, rng)
@@ -291,7 +291,7 @@ def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_se
   `diversity.spread`), the share of seeds with at least one
   consensus-backed disagreement. Returns (figures, the rollouts, each
   rollout's rows' seed) for `diversity_figures`. `batch` seeds a call."""
-  auditing.auditor.params = jax.device_put(params, auditing.auditor.param_shardings)
+  auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 7_368_787])
   groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
   pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
@@ -368,7 +368,7 @@ class GRPOLearner:
     idx = rng.integers(0, len(self.pool), self.prompts_per_step)
     pairings = rollout_lib.draw_pairings(self.mixture, len(idx), rng)
     descs = diversity_lib.assign(auditing.diversity, len(idx), step * len(idx), rng)
-    auditing.auditor.params = jax.device_put(state["params"], auditing.auditor.param_shardings)
+    auditing.auditor.set_params(state["params"])
     roll = auditing.run(self.pool.get(idx), pairings, jax.random.key(self.seed * 100_003 + step),
                         descriptors=descs)
     adherent = None

@@ -88,7 +88,7 @@ def mine_chunks(auditors: Mapping, new_auditing: Callable, pool, chunks_dir: str
       if auditing is None:
         auditing = new_auditing(aud_name, aud)
       else:
-        auditing.auditor.params = jax.device_put(aud.params, auditing.auditor.param_shardings)
+        auditing.auditor.set_params(aud.params)
       step = auditor_steps.get(aud_name, 0)
       for c in todo:
         rng = np.random.default_rng([seed, 31337, a_i, c])
