@@ -170,7 +170,9 @@ def test_exact_mode_is_the_exact_reward_and_carries_no_judge():
   # The exact mode's metrics rows keep their keys.
   assert set(learner.step_metrics(roll)) == {
       "reward", "success_rate", "consensus_rate", "invalid_rate", "unanswered_rate",
-      "distinct"}
+      "distinct", "top_question_share"}
+  share = learner.step_metrics(roll)["top_question_share"]
+  assert share == max(roll.question.count(q) for q in roll.question) / roll.n
   with pytest.raises(ValueError, match="needs a judge"):
     _auditing(R.RewardConfig(mode="judge"))
 

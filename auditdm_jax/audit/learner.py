@@ -15,6 +15,7 @@ finds journal and the held-out search measurement (`evaluate_search`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -213,7 +214,9 @@ def step_metrics(roll: rollout_lib.Rollout, editor=None, judge: bool = False
          "consensus_rate": float(roll.has_consensus.mean()),
          "invalid_rate": float(1.0 - roll.valid.mean()),
          "unanswered_rate": float((roll.valid & ~roll.answered).sum() / valid),
-         "distinct": len(set(firsts)) / max(len(firsts), 1)}
+         "distinct": len(set(firsts)) / max(len(firsts), 1),
+         "top_question_share": (max(collections.Counter(roll.question).values()) / roll.n
+                                if roll.n else float("nan"))}
   if editor is not None:
     out["consensus_truth"] = rollout_lib.consensus_truth(roll, editor)[0]
   if judge:
