@@ -137,3 +137,13 @@ def test_config_errors_are_one_line_exit_2(tmp_path, args, parts):
   for part in parts:
     assert part in line, (part, line)
   assert not os.listdir(tmp_path)        # nothing built, not even the lock
+
+
+def test_load_model_names_the_stage_the_model_and_the_path(tmp_path):
+  from auditdm_jax.pipeline import layout
+  with pytest.raises(FileNotFoundError) as e:
+    layout.load_model(str(tmp_path), "ref_a", "mine", "run the earlier stages first")
+  msg = str(e.value)
+  assert msg.startswith("mine: model 'ref_a' has no checkpoint at ")
+  assert os.path.join(str(tmp_path), "models", "ref_a") in msg and msg.endswith(
+      "run the earlier stages first")

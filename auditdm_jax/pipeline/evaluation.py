@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from auditdm_jax import models, sharding
+from auditdm_jax import sharding
 from auditdm_jax.data import named
 from auditdm_jax.eval import benchmark, metrics, predictions
 from auditdm_jax.pipeline import layout, placement
@@ -122,11 +122,8 @@ def evaluate_named(config, workdir: str, answerers: list[str], swap=None,
   out, cache = {}, {}
   with preemption.StopOnSignal() as stop:   # SIGTERM: stop after the chunk in progress
     for name in answerers:
-      path = (swap or {}).get(name, layout.model_dir(workdir, name))
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
-                                "init stage first")
-      model = models.load(path)
+      model = layout.load_model(workdir, name, "eval", "run the init stage first",
+                                path=(swap or {}).get(name))
       fp = params_fingerprint(model.params)
       size = model.config.vision.image_size
       made = []

@@ -9,9 +9,6 @@ weights), else through a Sampler of its own, placed like the others
 
 from __future__ import annotations
 
-import os
-
-from auditdm_jax import models
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.pipeline import layout, placement
 
@@ -43,11 +40,7 @@ def build(config, workdir: str, rcfg: reward_lib.RewardConfig, samplers, loaded,
   name = reward_lib.judge_name(rcfg, layout.roles(config, "reference"))
   model = loaded.get(name)
   if model is None:
-    path = layout.model_dir(workdir, name)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"the judge {name!r} has no checkpoint at {path}; run the "
-                              "init stage first")
-    model = models.load(path)
+    model = layout.load_model(workdir, name, "judge", "run the init stage first")
   scorer = samplers.get(name)
   if scorer is None:
     scorer = placement.sampler(config, name, model, mesh, length_bucket=length_bucket)

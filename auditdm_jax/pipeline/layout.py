@@ -35,6 +35,18 @@ def model_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "models", name)
 
 
+def load_model(workdir: str, name: str, who: str,
+               hint: str = "run the init and pretrain stages first", path: str | None = None):
+  """The model `name` of the workdir (or at `path`) as a `models.VLM`, or a
+  FileNotFoundError that names the stage asking (`who`), the model, the
+  path and what to run (`hint`)."""
+  from auditdm_jax import models  # pylint: disable=import-outside-toplevel
+  path = path or model_dir(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{who}: model {name!r} has no checkpoint at {path}; {hint}")
+  return models.load(path)
+
+
 def trained_name(auditor: str) -> str:
   """The GRPO-trained auditor's model name."""
   return auditor + TRAINED_SUFFIX

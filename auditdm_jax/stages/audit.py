@@ -80,13 +80,8 @@ def run(config, workdir: str) -> dict:
   mixture = rollout_lib.check_mixture(dict(a.mixture))
   dcfg = diversity_lib.DiversityConfig.from_config(a.get("diversity", None))
 
-  loaded = {}
-  for name in [aud_name, target] + refs:
-    path = model_dir(workdir, name)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"audit: model {name!r} has no checkpoint at {path}; run "
-                              "the init and pretrain stages first")
-    loaded[name] = models.load(path)
+  loaded = {name: layout.load_model(workdir, name, "audit")
+            for name in [aud_name, target] + refs}
   auditor = loaded[aud_name]
   tcfg = placement.placed(tcfg, config, aud_name)
   mesh = placement.mesh(config)

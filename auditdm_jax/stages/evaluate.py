@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from auditdm_jax import models, sharding
+from auditdm_jax import sharding
 from auditdm_jax.eval import benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
@@ -118,11 +118,7 @@ def run(config, workdir: str) -> dict:
     if spec.role == "auditor" and os.path.exists(model_dir(workdir, trained)):
       entries.append((trained, spec))    # the audit stage's GRPO-trained auditor
   for name, spec in entries:
-    path = model_dir(workdir, name)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"eval: model {name!r} has no checkpoint at {path}; run the "
-                              "init and pretrain stages first")
-    model = models.load(path)
+    model = layout.load_model(workdir, name, "eval")
     gaps = [str(g) for g in gaps_lib.parse_gaps(list(spec.get("gaps", ())))]
     t1 = time.time()
     if spec.role == "auditor":

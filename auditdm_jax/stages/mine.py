@@ -196,11 +196,11 @@ def _publish(workdir: str, chunks_dir: str, tfds_dir: str) -> str:
 
 def _load(workdir: str, names, also=()) -> dict:
   """{name: VLM} of `names`, after checking that they and `also` exist."""
-  for name in list(names) + list(also):
+  hint = "run the earlier stages first"
+  for name in also:
     if not os.path.exists(model_dir(workdir, name)):
-      raise FileNotFoundError(f"mine: model {name!r} has no checkpoint at "
-                              f"{model_dir(workdir, name)}; run the earlier stages first")
-  return {n: models.load(model_dir(workdir, n)) for n in names}
+      layout.load_model(workdir, name, "mine", hint)     # raises, naming it
+  return {n: layout.load_model(workdir, n, "mine", hint) for n in names}
 
 
 def _judge_identity(judge, params, rcfg) -> dict:
