@@ -293,7 +293,7 @@ def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_se
   `n_seeds` held-out seeds (with descriptors, spread over them:
   `diversity.spread`), the share of seeds with at least one
   consensus-backed disagreement. Returns (figures, the rollouts, each
-  rollout's rows' seed) for `diversity_figures`. `batch` seeds a call."""
+  rollout's rows' seed) for `diversity_figures`; about `batch` rows a call."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 7_368_787])
   groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
