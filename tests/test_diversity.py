@@ -222,3 +222,17 @@ def test_adherence_pays_only_probes_that_read_as_their_descriptor():
   np.testing.assert_array_equal(paid, [True, False, False, False, True])
   with pytest.raises(ValueError, match="adherence must be one of"):
     cfg(adherence="judge")
+
+
+def test_archive_weights_and_weighted_draws():
+  a = D.Archive(cfg())
+  a.update(["counting"] * 8 + ["colour"] * 8, ["q"] * 16, [True] * 6 + [False] * 2 + [False] * 8)
+  w = D.archive_weights(cfg(), a)
+  assert w["counting"] == pytest.approx(7 / 10) and w["colour"] == pytest.approx(1 / 10)
+  assert w["shape"] == pytest.approx(1 / 2)          # never tried: the prior mean
+  got = collections.Counter(D.draw_weighted({"a": 3.0, "b": 1.0}, 8, np.random.default_rng(0)))
+  assert got == {"a": 6, "b": 2}
+  with pytest.raises(ValueError, match="weights must be finite"):
+    D.draw_weighted({"a": 0.0}, 4, np.random.default_rng(0))
+  with pytest.raises(ValueError, match="search must be one of"):
+    cfg(search="greedy")

@@ -42,6 +42,7 @@ from auditdm_jax.utils.fileio import atomic_write_text
 
 MODES = ("none", "descriptors")
 ADHERENCE = ("warm_likelihood", "off")
+SEARCH = ("archive", "uniform")
 DEFAULT_TEMPLATE = "ask a question about {descriptor}"
 
 
@@ -60,6 +61,11 @@ class DiversityConfig:
                its descriptor's (`Adherence`: the warm-start auditor's
                likelihood of the question is highest under that descriptor's
                prompt); "off": any probe pays.
+  search       how the trained auditor spends a search budget: "archive",
+               descriptors drawn in proportion to their paid rate in the
+               archive (probability matching on (successes + 1) / (tries + 2):
+               the auditor has learned where the target fails); "uniform",
+               evenly. Mining always spreads evenly (coverage).
   """
 
   mode: str = "none"
@@ -68,6 +74,7 @@ class DiversityConfig:
   generic: float = 0.0
   elites: int = 8
   adherence: str = "warm_likelihood"
+  search: str = "archive"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -90,6 +97,8 @@ class DiversityConfig:
     if self.adherence not in ADHERENCE:
       raise ValueError(f"audit.diversity.adherence must be one of {ADHERENCE}, got "
                        f"{self.adherence!r}")
+    if self.search not in SEARCH:
+      raise ValueError(f"audit.diversity.search must be one of {SEARCH}, got {self.search!r}")
     if not isinstance(self.elites, int) or self.elites < 1:
       raise ValueError(f"audit.diversity.elites must be an int >= 1, got {self.elites!r}")
 
@@ -127,6 +136,27 @@ def assign(cfg: DiversityConfig, n: int, offset: int, rng: np.random.Generator) 
   out = [d[(offset + j) % len(d)] for j in range(n)]
   if cfg.generic:
     out = ["" if rng.random() < cfg.generic else x for x in out]
+  return [out[i] for i in rng.permutation(n)]
+
+
+def archive_weights(cfg: DiversityConfig, archive: "Archive") -> dict[str, float]:
+  """Each descriptor's posterior mean paid rate in the archive, (successes + 1)
+  / (tries + 2): the weights of `search = "archive"`."""
+  return {d: (archive.successes[d] + 1) / (archive.tries[d] + 2) for d in cfg.descriptors}
+
+
+def draw_weighted(weights: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
+  """n descriptors in proportion to `weights`, drawn systematically (each
+  count is floor or ceil of n x p) and shuffled."""
+  names = sorted(weights)
+  w = np.array([max(float(weights[k]), 0.0) for k in names])
+  if not names or not np.isfinite(w).all() or w.sum() <= 0:
+    raise ValueError(f"descriptor weights must be finite, >= 0 and not all 0, got "
+                     f"{dict(weights)}")
+  cum = np.concatenate([[0.0], np.cumsum(w)]) / w.sum() * n
+  edges = np.floor(cum + float(rng.random())).astype(int)
+  edges[0], edges[-1] = 0, n
+  out = [k for i, k in enumerate(names) for _ in range(edges[i + 1] - edges[i])]
   return [out[i] for i in rng.permutation(n)]
 
 

@@ -225,13 +225,16 @@ def step_metrics(roll: rollout_lib.Rollout, editor=None, judge: bool = False
 
 
 def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budget: int,
-                    mixture, seed: int, batch: int) -> tuple[rollout_lib.Rollout, dict]:
+                    mixture, seed: int, batch: int, weights=None
+                    ) -> tuple[rollout_lib.Rollout, dict]:
   """One sample per held-out seed, `budget` seeds, with `params` as the policy
-  (with descriptors: seed i asks through the i-th of a stratified walk)."""
+  (with descriptors: seed i asks through the i-th of a stratified walk, or of
+  a draw in proportion to `weights`, `diversity.archive_weights`)."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 104729])
   pairings = rollout_lib.draw_pairings(mixture, budget, rng)
-  descs = diversity_lib.assign(auditing.diversity, budget, 0, rng)
+  descs = (diversity_lib.assign(auditing.diversity, budget, 0, rng) if weights is None
+           else diversity_lib.draw_weighted(weights, budget, rng))
   rolls = []
   for start in range(0, budget, batch):
     idx = list(range(start, min(start + batch, budget)))
@@ -248,7 +251,8 @@ def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budg
 
 
 def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool, budget: int,
-                   mixture, seed: int, batch: int) -> tuple[dict, rollout_lib.Rollout]:
+                   mixture, seed: int, batch: int, weights=None
+                   ) -> tuple[dict, rollout_lib.Rollout]:
   """The trained vs the warm-start auditor on the same held-out seeds at the
   same sample budget: success and validity rates, the ground-truth precision
   of the trained auditor's finds, how often the consensus is the truth, the
@@ -258,7 +262,8 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
   see `judge_exact`) and the judge's agreement with it on every answered,
   consensus-backed row of both rollouts (`judge_agreement`) and on the
   held-out seeds' own questions (`judge_agreement_seed_questions`)."""
-  roll_t, res_t = evaluate_search(auditing, trained, pool, budget, mixture, seed, batch)
+  roll_t, res_t = evaluate_search(auditing, trained, pool, budget, mixture, seed, batch,
+                                  weights)
   roll_w, res_w = evaluate_search(auditing, warm, pool, budget, mixture, seed, batch)
   prec, n_known = rollout_lib.precision_gt(roll_t, auditing.editor)
   truth = {name: rollout_lib.consensus_truth(r, auditing.editor)[0]
@@ -273,6 +278,7 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
          "consensus_truth": truth, "success_by_pairing": by_pairing,
          "unanswered_rate": {"trained": float(np.mean(roll_t.valid & ~roll_t.answered)),
                              "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
+         "search_descriptors": "archive" if weights is not None else "uniform",
          "ratio": (res_t["success_rate"] / res_w["success_rate"]
                    if res_w["success_rate"] > 0 else float("inf"))}
   if auditing.judge is not None:
@@ -288,15 +294,21 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
 
 
 def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_seeds: int,
-                    budget: int, mixture, seed: int, batch: int) -> tuple[dict, list, list]:
+                    budget: int, mixture, seed: int, batch: int, weights=None
+                    ) -> tuple[dict, list, list]:
   """The paper's search success: `budget` probes on each of the first
   `n_seeds` held-out seeds (with descriptors, spread over them:
-  `diversity.spread`), the share of seeds with at least one
+  `diversity.spread`; with `weights`, one probe per descriptor drawn in
+  proportion to them), the share of seeds with at least one
   consensus-backed disagreement. Returns (figures, the rollouts, each
   rollout's rows' seed) for `diversity_figures`; about `batch` rows a call."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 7_368_787])
-  groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
+  if weights is None:
+    groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
+  else:
+    groups, k = [s for s in range(n_seeds) for _ in range(budget)], 1
+    descs = diversity_lib.draw_weighted(weights, len(groups), rng)
   pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
   per_call = max(1, batch // k)                          # groups a call: ~batch rows
   rolls, seeds_of = [], []

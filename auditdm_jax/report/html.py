@@ -225,7 +225,8 @@ def _header(facts: Mapping, title: str) -> str:
                           "search_per_seed_trained"),
                          ("search success per seed, warm start",
                           "search_per_seed_warm_start"),
-                         ("top question's share of the probes", "top_question_share"),
+                         ("top question's share of the mined probes",
+                          "top_question_share"),
                          ("planted-gap recall", "planted_gap_recall"),
                          ("exemplar precision", "exemplar_precision"),
                          ("pseudo-label precision", "label_precision"))

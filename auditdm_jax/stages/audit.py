@@ -158,10 +158,20 @@ def run(config, workdir: str) -> dict:
   curve = [{"step": r["step"] // mu, "reward": r["reward"], "success_rate": r["success_rate"]}
            for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "reward" in r]
   t_eval = time.time()
+  # The trained auditor searches where its archive says the target fails
+  # (`audit.diversity.search`); the warm start, which knows nothing of it, evenly.
+  weights = (diversity_lib.archive_weights(dcfg, journal.archive)
+             if journal is not None and dcfg.search == "archive" else None)
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
-                                           mixture, seed, int(a.get("eval_batch", 64)))
+                                           mixture, seed, int(a.get("eval_batch", 64)), weights)
   ratio = fig.pop("ratio")
-  per_seed, div = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture, seed)
+  if weights is not None:     # the same auditor searching evenly, beside it
+    _, res_u = learner_lib.evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed,
+                                           int(a.get("eval_batch", 64)))
+    fig["success_rate"]["trained_uniform"] = res_u["success_rate"]
+    fig["search_weights"] = weights
+  per_seed, div = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture, seed,
+                            weights)
   fig["success_rate_per_seed"] = per_seed
   fig["diversity"] = div
   if journal is not None:
@@ -176,7 +186,8 @@ def run(config, workdir: str) -> dict:
   return out
 
 
-def _per_seed(auditing, trained, warm, pool, a, mixture, seed) -> tuple[dict, dict]:
+def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
+              ) -> tuple[dict, dict]:
   """The paper's per-seed search success at `audit.seed_budget` probes a seed
   on the first `audit.seed_count` held-out seeds, for the trained auditor and
   the warm start, and the diversity of those probes (`diversity_figures`:
@@ -186,9 +197,12 @@ def _per_seed(auditing, trained, warm, pool, a, mixture, seed) -> tuple[dict, di
   budget = int(a.get("seed_budget", 8))
   batch = int(a.get("eval_batch", 64))
   per_seed, div = {"budget": budget, "seeds": n}, {}
-  for name, params in (("trained", trained), ("warm_start", warm)):
+  runs = [("trained", trained, weights), ("warm_start", warm, None)]
+  if weights is not None:
+    runs.append(("trained_uniform", trained, None))
+  for name, params, w in runs:
     fig, roll, _ = learner_lib.search_per_seed(auditing, params, pool, n, budget, mixture,
-                                               seed, batch)
+                                               seed, batch, w)
     per_seed[name] = fig["success"]
     skill_of = getattr(auditing.editor, "question_skill", None)
     cats = [ft.category(skill_of(roll.context[i], roll.question[i]) if skill_of else "",
@@ -207,14 +221,18 @@ def _log(out: dict, n_eval: int) -> None:
           f"{jd['judge_exact_disagree']['trained']:.3f} of the trained auditor's "
           f"{jd['judged']['trained']} exact disagreements the same", flush=True)
   sr = out["success_rate"]
+  even = (f" (searching evenly over its descriptors {sr['trained_uniform']:.3f})"
+          if "trained_uniform" in sr else "")
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
-        f"{sr['trained']:.3f} vs warm start {sr['warm_start']:.3f}; "
+        f"{sr['trained']:.3f}{even} vs warm start {sr['warm_start']:.3f}; "
         f"ground-truth precision of the trained auditor's finds {out['precision_gt']:.3f} "
         f"({out['finds_with_ground_truth']} finds); {out['wall_s']:.0f}s", flush=True)
   ps = out.get("success_rate_per_seed")
   if ps:
+    even = (f" (searching evenly over its descriptors {ps['trained_uniform']:.3f})"
+            if "trained_uniform" in ps else "")
     print(f"audit: per-seed search success ({ps['budget']} probes on each of {ps['seeds']} "
-          f"held-out seeds): trained {ps['trained']:.3f} vs warm start "
+          f"held-out seeds): trained {ps['trained']:.3f}{even} vs warm start "
           f"{ps['warm_start']:.3f}", flush=True)
   for name, d in out.get("diversity", {}).items():
     print(f"audit: {name} auditor's probes: {diversity_lib.describe(d)}, consensus_truth "

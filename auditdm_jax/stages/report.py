@@ -161,8 +161,7 @@ def run(config, workdir: str) -> dict:
       "search_per_seed_trained": (audit.get("success_rate_per_seed") or {}).get("trained"),
       "search_per_seed_warm_start": (audit.get("success_rate_per_seed") or {}).get(
           "warm_start"),
-      "top_question_share": ((audit.get("diversity") or {}).get("trained") or {}).get(
-          "top_question_share"),
+      "top_question_share": _mined_top_share(mine, audit),
       "planted_gaps": mine.get("planted_gaps"),
       "failure_types": failure_types,
       "accuracy_before": before, "accuracy_after": after, "gapped_skills": gapped,
@@ -195,6 +194,14 @@ def run(config, workdir: str) -> dict:
   print(f"report: {html_path} ({len(failure_types)} failure types, {len(items)} exemplars "
         "in the gallery)", flush=True)
   return out
+
+
+def _mined_top_share(mine: dict, audit: dict):
+  """The most common question's share of the mined probes (the first mined
+  auditor's, mine.json `diversity`), else of the audit's per-seed probes."""
+  for d in (mine.get("diversity") or {}).values():
+    return d.get("top_question_share")
+  return ((audit.get("diversity") or {}).get("trained") or {}).get("top_question_share")
 
 
 def _f(x) -> str:
