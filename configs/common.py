@@ -122,6 +122,7 @@ def audit_sections(c, prompt_len, answer_prompt_len, target="target"):
       # Every GRPO group's question names one of the paper's top failure types
       # (PAPER.md); an eighth ask generically, for the kinds no descriptor names.
       diversity=dict(mode="descriptors", generic=0.125, elites=8,
+                     adherence="warm_likelihood", search="archive",
                      prompt="ask a question about the image that tests {descriptor}",
                      descriptors=FAILURE_DESCRIPTORS)))
   # Mining: the trained auditor over 20K seed images (the paper's audit

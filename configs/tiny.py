@@ -102,6 +102,7 @@ def get_config(arg=None):
       # Every GRPO group asks through a descriptor, a kind of question as the
       # paper names failure types (docs/audit.md "Diversity").
       diversity=dict(mode="descriptors", generic=0.0, elites=8,
+                     adherence="warm_likelihood", search="archive",
                      prompt="ask a question about {descriptor}",
                      descriptors=("colour", "shape", "counting", "existence", "position",
                                   "size", "binding", "small objects")),

@@ -10,7 +10,10 @@ through a prompt that names one *descriptor*, a kind of question such as the
 paper's failure types ("counting", "position", ...; `text.question_prompt`).
 The K samples of a group compete only with each other, so the policy learns
 the best probe of every descriptor instead of the best probe overall, and
-mining spreads each seed image's samples over the descriptors.
+mining spreads each seed image's samples over the descriptors. A probe off
+its descriptor is paid as invalid (`Adherence`: the frozen warm start's
+likelihood of the question under each descriptor's prompt judges), or the
+policy writes the one paying question under every descriptor.
 
 The state is an archive in the spirit of MAP-Elites: per descriptor, how
 often it was asked (`tries`), how often a probe succeeded (`successes`),
@@ -18,7 +21,9 @@ and its elite probes (the most successful distinct questions, with their
 counts). It is a fold over the per-step journal `audit/diversity.jsonl`, so
 a resumed run rebuilds exactly the state of its checkpoint's step. It
 reads only the auditor's texts and the reward's decisions: nothing of the
-scene world's truth.
+scene world's truth. The trained auditor spends a search budget by it
+(`search = "archive"`: descriptors in proportion to their paid rate), so it
+searches where the target fails while mining still covers every kind.
 
 Also here: what "diverse" is measured by (`diversity_figures`), on any
 probe set: the most common question's share, distinct questions, the

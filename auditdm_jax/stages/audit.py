@@ -128,6 +128,8 @@ def run(config, workdir: str) -> dict:
     adherence = None
     if dcfg.on and dcfg.adherence == "warm_likelihood":   # the frozen warm start judges
       judge_sampler = placement.sampler(config, aud_name, auditor, mesh)
+      judge_sampler.set_params(warm_params)   # shares the KL reference's buffers where
+                                              # the shardings agree
       adherence = diversity_lib.Adherence(judge_sampler, dcfg,
                                           rollout_lib.AUDITOR_TASKS["question"],
                                           batch=int(a.get("eval_batch", 64)) * 4)
