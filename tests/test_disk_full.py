@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from auditdm_jax.audit.diversity import DiversityConfig
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval import predictions
 from auditdm_jax.mine import journal as mine_journal
@@ -428,8 +429,10 @@ def test_store_publish_failure_keeps_the_published_store(tmp_path, monkeypatch):
 # -- mine's chunk journal ------------------------------------------------------------
 
 class _Auditing:
-  def run(self, seeds, pairings, key, num_samples):
-    del pairings, key, num_samples
+  diversity = DiversityConfig()             # plain: one generic group per seed
+
+  def run(self, seeds, pairings, key, num_samples, descriptors=None):
+    del pairings, key, num_samples, descriptors
     return seeds
 
 
