@@ -17,8 +17,10 @@ precision of the trained auditor's finds, into `<workdir>/audit.json`:
 
   {"budget", "success_rate": {"trained", "warm_start"}, "precision_gt",
    "consensus_truth": {"trained", "warm_start"}, "success_by_pairing",
-   "success_rate_per_seed": {"trained", "warm_start", "budget", "seeds"},
-   "diversity": {"trained", "warm_start"}, "archive", "steps", "wall_s", ...}
+   "success_rate_per_seed": {"trained", "warm_start", "budget"},
+   "diversity": {"trained", "warm_start"}, "search": {"descriptors", "weights", "seeds",
+   "trained_uniform": {"per_probe", "per_seed", "diversity"}}, "archive", "steps",
+   "wall_s", ...}
 
 `audit.diversity` (`audit/diversity.py`, docs/audit.md "Diversity"): every
 GRPO group asks through a descriptor, probes off their descriptor are paid
@@ -167,15 +169,16 @@ def run(config, workdir: str) -> dict:
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
                                            mixture, seed, int(a.get("eval_batch", 64)), weights)
   ratio = fig.pop("ratio")
+  per_seed, div, uniform = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture,
+                                     seed, weights)
+  fig["success_rate_per_seed"] = per_seed
+  fig["diversity"] = div
+  fig["search"] = {"descriptors": fig.pop("search_descriptors"), "weights": weights,
+                   "seeds": min(int(a.get("seed_count", 64)), len(eval_pool))}
   if weights is not None:     # the same auditor searching evenly, beside it
     _, res_u = learner_lib.evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed,
                                            int(a.get("eval_batch", 64)))
-    fig["success_rate"]["trained_uniform"] = res_u["success_rate"]
-    fig["search_weights"] = weights
-  per_seed, div = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture, seed,
-                            weights)
-  fig["success_rate_per_seed"] = per_seed
-  fig["diversity"] = div
+    fig["search"]["trained_uniform"] = dict(uniform, per_probe=res_u["success_rate"])
   if journal is not None:
     fig["archive"] = journal.archive.state()
   out = {**fig, "steps": steps, "target": target, "references": refs, "ratio": ratio,
@@ -189,7 +192,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
-              ) -> tuple[dict, dict]:
+              ) -> tuple[dict, dict, dict]:
   """The paper's per-seed search success at `audit.seed_budget` probes a seed
   on the first `audit.seed_count` held-out seeds, for the trained auditor and
   the warm start, and the diversity of those probes (`diversity_figures`:
@@ -198,21 +201,23 @@ def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
   n = min(int(a.get("seed_count", 64)), len(pool))
   budget = int(a.get("seed_budget", 8))
   batch = int(a.get("eval_batch", 64))
-  per_seed, div = {"budget": budget, "seeds": n}, {}
+  per_seed, div, uniform = {"budget": budget}, {}, {}
   runs = [("trained", trained, weights), ("warm_start", warm, None)]
   if weights is not None:
     runs.append(("trained_uniform", trained, None))
   for name, params, w in runs:
     fig, roll, _ = learner_lib.search_per_seed(auditing, params, pool, n, budget, mixture,
                                                seed, batch, w)
-    per_seed[name] = fig["success"]
     skill_of = getattr(auditing.editor, "question_skill", None)
     cats = [ft.category(skill_of(roll.context[i], roll.question[i]) if skill_of else "",
                         roll.consensus[i], roll.factor[i]) for i in range(roll.n)]
-    div[name] = dict(learner_lib.probe_diversity(roll, cats),
-                     success_rate=fig["success_rate"],
-                     consensus_truth=rollout_lib.consensus_truth(roll, auditing.editor)[0])
-  return per_seed, div
+    d = dict(learner_lib.probe_diversity(roll, cats), success_rate=fig["success_rate"],
+             consensus_truth=rollout_lib.consensus_truth(roll, auditing.editor)[0])
+    if name == "trained_uniform":
+      uniform = {"per_seed": fig["success"], "diversity": d}
+    else:
+      per_seed[name], div[name] = fig["success"], d
+  return per_seed, div, uniform
 
 
 def _log(out: dict, n_eval: int) -> None:
@@ -223,20 +228,22 @@ def _log(out: dict, n_eval: int) -> None:
           f"{jd['judge_exact_disagree']['trained']:.3f} of the trained auditor's "
           f"{jd['judged']['trained']} exact disagreements the same", flush=True)
   sr = out["success_rate"]
-  even = (f" (searching evenly over its descriptors {sr['trained_uniform']:.3f})"
-          if "trained_uniform" in sr else "")
+  tu = (out.get("search") or {}).get("trained_uniform")
+  even = f" (searching evenly over its descriptors {tu['per_probe']:.3f})" if tu else ""
   print(f"audit: search success rate at a budget of {n_eval} samples: trained "
         f"{sr['trained']:.3f}{even} vs warm start {sr['warm_start']:.3f}; "
         f"ground-truth precision of the trained auditor's finds {out['precision_gt']:.3f} "
         f"({out['finds_with_ground_truth']} finds); {out['wall_s']:.0f}s", flush=True)
   ps = out.get("success_rate_per_seed")
   if ps:
-    even = (f" (searching evenly over its descriptors {ps['trained_uniform']:.3f})"
-            if "trained_uniform" in ps else "")
-    print(f"audit: per-seed search success ({ps['budget']} probes on each of {ps['seeds']} "
-          f"held-out seeds): trained {ps['trained']:.3f}{even} vs warm start "
-          f"{ps['warm_start']:.3f}", flush=True)
-  for name, d in out.get("diversity", {}).items():
+    even = f" (searching evenly over its descriptors {tu['per_seed']:.3f})" if tu else ""
+    print(f"audit: per-seed search success ({ps['budget']} probes on each of "
+          f"{out['search']['seeds']} held-out seeds): trained {ps['trained']:.3f}{even} vs "
+          f"warm start {ps['warm_start']:.3f}", flush=True)
+  divs = dict(out.get("diversity", {}))
+  if tu:
+    divs["trained, searching evenly,"] = tu["diversity"]
+  for name, d in divs.items():
     print(f"audit: {name} auditor's probes: {diversity_lib.describe(d)}, consensus_truth "
           f"{d['consensus_truth']:.3f}", flush=True)
 

@@ -216,7 +216,8 @@ def _notes(audit: dict, mine: dict, rect: dict, rounds: list) -> list[str]:
                  f"{_f(sr.get('trained'))}, warm start {_f(sr.get('warm_start'))}.")
     ps = audit.get("success_rate_per_seed")
     if ps:
-      notes.append(f"Per seed image ({ps.get('budget')} probes on each of {ps.get('seeds')} "
+      seeds = (audit.get("search") or {}).get("seeds")
+      notes.append(f"Per seed image ({ps.get('budget')} probes on each of {seeds} "
                    f"held-out seeds, the paper's count): trained {_f(ps.get('trained'))}, "
                    f"warm start {_f(ps.get('warm_start'))}.")
     div = (audit.get("diversity") or {}).get("trained")
