@@ -197,7 +197,9 @@ def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
   on the first `audit.seed_count` held-out seeds, for the trained auditor and
   the warm start, and the diversity of those probes (`diversity_figures`:
   top question share, distinct questions, template entropy, failure
-  categories; the scene world's truth only measures)."""
+  categories; the scene world's truth only measures). Returns (per seed,
+  diversity, and with `weights` the trained auditor searching evenly:
+  {"per_seed", "diversity"}, else {})."""
   n = min(int(a.get("seed_count", 64)), len(pool))
   budget = int(a.get("seed_budget", 8))
   batch = int(a.get("eval_batch", 64))
