@@ -236,3 +236,11 @@ def test_archive_weights_and_weighted_draws():
     D.draw_weighted({"a": 0.0}, 4, np.random.default_rng(0))
   with pytest.raises(ValueError, match="search must be one of"):
     cfg(search="greedy")
+
+
+def test_the_pairings_and_the_descriptors_draw_alike():
+  # one systematic draw (utils/draws.py) behind both: same weights, same rng, same labels
+  w = {"edit": 0.25, "edit_question": 0.25, "question": 0.5}
+  a = rollout.draw_pairings(w, 16, np.random.default_rng(7))
+  b = D.draw_weighted(w, 16, np.random.default_rng(7))
+  assert a == b and collections.Counter(a) == {"question": 8, "edit": 4, "edit_question": 4}

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from auditdm_jax.utils import draws
 from auditdm_jax.utils.fileio import atomic_write_text
 
 MODES = ("none", "descriptors")
@@ -153,16 +154,11 @@ def archive_weights(cfg: DiversityConfig, archive: "Archive") -> dict[str, float
 def draw_weighted(weights: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
   """n descriptors in proportion to `weights`, drawn systematically (each
   count is floor or ceil of n x p) and shuffled."""
-  names = sorted(weights)
-  w = np.array([max(float(weights[k]), 0.0) for k in names])
-  if not names or not np.isfinite(w).all() or w.sum() <= 0:
+  w = {k: float(v) for k, v in weights.items()}
+  if not w or not all(np.isfinite(v) and v >= 0 for v in w.values()) or sum(w.values()) <= 0:
     raise ValueError(f"descriptor weights must be finite, >= 0 and not all 0, got "
                      f"{dict(weights)}")
-  cum = np.concatenate([[0.0], np.cumsum(w)]) / w.sum() * n
-  edges = np.floor(cum + float(rng.random())).astype(int)
-  edges[0], edges[-1] = 0, n
-  out = [k for i, k in enumerate(names) for _ in range(edges[i + 1] - edges[i])]
-  return [out[i] for i in rng.permutation(n)]
+  return draws.systematic_draw(w, n, rng)
 
 
 def spread(cfg: DiversityConfig, n_seeds: int, samples: int, offset: int = 0

@@ -295,13 +295,13 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
 
 def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_seeds: int,
                     budget: int, mixture, seed: int, batch: int, weights=None
-                    ) -> tuple[dict, list, list]:
+                    ) -> tuple[dict, rollout_lib.Rollout]:
   """The paper's search success: `budget` probes on each of the first
   `n_seeds` held-out seeds (with descriptors, spread over them:
   `diversity.spread`; with `weights`, one probe per descriptor drawn in
   proportion to them), the share of seeds with at least one
-  consensus-backed disagreement. Returns (figures, the rollouts, each
-  rollout's rows' seed) for `diversity_figures`; about `batch` rows a call."""
+  consensus-backed disagreement. Returns (figures, the merged rollout) for
+  `diversity_figures`; about `batch` rows a call."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 7_368_787])
   if weights is None:
@@ -326,7 +326,7 @@ def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_se
   fig = {"seeds": n_seeds, "budget": budget,
          "success": diversity_lib.per_seed_success(merged.success, seed_rows),
          "success_rate": float(np.mean(merged.success))}
-  return fig, merged, seed_rows
+  return fig, merged
 
 
 def probe_diversity(roll: rollout_lib.Rollout, categories: list[str]) -> dict:

@@ -32,6 +32,7 @@ from auditdm_jax.eval.benchmark import generate_text, strip_stops
 from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes.text import AUDITOR_TASKS
+from auditdm_jax.utils import draws
 
 PAIRINGS: dict[str, tuple[str, ...]] = {
     "question": ("question",),
@@ -60,13 +61,7 @@ def pairing_counts(mixture: Mapping[str, float], n: int, rng: np.random.Generato
                    ) -> dict[str, int]:
   """How many of n seeds get each pairing: systematic sampling, so each count
   is floor or ceil of n * p (unbiased, and never more than `max_counts`)."""
-  names = sorted(mixture)
-  cum = np.concatenate([[0.0], np.cumsum([mixture[k] for k in names])])
-  cum = cum / cum[-1] * n
-  u = float(rng.random())
-  edges = np.floor(cum + u).astype(int)
-  edges[0], edges[-1] = 0, n
-  return {k: int(edges[i + 1] - edges[i]) for i, k in enumerate(names)}
+  return draws.systematic_counts(mixture, n, rng)
 
 
 def max_counts(mixture: Mapping[str, float], n: int) -> dict[str, int]:
@@ -76,8 +71,7 @@ def max_counts(mixture: Mapping[str, float], n: int) -> dict[str, int]:
 
 def draw_pairings(mixture: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
   """n pairings in the mixture's proportions (`pairing_counts`), shuffled."""
-  out = [k for k, c in pairing_counts(mixture, n, rng).items() for _ in range(c)]
-  return [out[i] for i in rng.permutation(n)]
+  return draws.systematic_draw(mixture, n, rng)
 
 
 def second_text_budget(mixture: Mapping[str, float], seeds: int, k: int) -> int:

@@ -208,7 +208,7 @@ def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
   if weights is not None:
     runs.append(("trained_uniform", trained, None))
   for name, params, w in runs:
-    fig, roll, _ = learner_lib.search_per_seed(auditing, params, pool, n, budget, mixture,
+    fig, roll = learner_lib.search_per_seed(auditing, params, pool, n, budget, mixture,
                                                seed, batch, w)
     skill_of = getattr(auditing.editor, "question_skill", None)
     cats = [ft.category(skill_of(roll.context[i], roll.question[i]) if skill_of else "",
