@@ -82,11 +82,16 @@ def test_archive_keeps_counts_and_elites():
   a = D.Archive(cfg(elites=2))
   a.update(["counting", "counting", "colour", "counting"],
            ["how many?", "how many?", "what colour?", "how many circles?"],
-           [True, True, False, True])
-  a.update(["counting"], ["how many squares?"], [True])
+           [True, True, False, True], ["question", "edit_question", "question", "question"])
+  a.update(["counting"], ["how many squares?"], [True], ["question"])
   s = a.state()
   assert s["tries"] == {"colour": 1, "counting": 4}
   assert s["successes"] == {"colour": 0, "counting": 4}
+  assert s["cells"] == {"edit_question|counting": {"tries": 1, "successes": 1},
+                        "question|colour": {"tries": 1, "successes": 0},
+                        "question|counting": {"tries": 3, "successes": 3}}
+  with pytest.raises(ValueError):      # one pairing per probe
+    a.update(["counting"], ["q"], [True], [])
   assert s["elites"]["counting"][0] == ["how many?", 2] and len(s["elites"]["counting"]) == 2
   assert s["elites"]["colour"] == []
 
@@ -94,9 +99,9 @@ def test_archive_keeps_counts_and_elites():
 def test_journal_resume_rebuilds_the_archive_of_the_checkpoint_step(tmp_path):
   path = str(tmp_path / "diversity.jsonl")
   j = D.Journal(cfg(), path)
-  rows = [(1, ["counting", "colour"], ["q1", "q2"], [True, False]),
-          (2, ["shape", "counting"], ["q3", "q1"], [True, True]),
-          (3, ["position", "position"], ["q4", "q5"], [False, True])]
+  rows = [(1, ["counting", "colour"], ["q1", "q2"], [True, False], ["question", "question"]),
+          (2, ["shape", ""], ["q3", "q1"], [True, True], ["edit_question", "edit"]),
+          (3, ["position", "position"], ["q4", "q5"], [False, True], ["question"] * 2)]
   for r in rows:
     j.record(*r)
   at2 = D.Archive(cfg())
@@ -110,6 +115,13 @@ def test_journal_resume_rebuilds_the_archive_of_the_checkpoint_step(tmp_path):
     f.write("{not json\n")
   with pytest.raises(ValueError, match="corrupt line"):
     D.Journal(cfg(), path).resume(5)
+  # a journal of an older version (no pairings) is refused by name, not misread
+  old = str(tmp_path / "old.jsonl")
+  with open(old, "w") as f:
+    f.write(json.dumps({"step": 1, "descriptors": ["colour"], "questions": ["q"],
+                        "success": [True]}) + "\n")
+  with pytest.raises(ValueError, match="without its pairings"):
+    D.Journal(cfg(), old).resume(1)
 
 
 def test_diversity_figures_by_hand():
@@ -226,10 +238,25 @@ def test_adherence_pays_only_probes_that_read_as_their_descriptor():
 
 def test_archive_weights_and_weighted_draws():
   a = D.Archive(cfg())
-  a.update(["counting"] * 8 + ["colour"] * 8, ["q"] * 16, [True] * 6 + [False] * 2 + [False] * 8)
-  w = D.archive_weights(cfg(), a)
-  assert w["counting"] == pytest.approx(7 / 10) and w["colour"] == pytest.approx(1 / 10)
-  assert w["shape"] == pytest.approx(1 / 2)          # never tried: the prior mean
+  a.update(["counting"] * 8 + ["colour"] * 8 + [""] * 4, ["q"] * 20,
+           [True] * 6 + [False] * 2 + [False] * 8 + [True] * 4,
+           ["question"] * 6 + ["edit_question"] * 2 + ["question"] * 8 + ["edit"] * 4)
+  mixture = {"question": 0.5, "edit_question": 0.25, "edit": 0.25}
+  asks = {"question": True, "edit_question": True, "edit": False}
+  w = D.archive_weights(cfg(), a, mixture, asks)
+  # every cell the mixture can draw: 2 question pairings x 5 descriptors + the edit alone
+  assert len(w) == 11 and set(w) >= {"question|counting", "edit|"}
+  assert w["question|counting"] == pytest.approx(7 / 8)
+  assert w["edit_question|counting"] == pytest.approx(1 / 4)
+  assert w["question|colour"] == pytest.approx(1 / 10) and w["edit|"] == pytest.approx(5 / 6)
+  assert w["question|shape"] == pytest.approx(1 / 2)       # never tried: the prior mean
+  # a pairing out of the mixture has no cell; the generic prompt one when generic > 0
+  w2 = D.archive_weights(cfg(generic=0.1), a, {"question": 1.0, "edit": 0.0}, asks)
+  assert sorted(w2) == sorted(["question|" + d for d in DESC] + ["question|"])
+  assert D.split_cell("edit|") == ("edit", "") and D.split_cell("question|a|b") == (
+      "question", "a|b")
+  with pytest.raises(ValueError, match="not an archive cell"):
+    D.split_cell("counting")
   got = collections.Counter(D.draw_weighted({"a": 3.0, "b": 1.0}, 8, np.random.default_rng(0)))
   assert got == {"a": 6, "b": 2}
   with pytest.raises(ValueError, match="weights must be finite"):
@@ -244,3 +271,18 @@ def test_the_pairings_and_the_descriptors_draw_alike():
   a = rollout.draw_pairings(w, 16, np.random.default_rng(7))
   b = D.draw_weighted(w, 16, np.random.default_rng(7))
   assert a == b and collections.Counter(a) == {"question": 8, "edit": 4, "edit_question": 4}
+
+
+def test_search_draws_cells_by_weight_and_evenly_without():
+  from auditdm_jax.audit import learner
+  mixture = {"question": 0.5, "edit_question": 0.25, "edit": 0.25}
+  w = {"question|counting": 3.0, "edit_question|colour": 1.0, "edit|": 0.0}
+  p, d = learner.search_draws(cfg(), mixture, 8, np.random.default_rng(0), w)
+  assert collections.Counter(zip(p, d)) == {("question", "counting"): 6,
+                                            ("edit_question", "colour"): 2}
+  # without weights: the mixture's pairings, the descriptors walked evenly
+  p, d = learner.search_draws(cfg(), mixture, 20, np.random.default_rng(0))
+  assert collections.Counter(p) == {"question": 10, "edit_question": 5, "edit": 5}
+  assert collections.Counter(d) == {x: 4 for x in DESC}
+  with pytest.raises(ValueError, match="unknown pairings"):
+    learner.search_draws(cfg(), mixture, 4, np.random.default_rng(0), {"teleport|x": 1.0})

@@ -18,11 +18,12 @@ policy writes the one paying question under every descriptor.
 The state is an archive in the spirit of MAP-Elites: per descriptor, how
 often it was asked (`tries`), how often a probe succeeded (`successes`),
 and its elite probes (the most successful distinct questions, with their
-counts). It is a fold over the per-step journal `audit/diversity.jsonl`, so
+counts); the same counts per cell, pairing x descriptor (a question, an
+edit and a question, an edit alone: Rainbow Teaming's category x style). It is a fold over the per-step journal `audit/diversity.jsonl`, so
 a resumed run rebuilds exactly the state of its checkpoint's step. It
 reads only the auditor's texts and the reward's decisions: nothing of the
 scene world's truth. The trained auditor spends a search budget by it
-(`search = "archive"`: descriptors in proportion to their paid rate), so it
+(`search = "archive"`: cells in proportion to their paid rate), so it
 searches where the target fails while mining still covers every kind.
 
 Also here: what "diverse" is measured by (`diversity_figures`), on any
@@ -68,9 +69,11 @@ class DiversityConfig:
                likelihood of the question is highest under that descriptor's
                prompt); "off": any probe pays.
   search       how the trained auditor spends a search budget: "archive",
-               descriptors drawn in proportion to their paid rate in the
-               archive (probability matching on (successes + 1) / (tries + 2):
-               the auditor has learned where the target fails); "uniform",
+               cells (pairing x descriptor, `archive_weights`) drawn in
+               proportion to their paid rate in the archive (probability
+               matching on (successes + 1) / (tries + 2): the auditor has
+               learned where the target fails and which kind of probe finds
+               it); "uniform", the mixture's pairings and the descriptors
                evenly. Mining always spreads evenly (coverage).
   """
 
@@ -145,10 +148,41 @@ def assign(cfg: DiversityConfig, n: int, offset: int, rng: np.random.Generator) 
   return [out[i] for i in rng.permutation(n)]
 
 
-def archive_weights(cfg: DiversityConfig, archive: "Archive") -> dict[str, float]:
-  """Each descriptor's posterior mean paid rate in the archive, (successes + 1)
-  / (tries + 2): the weights of `search = "archive"`."""
-  return {d: (archive.successes[d] + 1) / (archive.tries[d] + 2) for d in cfg.descriptors}
+CELL_SEP = "|"
+
+
+def cell_key(pairing: str, descriptor: str) -> str:
+  """An archive cell, `pairing|descriptor` ("" = the generic prompt, or no
+  question: an edit alone), as journaled and in audit.json."""
+  return f"{pairing}{CELL_SEP}{descriptor}"
+
+
+def split_cell(key: str) -> tuple[str, str]:
+  pairing, sep, descriptor = key.partition(CELL_SEP)
+  if not sep or not pairing:
+    raise ValueError(f"not an archive cell (pairing{CELL_SEP}descriptor): {key!r}")
+  return pairing, descriptor
+
+
+def archive_weights(cfg: DiversityConfig, archive: "Archive",
+                    mixture: Mapping[str, float], asks_question: Mapping[str, bool]
+                    ) -> dict[str, float]:
+  """The weights of `search = "archive"`: every cell the audit mixture can
+  draw (each pairing with a question x each descriptor, + the generic prompt
+  when `cfg.generic`; a pairing without a question, one cell), weighted by
+  its posterior mean paid rate in the archive, (successes + 1) / (tries + 2).
+  The search so also learns which kind of probe pays (a question, an edit and
+  a question, an edit alone), as Rainbow Teaming's archive keys attacks by
+  category x style."""
+  descs = list(cfg.descriptors) + ([""] if cfg.generic else [])
+  out = {}
+  for p, w in mixture.items():
+    if w <= 0:
+      continue
+    for d in (descs if asks_question[p] else [""]):
+      k = cell_key(p, d)
+      out[k] = (archive.cell_successes[k] + 1) / (archive.cell_tries[k] + 2)
+  return out
 
 
 def draw_weighted(weights: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
@@ -246,20 +280,27 @@ def apply_adherence(reward, success, ok, invalid_reward: float
 
 
 class Archive:
-  """Per descriptor ("" = generic): tries, successes and the elite probes
-  (question -> successes, the `elites` most successful kept)."""
+  """Per descriptor ("" = generic, or no question): tries, successes and the
+  elite probes (question -> successes, the `elites` most successful kept);
+  per cell (`cell_key`: pairing x descriptor), tries and successes."""
 
   def __init__(self, cfg: DiversityConfig):
     self.cfg = cfg
     self.tries: collections.Counter = collections.Counter()
     self.successes: collections.Counter = collections.Counter()
+    self.cell_tries: collections.Counter = collections.Counter()
+    self.cell_successes: collections.Counter = collections.Counter()
     self.elites: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
-  def update(self, descriptors: Sequence[str], questions: Sequence[str], success) -> None:
-    for d, q, ok in zip(descriptors, questions, np.asarray(success, bool), strict=True):
+  def update(self, descriptors: Sequence[str], questions: Sequence[str], success,
+             pairings: Sequence[str]) -> None:
+    for d, q, ok, p in zip(descriptors, questions, np.asarray(success, bool), pairings,
+                           strict=True):
       self.tries[d] += 1
+      self.cell_tries[cell_key(p, d)] += 1
       if ok:
         self.successes[d] += 1
+        self.cell_successes[cell_key(p, d)] += 1
         self.elites[d][q] += 1
     for d, c in self.elites.items():
       if len(c) > self.cfg.elites:
@@ -273,12 +314,15 @@ class Archive:
             "success_rate": {k: (self.successes[k] / self.tries[k] if self.tries[k] else 0.0)
                              for k in keys},
             "elites": {k: [[q, int(n)] for q, n in sorted(
-                self.elites[k].items(), key=lambda kv: (-kv[1], kv[0]))] for k in keys}}
+                self.elites[k].items(), key=lambda kv: (-kv[1], kv[0]))] for k in keys},
+            "cells": {k: {"tries": int(self.cell_tries[k]),
+                          "successes": int(self.cell_successes[k])}
+                      for k in sorted(self.cell_tries)}}
 
 
 class Journal:
   """`audit/diversity.jsonl`: one row per GRPO step (its descriptors,
-  questions and successes); the archive is their fold, so a resumed run
+  pairings, questions and successes); the archive is their fold, so a resumed run
   truncates the rows after its checkpoint and rebuilds the archive of that
   step (`Journal.resume`)."""
 
@@ -302,16 +346,24 @@ class Journal:
             raise ValueError(f"{self.path}: a corrupt line ({e}); delete the file and the "
                              f"audit checkpoints to start the audit again") from e
           if int(row["step"]) <= last_step:
+            if "pairings" not in row:
+              raise ValueError(f"{self.path}: step {row['step']} was journaled without its "
+                               f"pairings (an older version); delete {self.path} and the "
+                               f"audit checkpoints to start the audit again")
             rows.append(row)
       if write:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
     for row in rows:
-      self.archive.update(row["descriptors"], row["questions"], row["success"])
+      self.archive.update(row["descriptors"], row["questions"], row["success"],
+                          row["pairings"])
 
-  def record(self, step: int, descriptors, questions, success, write: bool = True) -> None:
-    row = {"step": int(step), "descriptors": list(descriptors), "questions": list(questions),
+  def record(self, step: int, descriptors, questions, success, pairings,
+             write: bool = True) -> None:
+    row = {"step": int(step), "descriptors": list(descriptors), "pairings": list(pairings),
+           "questions": list(questions),
            "success": [bool(x) for x in np.asarray(success, bool)]}
-    self.archive.update(row["descriptors"], row["questions"], row["success"])
+    self.archive.update(row["descriptors"], row["questions"], row["success"],
+                        row["pairings"])
     if write:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")

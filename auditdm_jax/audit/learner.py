@@ -224,17 +224,33 @@ def step_metrics(roll: rollout_lib.Rollout, editor=None, judge: bool = False
   return out
 
 
+def search_draws(dcfg: diversity_lib.DiversityConfig, mixture, n: int,
+                 rng: np.random.Generator, weights=None) -> tuple[list[str], list[str]]:
+  """(pairings, descriptors) of n search probes: without `weights`, pairings
+  in the mixture's proportions and the descriptors walked evenly
+  (`diversity.assign`); with them (`diversity.archive_weights`, keyed by
+  cell), cells drawn in proportion to the weights."""
+  if weights is None:
+    pairings = rollout_lib.draw_pairings(mixture, n, rng)
+    return pairings, diversity_lib.assign(dcfg, n, 0, rng)
+  cells = [diversity_lib.split_cell(c) for c in diversity_lib.draw_weighted(weights, n, rng)]
+  bad = sorted({p for p, _ in cells if p not in rollout_lib.PAIRINGS})
+  if bad:
+    raise ValueError(f"search weights name unknown pairings {bad}; known: "
+                     f"{list(rollout_lib.PAIRINGS)}")
+  return [p for p, _ in cells], [d for _, d in cells]
+
+
 def evaluate_search(auditing: rollout_lib.Auditing, params, pool: SeedPool, budget: int,
                     mixture, seed: int, batch: int, weights=None
                     ) -> tuple[rollout_lib.Rollout, dict]:
   """One sample per held-out seed, `budget` seeds, with `params` as the policy
-  (with descriptors: seed i asks through the i-th of a stratified walk, or of
-  a draw in proportion to `weights`, `diversity.archive_weights`)."""
+  (with descriptors: seed i asks through the i-th of a stratified walk, its
+  pairing drawn from the mixture; with `weights`, `diversity.archive_weights`,
+  through a cell, pairing x descriptor, drawn in proportion to them)."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 104729])
-  pairings = rollout_lib.draw_pairings(mixture, budget, rng)
-  descs = (diversity_lib.assign(auditing.diversity, budget, 0, rng) if weights is None
-           else diversity_lib.draw_weighted(weights, budget, rng))
+  pairings, descs = search_draws(auditing.diversity, mixture, budget, rng, weights)
   rolls = []
   for start in range(0, budget, batch):
     idx = list(range(start, min(start + batch, budget)))
@@ -298,18 +314,18 @@ def search_per_seed(auditing: rollout_lib.Auditing, params, pool: SeedPool, n_se
                     ) -> tuple[dict, rollout_lib.Rollout]:
   """The paper's search success: `budget` probes on each of the first
   `n_seeds` held-out seeds (with descriptors, spread over them:
-  `diversity.spread`; with `weights`, one probe per descriptor drawn in
-  proportion to them), the share of seeds with at least one
+  `diversity.spread`; with `weights`, each probe through a cell drawn in
+  proportion to them, `search_draws`), the share of seeds with at least one
   consensus-backed disagreement. Returns (figures, the merged rollout) for
   `diversity_figures`; about `batch` rows a call."""
   auditing.auditor.set_params(params)
   rng = np.random.default_rng([seed, 7_368_787])
   if weights is None:
     groups, descs, k = diversity_lib.spread(auditing.diversity, n_seeds, budget)
+    pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
   else:
     groups, k = [s for s in range(n_seeds) for _ in range(budget)], 1
-    descs = diversity_lib.draw_weighted(weights, len(groups), rng)
-  pairings = rollout_lib.draw_pairings(mixture, len(groups), rng)
+    pairings, descs = search_draws(auditing.diversity, mixture, len(groups), rng, weights)
   per_call = max(1, batch // k)                          # groups a call: ~batch rows
   rolls, seeds_of = [], []
   for start in range(0, len(groups), per_call):
@@ -412,7 +428,7 @@ class GRPOLearner:
       row["paid_rate"] = float(paid.mean())
     if self.journal is not None:
       self.journal.record(step + 1, roll.descriptor, roll.question,
-                          roll.success if adherent is None else paid,
+                          roll.success if adherent is None else paid, roll.pairings,
                           write=sharding.is_primary())
       row["descriptors_found"] = float(sum(1 for d, n in self.journal.archive.successes.items()
                                            if d and n))

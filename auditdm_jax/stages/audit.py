@@ -164,7 +164,8 @@ def run(config, workdir: str) -> dict:
   t_eval = time.time()
   # The trained auditor searches where its archive says the target fails
   # (`audit.diversity.search`); the warm start, which knows nothing of it, evenly.
-  weights = (diversity_lib.archive_weights(dcfg, journal.archive)
+  asks = {p: "question" in rollout_lib.PAIRINGS[p] for p in mixture}
+  weights = (diversity_lib.archive_weights(dcfg, journal.archive, mixture, asks)
              if journal is not None and dcfg.search == "archive" else None)
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
                                            mixture, seed, int(a.get("eval_batch", 64)), weights)
