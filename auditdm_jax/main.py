@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, stages
-from auditdm_jax.pipeline import lock, rounds
+from auditdm_jax.pipeline import layout, lock, rounds
 from auditdm_jax.utils.fileio import atomic_write_text
 from auditdm_jax.utils import chaos
 
@@ -205,13 +205,9 @@ def _record_wall(workdir: str, key: str, seconds: float) -> None:
   from auditdm_jax.sharding import is_primary  # pylint: disable=import-outside-toplevel
   if not is_primary():
     return
-  path = os.path.join(workdir, "stages.json")
-  walls = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      walls = json.load(f)
+  walls = layout.read_summary(workdir, "stages", {})
   walls[key] = round(seconds, 2)
-  atomic_write_text(path, json.dumps(walls, indent=2))
+  layout.write_summary(workdir, "stages", json.dumps(walls, indent=2))
 
 
 def _run_stage(config, name: str, workdir: str, key: str, walls: dict) -> None:

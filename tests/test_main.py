@@ -147,3 +147,18 @@ def test_load_model_names_the_stage_the_model_and_the_path(tmp_path):
   assert msg.startswith("mine: model 'ref_a' has no checkpoint at ")
   assert os.path.join(str(tmp_path), "models", "ref_a") in msg and msg.endswith(
       "run the earlier stages first")
+
+
+def test_summaries_are_written_and_read_through_the_layout(tmp_path):
+  from auditdm_jax.pipeline import layout
+  w = str(tmp_path)
+  assert layout.read_summary(w, "audit", {}) == {}            # not written yet
+  path = layout.write_summary(w, "audit", '{"steps": 3}')
+  assert path == os.path.join(w, "audit.json") and layout.read_summary(w, "audit") == {"steps": 3}
+  assert not [f for f in os.listdir(w) if f != "audit.json"]   # no temp file left behind
+  with open(layout.summary_path(w, "mine"), "w") as f:
+    f.write('{"seeds": 1')                                      # cut off mid-write
+  with pytest.raises(ValueError, match=r"mine stage's summary .*mine.json is not valid JSON"):
+    layout.read_summary(w, "mine")
+  with pytest.raises(KeyError, match="no summary file for stage 'audti'"):
+    layout.write_summary(w, "audti", "{}")

@@ -7,6 +7,8 @@
   <workdir>/mine/chunks, mine/tfds  the exemplar journal and store (mine)
   <workdir>/mine_earlier/r<k>       round k's store, linked in later rounds
   <workdir>/rounds/r<r>/            round r >= 2 of audit -> mine -> rectify
+  <workdir>/<summary>.json          each stage's summary (SUMMARIES) and the
+                                    stages' wall-clock record (stages.json)
 
 Also the config's roles (which models are targets, references, the auditor),
 the audited target, and the seed-image and scene-data sources every stage
@@ -16,12 +18,14 @@ opens the same way.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 
 from auditdm_jax import sharding
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.data import named, scene_tfds
+from auditdm_jax.utils.fileio import atomic_write_text
 
 ROLES = ("target", "reference", "auditor")
 ANSWERER_ROLES = ("target", "reference")
@@ -29,6 +33,40 @@ TRAINED_SUFFIX = "_trained"
 RECTIFIED_SUFFIX = "_rectified"
 EARLIER_STORES = "mine_earlier"   # <round workdir>/mine_earlier/r<k>: round k's store
 ROUNDS = "rounds"
+
+
+# Each stage's summary file in a (round) workdir; "stages": seconds per stage.
+SUMMARIES = {"init": "models.json", "pretrain": "pretrain.json", "eval": "eval.json",
+             "audit": "audit.json", "mine": "mine.json", "rectify": "rectify.json",
+             "report": "report.json", "stages": "stages.json"}
+
+
+def summary_path(workdir: str, stage: str) -> str:
+  if stage not in SUMMARIES:
+    raise KeyError(f"no summary file for stage {stage!r}; known: {sorted(SUMMARIES)}")
+  return os.path.join(workdir, SUMMARIES[stage])
+
+
+def write_summary(workdir: str, stage: str, text: str) -> str:
+  """Writes the stage's summary (JSON text) atomically; returns its path."""
+  path = summary_path(workdir, stage)
+  atomic_write_text(path, text)
+  return path
+
+
+def read_summary(workdir: str, stage: str, default=None):
+  """The stage's summary as written, or `default` when the stage has not
+  written one; a summary that is not JSON is refused by path and stage."""
+  path = summary_path(workdir, stage)
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"the {stage} stage's summary {path} is not valid JSON ({e}); "
+                     f"remove it and run the {stage} stage again") from e
 
 
 def model_dir(workdir: str, name: str) -> str:

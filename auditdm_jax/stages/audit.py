@@ -61,7 +61,6 @@ from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.train import ckpt as ckpt_lib
 from auditdm_jax.train import loop as loop_lib
 from auditdm_jax.train.metrics import read_metrics
-from auditdm_jax.utils.fileio import atomic_write_text
 
 
 def run(config, workdir: str) -> dict:
@@ -187,7 +186,7 @@ def run(config, workdir: str) -> dict:
          "wall_s": time.time() - t_stage, "learning_curve": curve,
          "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "audit.json"), dumps(out))
+    layout.write_summary(workdir, "audit", dumps(out))
   _log(out, n_eval)
   return out
 

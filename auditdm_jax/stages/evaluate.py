@@ -49,7 +49,6 @@ from auditdm_jax.pipeline import evaluation, layout, placement
 from auditdm_jax.pipeline.evaluation import cached_report, records
 from auditdm_jax.pipeline.layout import model_dir
 from auditdm_jax.pipeline.spec import Stage
-from auditdm_jax.utils.fileio import atomic_write_text
 
 # The scene world's checks (issue 31): references >= 0.95 overall and >= 0.85 on
 # every skill; each target >= 0.85 on every healthy skill and each gap slice at
@@ -94,7 +93,7 @@ def _run_named(config, workdir: str, t0: float) -> dict:
         for b, r in res[n]["benchmarks"].items()), flush=True)
   out["wall_s"] = time.time() - t0
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
+    layout.write_summary(workdir, "eval", benchmark.dumps(out))
   return out
 
 
@@ -149,7 +148,7 @@ def run(config, workdir: str) -> dict:
   print(f"eval: {len(out['checks']) - len(failed)}/{len(out['checks'])} checks met", flush=True)
   out["wall_s"] = time.time() - t0
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "eval.json"), benchmark.dumps(out))
+    layout.write_summary(workdir, "eval", benchmark.dumps(out))
   return out
 
 

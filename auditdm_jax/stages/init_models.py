@@ -20,9 +20,8 @@ from absl import logging
 
 from auditdm_jax import models, sharding
 from auditdm_jax.models.ckpt.common import flatten
-from auditdm_jax.pipeline.layout import model_dir
+from auditdm_jax.pipeline.layout import model_dir, write_summary
 from auditdm_jax.pipeline.spec import Stage
-from auditdm_jax.utils.fileio import atomic_write_text
 
 def build_model(spec, seed: int) -> models.VLM:
   """A VLM from one `config.models` entry (checkpoint path or preset)."""
@@ -73,7 +72,7 @@ def run(config, workdir: str) -> dict:
     print(f"init: {name:14s} role={spec.role:9s} {model.config.variant:16s} "
           f"{n:>12,d} params -> {path}{' (reused)' if reused else ''}", flush=True)
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "models.json"), json.dumps(summary, indent=2))
+    write_summary(workdir, "init", json.dumps(summary, indent=2))
   return summary
 
 

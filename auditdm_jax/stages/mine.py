@@ -41,7 +41,6 @@ labelled path's.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -61,7 +60,6 @@ from auditdm_jax.pipeline.layout import (audit_target, model_dir, published_path
 from auditdm_jax.pipeline.recipes import audit_configs
 from auditdm_jax.pipeline.spec import Stage, unknown_keys
 from auditdm_jax.utils.digest import params_fingerprint
-from auditdm_jax.utils.fileio import atomic_write_text
 
 DEFAULTS = dict(auditors=(), seeds=0, samples_per_seed=8, chunk_seeds=32, mixture={},
                 temperature=1.0, top_k=5, purity=0.5, merge_rate=0.5, min_probes=3,
@@ -81,10 +79,8 @@ def settings(config) -> dict:
 
 
 def _auditor_step(workdir: str, name: str) -> int:
-  path = os.path.join(workdir, "audit.json")
-  if layout.is_trained_name(name) and os.path.exists(path):
-    with open(path) as f:
-      return int(json.load(f).get("steps", 0))
+  if layout.is_trained_name(name):
+    return int(layout.read_summary(workdir, "audit", {}).get("steps", 0))
   return 0
 
 
@@ -167,7 +163,7 @@ def run(config, workdir: str) -> dict:
         records, targets, focus, gaps, m, new_auditing(first, auditor_models[first]),
         models.build, labelled=res), records)
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "mine.json"), dumps(out))
+    layout.write_summary(workdir, "mine", dumps(out))
   _log(out, records, focus)
   return out
 

@@ -50,12 +50,12 @@ from auditdm_jax.models.ckpt import common as ckpt_common
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.pipeline.layout import (ANSWERER_ROLES, ensure_data, is_scene_model, model_dir,
+                                         read_summary, write_summary,
                                          scene_source)
 from auditdm_jax.pipeline.placement import placed
 from auditdm_jax.pipeline.recipes import recipe_config
 from auditdm_jax.pipeline.spec import Stage
 from auditdm_jax.train import sft, tasks, vision
-from auditdm_jax.utils.fileio import atomic_write_text
 
 # The row length of an answerer trained to judge (`models.<name>.judge_rate`): the
 # judge prompt and its answer hold <= 30 ids.
@@ -140,11 +140,8 @@ def read_curve(run_dir: str) -> list[dict]:
 
 class _Status:
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "pretrain.json")
-    self.data = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.data = json.load(f)
+    self.workdir = workdir
+    self.data = read_summary(workdir, "pretrain", {})
 
   def done(self, key: str) -> bool:
     return key in self.data
@@ -152,7 +149,7 @@ class _Status:
   def mark(self, key: str, value: dict) -> None:
     self.data[key] = value
     if sharding.is_primary():
-      atomic_write_text(self.path, json.dumps(self.data, indent=2))
+      write_summary(self.workdir, "pretrain", json.dumps(self.data, indent=2))
 
 
 def _loader(config, workdir, task, batch: int, seed: int):

@@ -72,7 +72,6 @@ from auditdm_jax.pipeline.layout import (audit_target, earlier_stores, model_dir
 from auditdm_jax.pipeline.recipes import recipe_config
 from auditdm_jax.pipeline.spec import Stage, unknown_keys
 from auditdm_jax.train import sft, tasks
-from auditdm_jax.utils.fileio import atomic_write_text
 
 STRATEGIES = ("augment", "bootstrap")
 DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
@@ -349,7 +348,7 @@ def run(config, workdir: str) -> dict:
          "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "rectify.json"), benchmark.dumps(out))
+    layout.write_summary(workdir, "rectify", benchmark.dumps(out))
   a0, a1 = before[target], after[target]
   print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
         f"{summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
@@ -395,7 +394,7 @@ def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summa
          "train": {k: summary[k] for k in ("steps", "resumed", "final", "wall_s")},
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
-    atomic_write_text(os.path.join(workdir, "rectify.json"), benchmark.dumps(out))
+    layout.write_summary(workdir, "rectify", benchmark.dumps(out))
   print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
         f"{summary['steps']} steps): " + "; ".join(
             f"{b} {g['metric']} {g['before']:.2f} -> {g['after']:.2f} ({g['unit']})"

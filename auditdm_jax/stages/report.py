@@ -19,7 +19,6 @@ A missing input (a stage not run) leaves its figures out rather than failing.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -29,18 +28,10 @@ from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.report import html
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.mine.analysis import scene_truth
-from auditdm_jax.pipeline.layout import published_path, round_dirs
+from auditdm_jax.pipeline.layout import published_path, read_summary, round_dirs, write_summary
 from auditdm_jax.pipeline.spec import Stage
-from auditdm_jax.utils.fileio import atomic_write_text
 
 GALLERY_TYPES, PER_TYPE = 6, 4
-
-
-def _load(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def _store_records(path: str, ids: set) -> dict[str, dict]:
@@ -120,16 +111,16 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   if not sharding.is_primary():   # only process 0 reports
     return {}
-  audit = _load(os.path.join(workdir, "audit.json")) or {}
-  mine = _load(os.path.join(workdir, "mine.json")) or {}
-  rect = _load(os.path.join(workdir, "rectify.json")) or {}
-  ev = _load(os.path.join(workdir, "eval.json")) or {}
-  walls = _load(os.path.join(workdir, "stages.json")) or {}
+  audit = read_summary(workdir, "audit", {})
+  mine = read_summary(workdir, "mine", {})
+  rect = read_summary(workdir, "rectify", {})
+  ev = read_summary(workdir, "eval", {})
+  walls = read_summary(workdir, "stages", {})
   rounds = []
   for d in [workdir] + round_dirs(workdir):
-    r = _load(os.path.join(d, "rectify.json"))
-    m = _load(os.path.join(d, "mine.json")) or {}
-    a = _load(os.path.join(d, "audit.json")) or {}
+    r = read_summary(d, "rectify")
+    m = read_summary(d, "mine", {})
+    a = read_summary(d, "audit", {})
     if r is None:
       continue
     t = r["target"]
@@ -143,7 +134,7 @@ def run(config, workdir: str) -> dict:
       n: e["accuracy"] for n, e in ev.get("models", {}).items() if e.get("role") != "auditor"}
   after = None
   if rect:
-    last = _load(os.path.join(rounds[-1]["workdir"], "rectify.json")) if rounds else rect
+    last = read_summary(rounds[-1]["workdir"], "rectify") if rounds else rect
     after = dict(rect["accuracy_after"])
     after[rect["target"]] = last["accuracy_after"][last["target"]]
   gapped = {n: sorted({gaps_lib.GapSpec.parse(g).skill for g in s.get("gaps", ())})
@@ -190,7 +181,7 @@ def run(config, workdir: str) -> dict:
   if unl is not None:   # only where the mine stage found types without labels
     out["unlabelled"] = dict(unl, failure_types=[
         {k: v for k, v in t.items() if k != "gallery"} for t in unl["failure_types"]])
-  atomic_write_text(os.path.join(workdir, "report.json"), dumps(out))
+  write_summary(workdir, "report", dumps(out))
   print(f"report: {html_path} ({len(failure_types)} failure types, {len(items)} exemplars "
         "in the gallery)", flush=True)
   return out
