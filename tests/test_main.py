@@ -162,3 +162,21 @@ def test_summaries_are_written_and_read_through_the_layout(tmp_path):
     layout.read_summary(w, "mine")
   with pytest.raises(KeyError, match="no summary file for stage 'audti'"):
     layout.write_summary(w, "audti", "{}")
+
+
+def test_shared_section_defaults_reach_every_reader():
+  """audit.answer_tokens has one default (4) and one spelling: the audit
+  stage, the planner and the named-benchmark evaluation read the same value,
+  and an override reaches all of them."""
+  import ml_collections
+  from auditdm_jax.pipeline import sections
+  from auditdm_jax.stages import audit, evaluate
+  config = ml_collections.ConfigDict(dict(audit=dict(steps=3), eval=dict(batch=8)))
+  assert audit.STAGE.settings(config) == sections.settings(config, "audit")
+  assert audit.STAGE.settings(config)["answer_tokens"] == 4
+  assert evaluate.STAGE.settings(config) == dict(sections.EVAL, batch=8)
+  config.audit.answer_tokens = 16
+  assert sections.settings(config, "audit")["answer_tokens"] == 16
+  assert sections.settings(ml_collections.ConfigDict(), "audit") == sections.AUDIT
+  with pytest.raises(KeyError, match="no shared defaults for config section 'mien'"):
+    sections.settings(config, "mien")

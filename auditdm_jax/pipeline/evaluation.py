@@ -15,7 +15,7 @@ import numpy as np
 from auditdm_jax import sharding
 from auditdm_jax.data import named
 from auditdm_jax.eval import benchmark, metrics, predictions
-from auditdm_jax.pipeline import layout, placement
+from auditdm_jax.pipeline import layout, placement, sections
 from auditdm_jax.train import preemption
 from auditdm_jax.utils.digest import params_fingerprint
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -78,7 +78,7 @@ def benchmark_records(config) -> dict[str, list[dict]]:
   """{name: records without their images} of the config's named benchmarks,
   each cut to `eval.max_examples` (0: all). Opening a benchmark refuses a
   record that lacks a field of its metric (data/named.py)."""
-  limit = int(config.get("eval", {}).get("max_examples", 0) or 0)
+  limit = int(sections.settings(config, "eval")["max_examples"] or 0)
   out = {}
   for name, spec in benchmark_specs(config).items():
     src = named.open_source(spec)
@@ -116,8 +116,8 @@ def evaluate_workdir_named(config, workdir: str, answerers: list[str], swap=None
   benches = benchmark_records(config) if benches is None else benches
   specs = benchmark_specs(config)
   # the answerers' greedy answer length, as the audit reads their answers
-  default_new = int(config.get("audit", {}).get("answer_tokens", 16))
-  batch = int(config.get("eval", {}).get("batch", 64))
+  default_new = int(sections.settings(config, "audit")["answer_tokens"])
+  batch = int(sections.settings(config, "eval")["batch"])
   root = os.path.join(workdir, PREDICTIONS)
   out, cache = {}, {}
   with preemption.StopOnSignal() as stop:   # SIGTERM: stop after the chunk in progress

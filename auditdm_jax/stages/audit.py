@@ -54,7 +54,7 @@ from auditdm_jax.audit import learner as learner_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.mine import failure_types as ft
-from auditdm_jax.pipeline import editing, judging, layout, placement
+from auditdm_jax.pipeline import editing, judging, layout, placement, sections
 from auditdm_jax.pipeline.layout import audit_target, model_dir, roles, seed_source
 from auditdm_jax.pipeline.recipes import audit_configs
 from auditdm_jax.pipeline.spec import Stage
@@ -68,7 +68,7 @@ def run(config, workdir: str) -> dict:
   if "audit" not in config:
     print("audit: this config has no `audit` section; nothing to do", flush=True)
     return {}
-  a = config.audit
+  a = STAGE.settings(config)
   seed = int(config.seed)
   target = audit_target(config)
   refs = roles(config, "reference")
@@ -78,8 +78,8 @@ def run(config, workdir: str) -> dict:
                      f"the config has auditors {auditors} and references {refs}")
   aud_name = auditors[0]
   tcfg, gcfg, rcfg = audit_configs(config)
-  mixture = rollout_lib.check_mixture(dict(a.mixture))
-  dcfg = diversity_lib.DiversityConfig.from_config(a.get("diversity", None))
+  mixture = rollout_lib.check_mixture(dict(a["mixture"]))
+  dcfg = diversity_lib.DiversityConfig.from_config(a["diversity"])
 
   loaded = {name: layout.load_model(workdir, name, "audit")
             for name in [aud_name, target] + refs}
@@ -89,19 +89,19 @@ def run(config, workdir: str) -> dict:
   trainer = grpo.GRPOTrainer(auditor.config, tcfg, gcfg, mesh)
   warm_params = jax.device_put(auditor.params, trainer.param_shardings)
   # One prompt-length bucket for every question (one compile per answerer).
-  bucket = int(a.get("answer_bucket", 32))
+  bucket = int(a["answer_bucket"])
   answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
                for n in [target] + refs}
   judge, _ = judging.build(config, workdir, rcfg, answerers, loaded, mesh, bucket)
   auditing = rollout_lib.Auditing(
       placement.sampler(config, aud_name, auditor, mesh), answerers, target, refs,
       editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
-      num_samples=gcfg.num_samples, temperature=float(a.temperature),
-      max_new_tokens=int(a.max_new_tokens),
-      answer_tokens=int(a.get("answer_tokens", 4)), judge=judge, diversity=dcfg)
+      num_samples=gcfg.num_samples, temperature=float(a["temperature"]),
+      max_new_tokens=int(a["max_new_tokens"]),
+      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg)
 
   src = seed_source(config, workdir, auditor.config.vision.image_size)
-  n_eval = int(a.eval_budget)
+  n_eval = int(a["eval_budget"])
   if len(src) <= n_eval:
     raise ValueError(f"the seed_images split holds {len(src)} images; audit.eval_budget="
                      f"{n_eval} must leave some for training")
@@ -112,7 +112,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(root, exist_ok=True)
   checkpointer = ckpt_lib.TrainCheckpointer(os.path.join(root, "ckpt"), 2, None)
   mu = gcfg.updates_per_batch
-  steps = int(a.steps)
+  steps = int(a["steps"])
   try:
     state, latest = loop_lib.resume(checkpointer, trainer,
                                     lambda: trainer.init_state(auditor.params))
@@ -133,15 +133,15 @@ def run(config, workdir: str) -> dict:
                                               # the shardings agree
       adherence = diversity_lib.Adherence(judge_sampler, dcfg,
                                           rollout_lib.AUDITOR_TASKS["question"],
-                                          batch=int(a.get("eval_batch", 64)) * 4)
+                                          batch=int(a["eval_batch"]) * 4)
     learner = learner_lib.GRPOLearner(
         trainer, auditing, train_pool, mixture, seed=seed,
-        prompts_per_step=int(a.prompts_per_step), seq_len=int(a.seq_len),
+        prompts_per_step=int(a["prompts_per_step"]), seq_len=int(a["seq_len"]),
         warm_params=warm_params, finds_path=finds_path,
-        log_examples=int(a.get("log_examples", 2)), journal=journal, adherence=adherence)
-    progress = a.get("progress", None)
-    lcfg = loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a.checkpoint_every),
-                               log_every=int(a.get("log_every", 10)), updates_per_step=mu,
+        log_examples=int(a["log_examples"]), journal=journal, adherence=adherence)
+    progress = a["progress"]
+    lcfg = loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a["checkpoint_every"]),
+                               log_every=int(a["log_every"]), updates_per_step=mu,
                                name="audit", progress=os.isatty(1) if progress is None
                                else bool(progress), tensorboard=True)
     t_train = time.time()
@@ -167,17 +167,17 @@ def run(config, workdir: str) -> dict:
   weights = (diversity_lib.archive_weights(dcfg, journal.archive, mixture, asks)
              if journal is not None and dcfg.search == "archive" else None)
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
-                                           mixture, seed, int(a.get("eval_batch", 64)), weights)
+                                           mixture, seed, int(a["eval_batch"]), weights)
   ratio = fig.pop("ratio")
   per_seed, div, uniform = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture,
                                      seed, weights)
   fig["success_rate_per_seed"] = per_seed
   fig["diversity"] = div
   fig["search"] = {"descriptors": fig.pop("search_descriptors"), "weights": weights,
-                   "seeds": min(int(a.get("seed_count", 64)), len(eval_pool))}
+                   "seeds": min(int(a["seed_count"]), len(eval_pool))}
   if weights is not None:     # the same auditor searching evenly, beside it
     _, res_u = learner_lib.evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed,
-                                           int(a.get("eval_batch", 64)))
+                                           int(a["eval_batch"]))
     fig["search"]["trained_uniform"] = dict(uniform, per_probe=res_u["success_rate"])
   if journal is not None:
     fig["archive"] = journal.archive.state()
@@ -200,9 +200,9 @@ def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None
   categories; the scene world's truth only measures). Returns (per seed,
   diversity, and with `weights` the trained auditor searching evenly:
   {"per_seed", "diversity"}, else {})."""
-  n = min(int(a.get("seed_count", 64)), len(pool))
-  budget = int(a.get("seed_budget", 8))
-  batch = int(a.get("eval_batch", 64))
+  n = min(int(a["seed_count"]), len(pool))
+  budget = int(a["seed_budget"])
+  batch = int(a["eval_batch"])
   per_seed, div, uniform = {"budget": budget}, {}, {}
   runs = [("trained", trained, weights), ("warm_start", warm, None)]
   if weights is not None:
@@ -253,7 +253,7 @@ def _log(out: dict, n_eval: int) -> None:
 def problems(config) -> list[str]:
   """Problems of the `audit` section (every one, not just the first)."""
   problems = []
-  a = config.audit
+  a = STAGE.settings(config)
   for key in ("steps", "prompts_per_step", "eval_budget", "max_new_tokens", "seq_len",
               "checkpoint_every"):
     v = a.get(key, None)
@@ -275,18 +275,18 @@ def problems(config) -> list[str]:
   problems += [f"audit.diversity: {p}" for p in
                diversity_lib.check_section(a.get("diversity", None))]
   for key in ("seed_count", "seed_budget"):
-    v = a.get(key, 1)
+    v = a[key]
     if not isinstance(v, int) or v < 1:
       problems.append(f"audit.{key} must be an int >= 1, got {v!r}")
   editor_problems = editing.problems(config, check_inputs=False)   # files: config_check
   problems += editor_problems
-  allowed = editor_lib.PAIRINGS.get(a.get("editor", ""), None)
+  allowed = editor_lib.PAIRINGS.get(a["editor"], None)
   for section in ("audit", "mine") if not editor_problems else ():
     mix = dict(config.get(section, {}).get("mixture", {}) or {})
     bad = sorted(k for k, v in mix.items() if v and allowed is not None and k not in allowed)
     if bad:
       problems.append(f"{section}.mixture: pairings {bad} need an image editor; editor "
-                      f"{a.get('editor', '')!r} allows only {list(allowed)}")
+                      f"{a['editor']!r} allows only {list(allowed)}")
   seeds = config.get("world", {}).get("seed_images_size", None)
   budget = a.get("eval_budget", None)
   if isinstance(seeds, int) and isinstance(budget, int) and budget >= seeds:
@@ -302,4 +302,5 @@ STAGE = Stage(
           "(`audit`)",
     writes="`audit/` (GRPO checkpoints, metrics, `finds.jsonl`), `models/<auditor>_trained/`, "
            "`audit.json`",
-    section="audit", problems=problems, needs=("audit", "models"), in_rounds=True)
+    section="audit", defaults=sections.AUDIT, problems=problems, needs=("audit", "models"),
+    in_rounds=True)

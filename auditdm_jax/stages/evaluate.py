@@ -45,7 +45,7 @@ from auditdm_jax.eval import benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.data import named
-from auditdm_jax.pipeline import evaluation, layout, placement
+from auditdm_jax.pipeline import evaluation, layout, placement, sections
 from auditdm_jax.pipeline.evaluation import cached_report, records
 from auditdm_jax.pipeline.layout import model_dir
 from auditdm_jax.pipeline.spec import Stage
@@ -106,7 +106,7 @@ def run(config, workdir: str) -> dict:
     return {}
   layout.ensure_data(config, workdir)
   bench = records(layout.scene_source(config, workdir, "benchmark"))
-  n_aud = int(config.get("eval", {}).get("auditor_samples", 96))
+  n_aud = int(STAGE.settings(config)["auditor_samples"])
   out = {"models": {}, "checks": [],
          "benchmark": {"records": len(bench),
                        "per_skill": {s: sum(r["skill"] == s for r in bench) for s in SKILLS}}}
@@ -171,4 +171,4 @@ STAGE = Stage(
     writes="`eval.json` (scene: per-skill accuracy, gap slices, checks; named benchmarks: "
            "each benchmark's metric in the paper's unit), `eval_cache/` (answerer reports "
            "and per-sample predictions keyed by weights, shared with rectify)",
-    section="eval", problems=problems)
+    section="eval", defaults=sections.EVAL, problems=problems)

@@ -54,7 +54,7 @@ from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.audit.learner import SeedPool
 from auditdm_jax.mine import analysis, clusters, journal
 from auditdm_jax.mine import probes as probes_lib
-from auditdm_jax.pipeline import editing, judging, layout, placement
+from auditdm_jax.pipeline import editing, judging, layout, placement, sections
 from auditdm_jax.pipeline.layout import (audit_target, model_dir, published_path, roles, seed_source,
                                          store_paths)
 from auditdm_jax.pipeline.recipes import audit_configs
@@ -94,7 +94,8 @@ def run(config, workdir: str) -> dict:
   targets, refs = roles(config, "target"), roles(config, "reference")
   _, _, rcfg = audit_configs(config)
   mixture = rollout_lib.check_mixture(dict(m["mixture"]))
-  dcfg = diversity_lib.DiversityConfig.from_config(config.audit.get("diversity", None))
+  a = sections.settings(config, "audit")
+  dcfg = diversity_lib.DiversityConfig.from_config(a["diversity"])
   k = int(m["samples_per_seed"])
   chunk = int(m["chunk_seeds"])
   if k < 1 or chunk < 1:
@@ -110,7 +111,7 @@ def run(config, workdir: str) -> dict:
 
   mesh = placement.mesh(config)
   loaded = _load(workdir, targets + refs)
-  bucket = int(config.audit.get("answer_bucket", 32))   # one compile per answerer
+  bucket = int(a["answer_bucket"])   # one compile per answerer
   answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
                for n in targets + refs}
   editor = editing.build(config, mesh, size)
@@ -132,7 +133,7 @@ def run(config, workdir: str) -> dict:
     return rollout_lib.Auditing(
         placement.sampler(config, name, aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
         temperature=float(m["temperature"]), max_new_tokens=int(config.audit.max_new_tokens),
-        answer_tokens=int(config.audit.get("answer_tokens", 4)),
+        answer_tokens=int(a["answer_tokens"]),
         judge=judge, diversity=dcfg)
 
   mined = journal.mine_chunks(

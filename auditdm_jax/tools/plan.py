@@ -60,7 +60,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from auditdm_jax import config_check, models, sharding
-from auditdm_jax.pipeline import placement
+from auditdm_jax.pipeline import placement, sections
 
 
 GIB = 1 << 30
@@ -202,7 +202,7 @@ def workload(config) -> Workload:
       global_batch=int(a.prompts_per_step) * int(a.grpo.num_samples),
       num_samples=int(a.grpo.num_samples), max_new_tokens=int(a.max_new_tokens),
       auditor_prompt_len=int(a.seq_len) - int(a.max_new_tokens),
-      answer_tokens=int(a.get("answer_tokens", 4)),
+      answer_tokens=int(sections.settings(config, "audit")["answer_tokens"]),
       train_vision=not any(re.search(f, "img/x") for f in frozen),
       grad_accum=int(a.optim.get("grad_accum", 1)))
 
@@ -245,7 +245,7 @@ def plan(config, slices=None) -> dict:
         r["kv_cache"] = _kv_cache_bytes(cfg, rows_dev, p.answer_prompt_len,
                                         rl.answer_tokens, p.kv_cache_dtype, mesh_shape)
       rows[m] = r
-    if config.audit.get("editor", "") == "flux":
+    if sections.settings(config, "audit")["editor"] == "flux":
       rows.update(_flux_rows(config, mesh_shape))
     resident = sum(r["params"] + r.get("grads", 0) + r.get("optimizer", 0)
                    + r.get("init_policy", 0) for r in rows.values())
