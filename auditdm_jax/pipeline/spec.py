@@ -23,7 +23,9 @@ class Stage:
   section ('' none) and `defaults` of that section's keys; problems(config)
   -> list of config problems, run by config_check when every section of
   `needs` is in the config and non-empty; in_rounds: repeated by rounds
-  2..N (audit -> mine -> rectify)."""
+  2..N (audit -> mine -> rectify); resolve(config, settings) -> settings:
+  fills what the section leaves to other sections and refuses bad values
+  (`settings` calls it)."""
   name: str
   run: Callable[[Any, str], dict]
   reads: str
@@ -33,11 +35,13 @@ class Stage:
   problems: Callable[[Any], list[str]] | None = None
   needs: tuple[str, ...] = ()
   in_rounds: bool = False
+  resolve: Callable[[Any, dict], dict] | None = None
   status: str = "built"
 
   def settings(self, config) -> dict:
-    """The section's defaults updated with what the config gives."""
-    return dict(self.defaults, **dict(config.get(self.section, {}) if self.section else {}))
+    """The section's defaults updated with what the config gives, resolved."""
+    s = dict(self.defaults, **dict(config.get(self.section, {}) if self.section else {}))
+    return self.resolve(config, s) if self.resolve is not None else s
 
   def config_problems(self, config) -> list[str]:
     if self.problems is None or not all(config.get(k, None) for k in self.needs):

@@ -67,9 +67,8 @@ DEFAULTS = dict(auditors=(), seeds=0, samples_per_seed=8, chunk_seeds=32, mixtur
 UNLABELLED_MODES = ("on", "off")
 
 
-def settings(config) -> dict:
-  m = dict(DEFAULTS)
-  m.update(dict(config.get("mine", {})))
+def _resolve(config, m: dict) -> dict:
+  """The trained auditor(s) and the audit's mixture where the section leaves them."""
   if not m["auditors"]:
     aud = roles(config, "auditor")
     m["auditors"] = tuple(layout.trained_name(a) for a in aud)
@@ -89,7 +88,7 @@ def run(config, workdir: str) -> dict:
   if "audit" not in config:
     print("mine: this config has no `audit` section; nothing to mine", flush=True)
     return {}
-  m = settings(config)
+  m = STAGE.settings(config)
   focus = audit_target(config)
   targets, refs = roles(config, "target"), roles(config, "reference")
   _, _, rcfg = audit_configs(config)
@@ -244,7 +243,7 @@ def _log(out: dict, records, focus: str) -> None:
 def problems(config) -> list[str]:
   given = dict(config.get("mine", {}))
   problems = unknown_keys("mine", given, DEFAULTS)
-  m = settings(config)
+  m = STAGE.settings(config)
   for key in ("samples_per_seed", "chunk_seeds", "top_k", "min_probes"):
     v = m[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -282,5 +281,6 @@ STAGE = Stage(
     reads="`models/` (trained auditor, targets, refs), seed images, config (`mine`)",
     writes="`mine/chunks/` (journal), `mine/tfds/` (exemplar store, TFDS array_record), "
            "`mine.json` (failure types, recall / precision)",
-    section="mine", defaults=DEFAULTS, problems=problems, needs=("audit", "models"),
+    section="mine", defaults=DEFAULTS, resolve=_resolve, problems=problems,
+    needs=("audit", "models"),
     in_rounds=True)

@@ -85,9 +85,9 @@ SLICE_GAIN, GAIN, SKILL_GAIN_SHARE = 0.40, 0.20, 0.2
 HEALTHY_COST, OVERALL_MARGIN = 0.02, 0.01
 
 
-def settings(config) -> dict:
-  r = dict(DEFAULTS)
-  r.update(dict(config.get("rectify", {})))
+def _resolve(config, r: dict) -> dict:
+  """Refuses a strategy or ratio out of range, by key."""
+  del config
   if r["strategy"] not in STRATEGIES:
     raise ValueError(f"rectify.strategy must be one of {STRATEGIES}, got {r['strategy']!r}")
   if not 0.0 < float(r["mix_ratio"]) <= 1.0:
@@ -279,7 +279,7 @@ def run(config, workdir: str) -> dict:
     print("rectify: this config has no `audit` section, or neither a scene world nor "
           "named benchmarks; nothing to rectify", flush=True)
     return {}
-  r = settings(config)
+  r = STAGE.settings(config)
   target = r["target"] or audit_target(config)
   if config.models.get(target, None) is None or config.models[target].role != "target":
     raise ValueError(f"rectify.target {target!r} is not a model with role 'target'")
@@ -406,7 +406,7 @@ def problems(config) -> list[str]:
   given = dict(config.get("rectify", {}))
   problems = unknown_keys("rectify", given, DEFAULTS)
   try:
-    r = settings(config)
+    r = STAGE.settings(config)
   except ValueError as e:
     return problems + [str(e)]
   t = r["target"]
@@ -427,5 +427,6 @@ STAGE = Stage(
           "benchmarks, config (`rectify`)",
     writes="`rectify/<target>/` (training run), `models/<target>_rectified/`, `rectify.json` "
            "(accuracy before / after, checks), `eval_cache/`",
-    section="rectify", defaults=DEFAULTS, problems=problems, needs=("audit", "models"),
+    section="rectify", defaults=DEFAULTS, resolve=_resolve, problems=problems,
+    needs=("audit", "models"),
     in_rounds=True)
