@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 
-from auditdm_jax.data import pipeline, records, scene_tfds
+from auditdm_jax.data import loaders, records, scene_tfds
 from auditdm_jax.scenes import examples, questions
 
 TRAIN, BENCH = 48, 32
@@ -166,14 +166,14 @@ def _assert_batches_equal(a, b):
 def test_loader_order_is_a_function_of_the_seed():
   src = _list_source()
   kw = {"batch_size": 8, "shard_by_process": False}
-  a = _take(pipeline.train_loader(src, seed=0, **kw), 5)
-  b = _take(pipeline.train_loader(src, seed=0, **kw), 5)
-  c = _take(pipeline.train_loader(src, seed=1, **kw), 5)
+  a = _take(loaders.train_loader(src, seed=0, **kw), 5)
+  b = _take(loaders.train_loader(src, seed=0, **kw), 5)
+  c = _take(loaders.train_loader(src, seed=1, **kw), 5)
   _assert_batches_equal(a, b)
   assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]
   assert a[0]["x"].shape == (8, 2, 3) and a[0]["s"].dtype.kind == "U"
   # Epoch 1 and epoch 2 (batches 6..11) are different permutations of all records.
-  it = pipeline.train_loader(src, seed=0, **kw)
+  it = loaders.train_loader(src, seed=0, **kw)
   e1 = np.concatenate([b["index"] for b in _take(it, 6)])
   e2 = np.concatenate([b["index"] for b in _take(it, 6)])
   assert sorted(e1) == sorted(e2) == list(range(TRAIN)) and list(e1) != list(e2)
@@ -184,7 +184,7 @@ def test_epoch_is_split_over_processes():
   seen = []
   for p in range(2):
     opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2, drop_remainder=True)
-    it = pipeline.train_loader(src, batch_size=5, seed=3, num_epochs=1,
+    it = loaders.train_loader(src, batch_size=5, seed=3, num_epochs=1,
                                shard_options=opts, drop_remainder=False)
     ids = [i for b in it for i in b["index"].tolist()]
     assert len(ids) == TRAIN // 2
@@ -198,11 +198,11 @@ def test_batch_rows_sharding_rebuilds_the_one_process_batches():
   across epochs, and each process's state restores its own stream."""
   src = _list_source()
   kw = {"seed": 7, "transforms": [double_x, AddNoise()], "shard_mode": "batch_rows"}
-  one = _take(pipeline.train_loader(src, batch_size=8, shard_by_process=False, **kw), 9)
+  one = _take(loaders.train_loader(src, batch_size=8, shard_by_process=False, **kw), 9)
   parts = []
   for p in range(2):
     opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2)
-    parts.append(_take(pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw), 9))
+    parts.append(_take(loaders.train_loader(src, batch_size=4, shard_options=opts, **kw), 9))
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)]
   _assert_batches_equal(joined, one)
   assert not np.array_equal(parts[0][0]["index"], parts[1][0]["index"])
@@ -211,28 +211,28 @@ def test_batch_rows_sharding_rebuilds_the_one_process_batches():
   ends = []
   for p in range(2):
     opts = grain.sharding.ShardOptions(shard_index=p, shard_count=2)
-    it = pipeline.train_loader(_list_source(50), batch_size=4, shard_options=opts, num_epochs=1,
+    it = loaders.train_loader(_list_source(50), batch_size=4, shard_options=opts, num_epochs=1,
                                drop_remainder=False, **kw)
     ends.append([len(b["index"]) for b in it])
   assert ends == [[4] * 6 + [2], [4] * 6]
   opts = grain.sharding.ShardOptions(shard_index=1, shard_count=2)
-  it = pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw)
+  it = loaders.train_loader(src, batch_size=4, shard_options=opts, **kw)
   _take(it, 3)
   state = it.get_state()
-  fresh = pipeline.train_loader(src, batch_size=4, shard_options=opts, **kw)
+  fresh = loaders.train_loader(src, batch_size=4, shard_options=opts, **kw)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 6), parts[1][3:])
-  other = pipeline.train_loader(src, batch_size=4, seed=7, shard_options=opts,
+  other = loaders.train_loader(src, batch_size=4, seed=7, shard_options=opts,
                                 transforms=kw["transforms"])          # shard_mode="records"
   with pytest.raises(ValueError, match="does not match"):
     other.set_state(state)
   with pytest.raises(ValueError, match="shard_mode"):
-    pipeline.train_loader(src, batch_size=4, seed=0, shard_mode="rows")
+    loaders.train_loader(src, batch_size=4, seed=0, shard_mode="rows")
 
 
 def test_transforms_can_drop_records():
   src = _list_source()
-  it = pipeline.train_loader(src, batch_size=5, seed=0, num_epochs=1, drop_remainder=False,
+  it = loaders.train_loader(src, batch_size=5, seed=0, num_epochs=1, drop_remainder=False,
                              shard_by_process=False,
                              transforms=[KeepNotMultipleOf3(), double_x, AddNoise()])
   batches = list(it)
@@ -242,15 +242,15 @@ def test_transforms_can_drop_records():
   for b in batches:
     np.testing.assert_array_equal(b["x"][:, 0, 0], 2 * b["index"])
     assert b["noise"].shape == (len(b["index"]), 2)
-  dropped = pipeline.train_loader(src, batch_size=5, seed=0, num_epochs=1,
+  dropped = loaders.train_loader(src, batch_size=5, seed=0, num_epochs=1,
                                   shard_by_process=False, transforms=[KeepNotMultipleOf3()])
   assert len(list(dropped)) == 6                              # last partial batch dropped
-  none_drops = pipeline.train_loader(
+  none_drops = loaders.train_loader(
       src, batch_size=48, seed=0, num_epochs=1, shard_by_process=False, drop_remainder=False,
       transforms=[lambda r: r if r["index"] < 10 else None])
   assert sorted(next(none_drops)["index"].tolist()) == list(range(10))
   with pytest.raises(TypeError, match="batches by itself"):
-    pipeline.train_loader(src, batch_size=5, seed=0, transforms=[grain.transforms.Batch(4)])
+    loaders.train_loader(src, batch_size=5, seed=0, transforms=[grain.transforms.Batch(4)])
 
 
 def test_worker_processes_give_the_same_batches(data_dir):
@@ -261,15 +261,15 @@ def test_worker_processes_give_the_same_batches(data_dir):
   src = scene_tfds.data_source(data_dir, "train", TRAIN, BENCH)
   transforms = [KeepNotMultipleOf3(), AddNoise()]
   kw = {"batch_size": 6, "seed": 5, "transforms": transforms, "shard_by_process": False}
-  want = _take(pipeline.train_loader(src, worker_count=0, **kw), 9)  # > 1 epoch
-  with pipeline.train_loader(src, worker_count=2, **kw) as it:
+  want = _take(loaders.train_loader(src, worker_count=0, **kw), 9)  # > 1 epoch
+  with loaders.train_loader(src, worker_count=2, **kw) as it:
     got = _take(it, 4)
     state = it.get_state()
     got += _take(it, 5)
   _assert_batches_equal(got, want)
   assert got[0]["image"].shape == (6, 48, 48, 3) and got[0]["image"].dtype == np.uint8
   # The state does not depend on the worker count either.
-  in_process = pipeline.train_loader(src, worker_count=0, **kw)
+  in_process = loaders.train_loader(src, worker_count=0, **kw)
   in_process.set_state(state)
   _assert_batches_equal(_take(in_process, 5), want[4:])
 
@@ -278,21 +278,21 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
   src = _list_source()
   kw = {"batch_size": 4, "seed": 11, "shard_by_process": False,
         "transforms": [KeepNotMultipleOf3(), AddNoise()]}
-  reference = pipeline.train_loader(src, **kw)
+  reference = loaders.train_loader(src, **kw)
   expected = _take(reference, 12)
-  it = pipeline.train_loader(src, **kw)
+  it = loaders.train_loader(src, **kw)
   _take(it, 5)
   params = {"w": np.arange(6, dtype=np.float32)}
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                         data=pipeline.save_args(it)))
+                                         data=loaders.save_args(it)))
     mngr.wait_until_finished()
   assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").exists()
   _take(it, 2)                                             # moves on after the save
-  fresh = pipeline.train_loader(src, **kw)
+  fresh = loaders.train_loader(src, **kw)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     restored = mngr.restore(5, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(params), data=pipeline.restore_args(fresh)))
+        params=ocp.args.StandardRestore(params), data=loaders.restore_args(fresh)))
   assert restored["data"] is fresh
   np.testing.assert_array_equal(restored["params"]["w"], params["w"])
   _assert_batches_equal(_take(fresh, 7), expected[5:])
@@ -300,7 +300,7 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
 
 def test_eval_batches_pad_the_last_batch():
   src = _list_source(10)
-  out = list(pipeline.eval_batches(src, 4, transforms=[double_x]))
+  out = list(loaders.eval_batches(src, 4, transforms=[double_x]))
   assert len(out) == 3
   ids = [b["index"].tolist() for b, _ in out]
   assert ids[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]] and ids[2][:2] == [8, 9]
@@ -311,7 +311,7 @@ def test_eval_batches_pad_the_last_batch():
   kept = np.concatenate([b["index"][v] for b, v in out])
   np.testing.assert_array_equal(kept, np.arange(10))
   with pytest.raises(TypeError, match="1:1 maps only"):
-    list(pipeline.eval_batches(src, 4, transforms=[KeepNotMultipleOf3()]))
+    list(loaders.eval_batches(src, 4, transforms=[KeepNotMultipleOf3()]))
 
 
 # ------------------------------------------ named datasets (data/named.py)

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from auditdm_jax.data import exemplars_tfds as store
-from auditdm_jax.data import pipeline
+from auditdm_jax.data import loaders
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.scenes import examples, questions
 from auditdm_jax.scenes.world import Obj, Scene, render
@@ -227,28 +227,28 @@ def test_reference_errors_measure_the_joint_and_independent_rates():
 def test_mixed_source_proportions_order_and_errors():
   a = [{"x": i} for i in range(10)]
   b = [{"x": 100 + i} for i in range(3)]
-  m = pipeline.MixedSource([a, b], [0.75, 0.25], seed=3, period=100)
+  m = loaders.MixedSource([a, b], [0.75, 0.25], seed=3, period=100)
   assert len(m) == 100 * max(-(-10 // 75), -(-3 // 25))   # every source read whole once
-  m = pipeline.MixedSource([a, b], [0.75, 0.25], seed=3, period=100, length=400)
+  m = loaders.MixedSource([a, b], [0.75, 0.25], seed=3, period=100, length=400)
   picks = [m[i] for i in range(400)]
   assert sum(p["mix_source"] == 1 for p in picks) == 100   # exactly 25 per period
   # Each source is cycled in order.
   bs = [p["x"] for p in picks if p["mix_source"] == 1]
   assert bs[:7] == [100, 101, 102, 100, 101, 102, 100]
-  assert [m[i] for i in range(50)] == [pipeline.MixedSource([a, b], [3, 1], seed=3,
+  assert [m[i] for i in range(50)] == [loaders.MixedSource([a, b], [3, 1], seed=3,
                                                             period=100)[i] for i in range(50)]
-  only_b = pipeline.MixedSource([a, b], [0.0, 1.0], period=10)
+  only_b = loaders.MixedSource([a, b], [0.0, 1.0], period=10)
   assert all(only_b[i]["mix_source"] == 1 for i in range(len(only_b)))
   with pytest.raises(ValueError, match="one weight per source"):
-    pipeline.MixedSource([a, b], [1.0])
+    loaders.MixedSource([a, b], [1.0])
   with pytest.raises(ValueError, match="finite, >= 0"):
-    pipeline.MixedSource([a, b], [1.0, -1.0])
+    loaders.MixedSource([a, b], [1.0, -1.0])
   with pytest.raises(ValueError, match=r"sources \[1\] have weight > 0 but no records"):
-    pipeline.MixedSource([a, []], [1.0, 1.0])
+    loaders.MixedSource([a, []], [1.0, 1.0])
   with pytest.raises(IndexError):
     m[len(m)]
   # It feeds the Grain train loader like any source.
-  it = pipeline.train_loader(m, batch_size=8, seed=0)
+  it = loaders.train_loader(m, batch_size=8, seed=0)
   batch = next(it)
   assert batch["x"].shape == (8,)
   it.close()

@@ -19,7 +19,7 @@ routes), common.py (safetensors reading, key / shape checks).
 
 from __future__ import annotations
 
-from auditdm_jax.diffusion.pipeline import Pipeline, load
+from auditdm_jax.diffusion.flux_pipeline import Pipeline, load
 
 
 def flux_transformer(path: str, dtype: str = "bfloat16"):

@@ -44,7 +44,7 @@ import numpy as np
 
 from auditdm_jax import models, sharding
 from auditdm_jax.audit import reward as reward_lib
-from auditdm_jax.data import pipeline
+from auditdm_jax.data import loaders
 from auditdm_jax.models import presets
 from auditdm_jax.models.ckpt import common as ckpt_common
 from auditdm_jax.models.config import VLMConfig
@@ -154,10 +154,10 @@ class _Status:
 
 def _loader(config, workdir, task, batch: int, seed: int):
   # `batch` is global: each process reads its rows of every global batch.
-  return pipeline.train_loader(scene_source(config, workdir, "train"),
-                               batch_size=pipeline.process_batch(batch), seed=seed,
-                               transforms=[task], shard_mode="batch_rows",
-                               worker_count=int(config.world.get("loader_workers", 0)))
+  return loaders.train_loader(scene_source(config, workdir, "train"),
+                              batch_size=loaders.process_batch(batch), seed=seed,
+                              transforms=[task], shard_mode="batch_rows",
+                              worker_count=int(config.world.get("loader_workers", 0)))
 
 
 def _vqa_task(cfg: VLMConfig, tok, pc, rc, **kw) -> tasks.VQATask:

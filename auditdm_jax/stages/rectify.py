@@ -21,7 +21,7 @@ In round r > 1 the exemplars of every earlier round are added
 (`earlier_stores`), so a round does not undo an earlier repair (measured:
 without them round 2 took colour 0.936 -> 0.864). No human or ground-truth
 label enters either set. The mix is a Grain pipeline
-(`data.pipeline.MixedSource` under `train_loader`) feeding the sharded
+(`data.loaders.MixedSource` under `train_loader`) feeding the sharded
 trainer (`train.sft`: Orbax checkpoints in `<workdir>/rectify/<target>/`,
 resumed on restart; `freeze_vision` freezes the SigLIP tower). The rectified
 target is saved as `<workdir>/models/<target>_rectified` and every answering
@@ -61,7 +61,7 @@ import numpy as np
 
 from auditdm_jax import models, sharding
 from auditdm_jax.data import exemplars_tfds as store
-from auditdm_jax.data import pipeline
+from auditdm_jax.data import loaders
 from auditdm_jax.eval import benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
@@ -247,10 +247,10 @@ def _train(config, workdir: str, r: dict, target: str, model, task, pseudo, n_ps
       sources, weights = sources[1:], weights[1:]
   else:
     sources, weights = pseudo, [len(s) / n_pseudo for s in pseudo]
-  mixed = pipeline.MixedSource(sources, weights, seed=seed)
-  it = pipeline.train_loader(mixed, batch_size=pipeline.process_batch(int(r["batch"])),
-                             seed=seed + 4242, transforms=[task], shard_mode="batch_rows",
-                             worker_count=int(config.get("world", {}).get("loader_workers", 0)))
+  mixed = loaders.MixedSource(sources, weights, seed=seed)
+  it = loaders.train_loader(mixed, batch_size=loaders.process_batch(int(r["batch"])),
+                            seed=seed + 4242, transforms=[task], shard_mode="batch_rows",
+                            worker_count=int(config.get("world", {}).get("loader_workers", 0)))
   rc = dict(r, frozen=("^img/",) if r["freeze_vision"] else ())
   tcfg = placement.placed(recipe_config(rc, seed + 4242), config, target)
   params, summary = sft.train(cfg, jax.tree.map(np.asarray, model.params), it, tcfg,

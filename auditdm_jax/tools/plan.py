@@ -31,7 +31,7 @@ model's parameters are placed by its own partition rules
 With `audit.editor = "flux"` two more rows, `editor` (FLUX.1 Kontext dev) and
 `generator` (FLUX.1 dev), each resident for the whole audit: the transformer,
 the autoencoder and both text encoders at the published shapes in
-audit.flux.dtype, placed by automatic FSDP (diffusion/pipeline.py), and a
+audit.flux.dtype, placed by automatic FSDP (diffusion/flux_pipeline.py), and a
 phase each for one denoising forward of audit.flux.batch rows: ~16 x tokens x
 width activations per row (carries, q/k/v, the single blocks' 4x MLP, the
 attention output) plus float32 attention scores (heads x chunk x tokens,
@@ -115,7 +115,7 @@ def _flux_rows(config, mesh_shape) -> dict:
   """{"editor": row, "generator": row} of a flux editor (module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   from auditdm_jax.diffusion import vae as ae  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.diffusion import flux, pipeline, text  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion import flux, flux_pipeline, text  # pylint: disable=import-outside-toplevel
   from auditdm_jax.pipeline import editing  # pylint: disable=import-outside-toplevel
   a = config.audit
   s = editing.flux_settings(a)
@@ -134,7 +134,7 @@ def _flux_rows(config, mesh_shape) -> dict:
   for tree in trees.values():
     flat = flax.traverse_util.flatten_dict(tree, sep="/")
     for path, leaf in flat.items():
-      spec = sharding.spec_for_param(path, leaf.shape, mesh_shape, pipeline.REPLICATE_RULES)
+      spec = sharding.spec_for_param(path, leaf.shape, mesh_shape, flux_pipeline.REPLICATE_RULES)
       params += sharding.bytes_per_device(leaf.shape, leaf.dtype, spec, mesh_shape)
   rows_dev = _rows_per_device(int(s["batch"]), mesh_shape)
   res = int(s["resolution"])
