@@ -265,6 +265,24 @@ def test_archive_weights_and_weighted_draws():
     cfg(search="greedy")
 
 
+def test_thompson_weights_are_the_probability_a_cell_pays_best():
+  p = D.best_cell_probability({"a": (60, 100), "b": (40, 100), "c": (0, 0)})
+  assert sum(p.values()) == pytest.approx(1.0)
+  assert p["b"] < 0.01                            # 0.4 vs 0.6 over 100 tries each
+  # an untried cell (Beta(1, 1)) beats a 0.6 cell with probability ~0.4: it gets tried
+  assert p["a"] == pytest.approx(0.6, abs=0.04) and p["c"] == pytest.approx(0.4, abs=0.04)
+  assert p == D.best_cell_probability({"a": (60, 100), "b": (40, 100), "c": (0, 0)})
+  even = D.best_cell_probability({"a": (1, 2), "b": (1, 2)})
+  assert abs(even["a"] - 0.5) < 0.05
+  with pytest.raises(ValueError, match="0 <= successes <= tries"):
+    D.best_cell_probability({"a": (3, 2)})
+  a = D.Archive(cfg(search="thompson"))
+  a.update(["counting"] * 8 + ["colour"] * 8, ["q"] * 16, [True] * 8 + [False] * 8,
+           ["question"] * 16)
+  w = D.archive_weights(cfg(search="thompson"), a, {"question": 1.0}, {"question": True})
+  assert max(w, key=w.get) == "question|counting" and w["question|colour"] < 0.01
+
+
 def test_the_pairings_and_the_descriptors_draw_alike():
   # one systematic draw (utils/draws.py) behind both: same weights, same rng, same labels
   w = {"edit": 0.25, "edit_question": 0.25, "question": 0.5}

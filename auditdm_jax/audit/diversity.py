@@ -49,7 +49,7 @@ from auditdm_jax.utils.fileio import atomic_write_text
 
 MODES = ("none", "descriptors")
 ADHERENCE = ("warm_likelihood", "off")
-SEARCH = ("archive", "uniform")
+SEARCH = ("archive", "thompson", "uniform")
 DEFAULT_TEMPLATE = "ask a question about {descriptor}"
 
 
@@ -73,8 +73,12 @@ class DiversityConfig:
                proportion to their paid rate in the archive (probability
                matching on (successes + 1) / (tries + 2): the auditor has
                learned where the target fails and which kind of probe finds
-               it); "uniform", the mixture's pairings and the descriptors
-               evenly. Mining always spreads evenly (coverage).
+               it); "thompson", each cell in proportion to the posterior
+               probability that it pays best (Thompson's probability matching
+               on the cells' Beta(successes + 1, failures + 1) posteriors:
+               with many tries it concentrates on the best cell); "uniform",
+               the mixture's pairings and the descriptors evenly. Mining
+               always spreads evenly (coverage).
   """
 
   mode: str = "none"
@@ -182,7 +186,29 @@ def archive_weights(cfg: DiversityConfig, archive: "Archive",
     for d in (descs if asks_question[p] else [""]):
       k = cell_key(p, d)
       out[k] = (archive.cell_successes[k] + 1) / (archive.cell_tries[k] + 2)
+  if cfg.search == "thompson":
+    return best_cell_probability(
+        {k: (archive.cell_successes[k], archive.cell_tries[k]) for k in out})
   return out
+
+
+def best_cell_probability(counts: Mapping[str, tuple[int, int]], draws_n: int = 4096,
+                          seed: int = 0) -> dict[str, float]:
+  """{cell: P(its paid rate is the highest)} under independent
+  Beta(successes + 1, tries - successes + 1) posteriors, estimated from
+  `draws_n` joint draws with a fixed seed (the same archive, the same
+  weights)."""
+  keys = sorted(counts)
+  if not keys:
+    raise ValueError("no cells to weigh")
+  s = np.array([counts[k][0] for k in keys], np.float64)
+  t = np.array([counts[k][1] for k in keys], np.float64)
+  if np.any(s < 0) or np.any(t < s):
+    raise ValueError(f"cell counts must satisfy 0 <= successes <= tries, got {dict(counts)}")
+  rng = np.random.default_rng(seed)
+  theta = rng.beta(s + 1, t - s + 1, size=(draws_n, len(keys)))
+  wins = np.bincount(theta.argmax(axis=1), minlength=len(keys)) / draws_n
+  return {k: float(w) for k, w in zip(keys, wins)}
 
 
 def draw_weighted(weights: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:

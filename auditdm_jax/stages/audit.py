@@ -165,7 +165,7 @@ def run(config, workdir: str) -> dict:
   # (`audit.diversity.search`); the warm start, which knows nothing of it, evenly.
   asks = {p: "question" in rollout_lib.PAIRINGS[p] for p in mixture}
   weights = (diversity_lib.archive_weights(dcfg, journal.archive, mixture, asks)
-             if journal is not None and dcfg.search == "archive" else None)
+             if journal is not None and dcfg.search in ("archive", "thompson") else None)
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
                                            mixture, seed, int(a["eval_batch"]), weights)
   ratio = fig.pop("ratio")
