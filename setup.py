@@ -29,7 +29,8 @@ _TEST = [
 # diffusers 0.42.1 and transformers >= 5.13 require, so the bench leaves
 # diffusers out (only the FLUX tests use it) and pip settles on transformers
 # 5.12.x. Give it its own virtualenv: installed over the test extra it would
-# downgrade safetensors under diffusers. (0.1.6 caps transformers <= 4.57.1;
+# downgrade safetensors under diffusers and leave transformers 5.12 beside a
+# `kernels` release it cannot import. (0.1.6 caps transformers <= 4.57.1;
 # 0.1.5 has no Gemma 3 vision tower, which the bench's equality check needs.)
 _BENCH = [r for r in _TEST if not r.startswith("diffusers")] + ["google-tunix==0.1.7"]
 
