@@ -118,7 +118,7 @@ SHARED = ("data", "pretrain", "models", "pretrain.json", "models.json")
 
 
 def score(mdir: str, target: str, gaps, auditor: str, min_exemplars: int) -> dict:
-  from auditdm_jax.audit import reward as reward_lib
+  from auditdm_jax.utils.answers import answer_key
   from auditdm_jax.data import exemplars_tfds as store
   from auditdm_jax.mine import analysis
   from auditdm_jax.scenes import gaps as gaps_lib
@@ -142,7 +142,7 @@ def score(mdir: str, target: str, gaps, auditor: str, min_exemplars: int) -> dic
     found[str(spec)] = bool(hit.get("found")) and n >= min_exemplars
   known = [(r, truth(r["id"])) for r in records]
   known = [(r, t) for r, t in known if t is not None]
-  cons_truth = (sum(reward_lib.normalise(r["pseudo_label"]) == reward_lib.normalise(t[2])
+  cons_truth = (sum(answer_key(r["pseudo_label"]) == answer_key(t[2])
                     for r, t in known) / len(known)) if known else float("nan")
   div = mj.get("diversity", {}).get(auditor, {})
   prec = mj["precision"][target]

@@ -19,6 +19,7 @@ from auditdm_jax.scenes import world
 from auditdm_jax.scenes.text import AUDITOR_TASKS, world_tokenizer
 from auditdm_jax.scenes.world import Obj, Scene
 from auditdm_jax.train import sft
+from auditdm_jax.utils.answers import answer_key
 
 # ---------------------------------------------------------------------------
 # Reward
@@ -33,13 +34,6 @@ def enc(text):
 
 def ids(answers, length=3):
   return R.encode_answers(answers, enc, length)
-
-
-def test_normalise_is_vqa_style():
-  assert R.normalise("The Two.") == "2"
-  assert R.normalise("  a RED, circle! ") == "red circle"
-  assert R.normalise("3.5") == "3.5"
-  assert R.normalise("") == ""
 
 
 @pytest.mark.parametrize("rule", ["majority", "unanimous"])
@@ -107,7 +101,7 @@ def test_byte_encoding_tells_every_count_apart():
   The reward encodes bytes, whatever the tokenizer."""
   tok = world_tokenizer("paligemma")
   assert tok.encode("5") == tok.encode("6")          # why a tokenizer cannot be used
-  counts = [R.normalise(w) for w in ("zero", "one", "two", "three", "four", "five", "six",
+  counts = [answer_key(w) for w in ("zero", "one", "two", "three", "four", "five", "six",
                                      "seven", "eight")]
   rows = R.encode_answers(counts, length=4)
   assert len({tuple(r) for r in rows}) == 9 and (rows[:, 0] > 0).all()
@@ -322,7 +316,7 @@ def test_rollout_with_tiny_random_models(tiny_models):
       assert roll.reward[i] == -0.5 and roll.reason[i]
     else:
       cons, said = roll.consensus[i], roll.parsed["target"][i]
-      assert said in ("", R.normalise(roll.answers["target"][i]))
+      assert said in ("", answer_key(roll.answers["target"][i]))
       assert roll.answered[i] == bool(said)
       assert roll.reward[i] == float(bool(cons) and bool(said) and said != cons)
     if roll.pairings[i] == "edit" and roll.valid[i]:

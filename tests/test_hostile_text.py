@@ -33,6 +33,7 @@ from auditdm_jax.models.tokenizer import train_sentencepiece
 from auditdm_jax.report import html as report_html
 from auditdm_jax.scenes import captions, edits, gaps, parse, questions, world
 from auditdm_jax.scenes.world import Scene
+from auditdm_jax.utils import answers as answers_lib
 
 EXAMPLES = 300
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -179,7 +180,7 @@ def test_gap_specs(text):
 @SETTINGS
 @given(hostile, st.lists(hostile, min_size=1, max_size=4))
 def test_answer_normalisation_and_metrics(pred, answers):
-  norm = metrics.normalize_vqa(pred)
+  norm = answers_lib.vqa_official(pred)
   assert isinstance(norm, str) and "\n" not in norm and "\t" not in norm
   assert norm == norm.strip()
   for m in ("vqa", "exact", "anls", "relaxed"):
@@ -208,7 +209,7 @@ def test_answer_normalisation_and_metrics(pred, answers):
 @SETTINGS
 @given(hostile, st.one_of(st.none(), st.lists(hostile, min_size=1, max_size=4)))
 def test_auditor_answer_reading(text, space):
-  assert isinstance(reward.normalise(text), str)
+  assert isinstance(answers_lib.answer_key(text), str)
   out = reward.extract_answer(text, space)
   assert isinstance(out, str)
   ids = reward.encode_answers([text, out], length=16)
@@ -396,7 +397,7 @@ def test_long_inputs_are_bounded(tok):
   parse.try_answer(scene, long)
   parse.subject_attributes(long)
   _rejects(gaps.GapSpec.parse, long, errors=(gaps.GapSpecError,))
-  metrics.normalize_vqa(long)
+  answers_lib.vqa_official(long)
   metrics.choice_letter(long, ["red", "blue"])
   metrics.pope_answer(long)
   metrics.decode_loc_box(long, 224)

@@ -20,6 +20,7 @@ from auditdm_jax.audit import reward as R
 from auditdm_jax.mine import probes
 from auditdm_jax.scenes import parse, world
 from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.utils import answers
 
 # ---------------------------------------------------------------------------
 # The prompt and judge_same_prob against a fake scorer
@@ -28,7 +29,7 @@ from auditdm_jax.scenes.text import world_tokenizer
 
 def test_judge_prompt_spells_counts_so_the_world_tokenizer_tells_them_apart():
   tok = world_tokenizer("paligemma")
-  assert R.spoken("The Two.") == R.spoken("2") == "two" and R.spoken("red circle") == "red circle"
+  assert answers.spoken_key("The Two.") == answers.spoken_key("2") == "two" and answers.spoken_key("red circle") == "red circle"
   assert "'two'" in R.judge_prompt("2", "Two") and "'three'" in R.judge_prompt("x", "3")
   # Digits are one unknown id in the world tokenizer: "2" vs "3" and "2" vs
   # "4" must still be different prompts.

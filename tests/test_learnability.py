@@ -22,7 +22,7 @@ from auditdm_jax.models import presets
 from auditdm_jax.scenes import questions as Q
 from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.scenes.world import random_scene, render
-from auditdm_jax.stages.pretrain import scale_post_norms
+from auditdm_jax.models import scale_post_norms
 from auditdm_jax.train import loss as loss_lib
 from auditdm_jax.train import sft, tasks, vision
 

@@ -17,7 +17,6 @@ import pytest
 from absl import flags
 
 from auditdm_jax import config_check, models
-from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.scenes import gaps as gaps_lib
@@ -25,6 +24,7 @@ from auditdm_jax.scenes import parse
 from auditdm_jax.scenes.world import Scene
 from auditdm_jax.pipeline import layout
 from auditdm_jax.stages import audit, mine, pretrain, rectify, report
+from auditdm_jax.utils.answers import answer_key
 from configs import tiny
 
 flags.FLAGS.mark_as_parsed()
@@ -57,7 +57,7 @@ def scripted_run(self, seeds, pairings, rng, num_samples=None, small_says=None):
   # The real answer reading (answer spaces of the scene editor).
   parsed = self.parse(answers, [s.context for s in rows], [s.question for s in rows])
   cons, has = rollout_lib.consensus_text([parsed[r] for r in self.references], "majority")
-  fails = np.array([reward_lib.normalise(a) != c for a, c in zip(answers[self.target], cons)])
+  fails = np.array([answer_key(a) != c for a, c in zip(answers[self.target], cons)])
   return rollout_lib.Rollout(
       pairings=["question"] * n, texts=[[s.question] for s in rows], tokens=[[[]]] * n,
       prompts=[[[]]] * n, images_in=[[s.image] for s in rows], question=[s.question for s in rows],

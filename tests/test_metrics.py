@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from auditdm_jax.eval import metrics as M
+from auditdm_jax.utils import answers
 
 # ---------------------------------------------------------------------------
 # VQA normalisation
@@ -36,13 +37,13 @@ from auditdm_jax.eval import metrics as M
     ("Yes", "yes"),
     ("Im", "im"),                   # the official key is "Im": dead after lowercasing
 ])
-def test_normalize_vqa(text, expected):
-  assert M.normalize_vqa(text) == expected
+def test_vqa_official(text, expected):
+  assert answers.vqa_official(text) == expected
 
 
-def test_normalize_vqa_rejects_non_strings():
+def test_vqa_official_rejects_non_strings():
   with pytest.raises(ValueError, match="str"):
-    M.normalize_vqa(None)
+    answers.vqa_official(None)
 
 
 # ---------------------------------------------------------------------------
@@ -113,10 +114,10 @@ def test_levenshtein():
   assert M.levenshtein("abc", "abc") == 0
 
 
-def test_normalize_vqa_keeps_contractions_as_the_official_script_does():
+def test_vqa_official_keeps_contractions_as_the_official_script_does():
   # vqaEval.py keeps an apostrophe inside a word; lmms-eval would give "it 's"
-  assert M.normalize_vqa("it's red.") == "it's red"
-  assert M.normalize_vqa("dont") == "don't"
+  assert answers.vqa_official("it's red.") == "it's red"
+  assert answers.vqa_official("dont") == "don't"
 
 
 def test_anls():

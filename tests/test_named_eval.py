@@ -254,13 +254,13 @@ def test_sigterm_stops_after_the_chunk_and_a_restart_finishes(setup, tmp_path, m
 
 def test_same_weights_reuse_predictions_and_changed_weights_do_not(setup, tmp_path,
                                                                    monkeypatch):
-  """rectify's "before" (evaluation.evaluate_named) then the eval stage: the
+  """rectify's "before" (evaluation.evaluate_workdir_named) then the eval stage: the
   eval figures are rectify's, with nothing generated again; a model whose
   weights changed (rectified) is predicted afresh, in its own journal."""
   specs, ckpts = setup
   config = _config({"mc": specs["mc"], "mme": specs["mme"]})
   w = _workdir(tmp_path, ckpts)
-  before = evaluation.evaluate_named(config, w, ["target", "ref"])
+  before = evaluation.evaluate_workdir_named(config, w, ["target", "ref"])
   count = Count(monkeypatch)
   evaluate.run(config, w)
   assert count.rows == 0
@@ -277,7 +277,7 @@ def test_same_weights_reuse_predictions_and_changed_weights_do_not(setup, tmp_pa
   changed = models.VLM(model.config, tree.unflatten(leaves), model.tokenizer)
   path = str(tmp_path / "target_rectified")
   changed.save(path)
-  after = evaluation.evaluate_named(config, w, ["target"], swap={"target": path})
+  after = evaluation.evaluate_workdir_named(config, w, ["target"], swap={"target": path})
   assert count.rows == N + 6                     # every record predicted again
   new = _journal_lines(w)
   assert {k: v for k, v in new.items() if k in old} == old     # old journals untouched

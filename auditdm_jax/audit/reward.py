@@ -1,6 +1,6 @@
 """The disagreement reward: does the target differ from the references' consensus?
 
-Answers arrive as text, are normalised VQA-style (`normalise`), encoded as
+Answers arrive as text, are normalised (`utils.answers.answer_key`), encoded as
 UTF-8 bytes (`byte_ids`: exact, whatever the models' tokenizers) and padded
 to id arrays; from there the reward is a pure jitted function of the ids:
 
@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import re
 from collections.abc import Sequence
 
 import jax
@@ -54,34 +53,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from auditdm_jax.models.inputs import fit_images
+from auditdm_jax.utils.answers import answer_key, spoken_key
 
 CONSENSUS_RULES = ("unanimous", "majority")
 MODES = ("exact", "judge")
 
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])}
-_DIGIT_WORDS = {d: w for w, d in _NUMBER_WORDS.items()}
-_ARTICLES = frozenset(("a", "an", "the"))
-_PUNCT = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~]")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
-
-
-def normalise(text: str) -> str:
-  """VQA-style answer normalisation: lowercase; punctuation (but not a decimal
-  point) becomes space; articles dropped; number words become digits;
-  whitespace collapsed. "The Two." -> "2"."""
-  t = _PERIOD.sub(" ", _PUNCT.sub(" ", str(text).lower()))
-  words = [_NUMBER_WORDS.get(w, w) for w in t.split() if w not in _ARTICLES]
-  return " ".join(words)
-
-
 def extract_answer(text: str, space: Sequence[str] | None) -> str:
   """The normalised answer, or "" (unparseable) when `space` (the question's
   possible answers; None = any answer) does not hold it."""
-  norm = normalise(text)
+  norm = answer_key(text)
   if space is None:
     return norm
-  return norm if norm in {normalise(a) for a in space} else ""
+  return norm if norm in {answer_key(a) for a in space} else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +123,7 @@ def encode_answers(texts: Sequence[str], encode=byte_ids, length: int = 16) -> n
   """
   out = np.zeros((len(texts), length), np.int32)
   for i, t in enumerate(texts):
-    norm = normalise(t)
+    norm = answer_key(t)
     ids = list(encode(norm)) if norm else []
     if len(ids) > length:
       digest = hashlib.sha256(norm.encode("utf-8")).digest()
@@ -213,15 +196,8 @@ def judge_name(rcfg: RewardConfig, references: Sequence[str]) -> str:
   return references[0]
 
 
-def spoken(text: str) -> str:
-  """The normalised answer with counts written as words ("2" -> "two"), as a
-  judge's tokenizer can read them (the scene world's has no digit pieces:
-  every digit would be the same unknown id, and "2" would mean "3")."""
-  return " ".join(_DIGIT_WORDS.get(w, w) for w in normalise(text).split())
-
-
 def judge_prompt(answer_a: str, answer_b: str) -> str:
-  return f"do the answers {spoken(answer_a)!r} and {spoken(answer_b)!r} mean the same?"
+  return f"do the answers {spoken_key(answer_a)!r} and {spoken_key(answer_b)!r} mean the same?"
 
 
 def judge_same_prob(scorer, images, answers_a: Sequence[str], answers_b: Sequence[str],

@@ -33,6 +33,7 @@ from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.utils import draws
+from auditdm_jax.utils.answers import answer_key
 
 PAIRINGS: dict[str, tuple[str, ...]] = {
     "question": ("question",),
@@ -149,7 +150,7 @@ def consensus_text(ref_answers: Sequence[Sequence[str]], rule: str) -> tuple[lis
   n = len(ref_answers[0])
   out, has = [], np.zeros(n, bool)
   for i in range(n):
-    votes = [reward_lib.normalise(a[i]) for a in ref_answers]
+    votes = [answer_key(a[i]) for a in ref_answers]
     counts = {v: votes.count(v) for v in votes if v}
     best = max(counts, key=counts.get) if counts else ""
     c = counts.get(best, 0)
@@ -421,7 +422,7 @@ def _consensus_is_truth(roll: Rollout, editor: Editor, rows) -> tuple[float, int
   known = [(roll.consensus[i], t) for i, t in zip(idx, truth) if t is not None]
   if not known:
     return float("nan"), 0
-  return float(np.mean([c == reward_lib.normalise(t) for c, t in known])), len(known)
+  return float(np.mean([c == answer_key(t) for c, t in known])), len(known)
 
 
 def precision_gt(roll: Rollout, editor: Editor) -> tuple[float, int]:

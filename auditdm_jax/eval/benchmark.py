@@ -31,9 +31,10 @@ from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
 from auditdm_jax.scenes import captions, edits, parse
 from auditdm_jax.scenes import gaps as gaps_lib
-from auditdm_jax.scenes.questions import SKILLS, normalise_answer
+from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.scenes.world import Scene
+from auditdm_jax.utils.answers import answer_key
 
 
 def generate_text(sampler: Sampler, images: np.ndarray, prompts: Sequence[list[int]],
@@ -79,7 +80,7 @@ def accuracy_report(records: Sequence[dict], answers: Sequence[str],
   """{"accuracy": {SKILL: acc, "overall": acc}, "gap_accuracy": {SPEC: acc},
   "healthy": {SKILL: acc outside every gap slice}, "counts": {...}}."""
   specs = gaps_lib.parse_gaps(list(gap_specs))
-  correct = np.array([normalise_answer(a) == normalise_answer(r["answer"])
+  correct = np.array([answer_key(a) == answer_key(r["answer"])
                       for r, a in zip(records, answers, strict=True)])
   skills = np.array([r["skill"] for r in records])
   in_gap = np.zeros(len(records), bool)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.scenes import parse
 from auditdm_jax.scenes.world import Scene
+from auditdm_jax.utils.answers import answer_key
 
 
 def scene_truth(records_by_id: dict[str, dict]):
@@ -34,12 +34,12 @@ def reference_errors(records: list[dict], refs: list[str], truth) -> dict[str, d
     t = truth(r["id"])
     if t is None:
       continue
-    answer = reward_lib.normalise(t[2])
+    answer = answer_key(t[2])
     row = per.setdefault(t[0], {"probes": 0, "joint": 0, **{n: 0 for n in refs}})
     row["probes"] += 1
-    row["joint"] += reward_lib.normalise(r["pseudo_label"]) != answer
+    row["joint"] += answer_key(r["pseudo_label"]) != answer
     for n in refs:
-      row[n] += reward_lib.normalise(r["answers"].get(n, "")) != answer
+      row[n] += answer_key(r["answers"].get(n, "")) != answer
   out = {}
   for skill in sorted(per):
     row = per[skill]
@@ -56,7 +56,7 @@ def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str,
   `gaps`: each target's planted gap specs (empty: none known); `m`: the mine
   settings (merge_rate, min_probes, top_k, purity); `refs`: the references,
   whose joint errors on the probes are measured (`reference_errors`)."""
-  probes = [ft.Probe(r["id"], r["skill"], reward_lib.normalise(r["pseudo_label"]),
+  probes = [ft.Probe(r["id"], r["skill"], answer_key(r["pseudo_label"]),
                      r["factor"], tuple(r["failed"]),
                      tuple(sorted(parse.subject_attributes(r["question"]).items())))
             for r in records]

@@ -74,12 +74,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from auditdm_jax import sharding
-from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.mine import analysis
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.models.inputs import fit_images
 from auditdm_jax.scenes import parse
+from auditdm_jax.utils.answers import answer_key
 
 DEFAULTS = dict(
     image_weight=0.5, text_weight=1.0, dims=16, pca_rows=20_000,   # embedding
@@ -346,8 +346,8 @@ def validate(cand: Candidate, ask: Ask, members: Sequence[Mapping],
     return Validation(float("nan"), float("nan"), len(members), len(nonmembers), False)
   said = ask(np.stack([np.asarray(r["image"], np.uint8) for r in rows]),
              [cand.probe(r) for r in rows])
-  ok = {reward_lib.normalise(a) for a in cand.answers}
-  hits = [bool(s) and reward_lib.normalise(s) in ok for s in said]
+  ok = {answer_key(a) for a in cand.answers}
+  hits = [bool(s) and answer_key(s) in ok for s in said]
   k_m, n_m = sum(hits[:len(members)]), len(members)
   k_o, n_o = sum(hits[len(members):]), len(nonmembers)
   rm, ro = k_m / n_m, k_o / n_o
@@ -379,7 +379,7 @@ def descriptive_name(members: Sequence[Mapping], everyone: Sequence[Mapping],
   common = collections.Counter(" ".join(_words(r["question"])) for r in members).most_common(1)
   order = {w: i for i, w in enumerate(common[0][0].split())} if common else {}
   top = sorted(top, key=lambda w: (order.get(w, len(order)), w))
-  answers = collections.Counter(reward_lib.normalise(r["pseudo_label"]) for r in members)
+  answers = collections.Counter(answer_key(r["pseudo_label"]) for r in members)
   ans = " / ".join(f"{a or '?'} ({100 * c / len(members):.0f}%)"
                    for a, c in answers.most_common(n_answers))
   return f"{' '.join(top) or '(no common words)'} -> {ans}"
@@ -433,14 +433,14 @@ def question_namer(auditing: rollout_lib.Auditing, ask: Ask, samples: int = 2,
     calls[0] += 1
     roll = auditing.run(seeds, ["question"] * len(seeds),
                         jax.random.fold_in(jax.random.key(seed), calls[0]), num_samples=samples)
-    written = collections.Counter(reward_lib.normalise(q) for q, ok in zip(roll.question, roll.valid)
+    written = collections.Counter(answer_key(q) for q, ok in zip(roll.question, roll.valid)
                                   if ok and q.strip())
-    text_of = {reward_lib.normalise(q): q.strip() for q in roll.question}
+    text_of = {answer_key(q): q.strip() for q in roll.question}
     out = []
     images = np.stack([s.image for s in seeds])
     for norm, _ in written.most_common(candidates):
       q = text_of[norm]
-      said = [reward_lib.normalise(a) for a in ask(images, [q] * len(seeds)) if a]
+      said = [answer_key(a) for a in ask(images, [q] * len(seeds)) if a]
       if not said:
         continue
       counts, chosen, covered = collections.Counter(said), [], 0
@@ -534,7 +534,7 @@ def name_type(shown: Sequence[Mapping], held_out: Sequence[Mapping],
 
 def probes_of(records: Sequence[Mapping]) -> list[ft.Probe]:
   """The records as `failure_types.Probe`s (as `analysis.analyse` makes them)."""
-  return [ft.Probe(r["id"], r.get("skill", ""), reward_lib.normalise(r["pseudo_label"]),
+  return [ft.Probe(r["id"], r.get("skill", ""), answer_key(r["pseudo_label"]),
                    r.get("factor", ""), tuple(r["failed"]),
                    tuple(sorted(parse.subject_attributes(r["question"]).items())))
           for r in records]
@@ -591,7 +591,7 @@ def label_check(records: Sequence[Mapping], labels: np.ndarray,
   pred = np.asarray(labels)[idx]
   single = np.where(pred >= 0, pred, -1 - np.arange(len(pred)))   # noise: singletons
   cat = [f"{records[i].get('skill') or ft.UNKNOWN_SKILL}: "
-         f"{reward_lib.normalise(records[i]['pseudo_label'])}" for i in idx]
+         f"{answer_key(records[i]['pseudo_label'])}" for i in idx]
   type_of = {}
   for t in labelled_types:
     if t.get("attribute"):
@@ -599,7 +599,7 @@ def label_check(records: Sequence[Mapping], labels: np.ndarray,
     for lab in t.get("labels", ()):
       type_of[(t["skill"], lab)] = t["name"]
   typ = [type_of.get((records[i].get("skill") or ft.UNKNOWN_SKILL,
-                      reward_lib.normalise(records[i]["pseudo_label"])), c)
+                      answer_key(records[i]["pseudo_label"])), c)
          for i, c in zip(idx, cat)]
   on = pred >= 0
   nan = float("nan")

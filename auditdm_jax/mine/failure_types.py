@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from auditdm_jax.audit.reward import normalise
 from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.utils.answers import answer_key
 
 UNKNOWN_SKILL = "other"
 
@@ -270,10 +270,10 @@ def exemplar_precision(exemplars: Sequence[Mapping], target: str, truth: TruthFn
     t = truth(e["id"])
     if t is None:
       continue
-    answer = normalise(t[2])
+    answer = answer_key(t[2])
     n += 1
-    wrong += normalise(e["answers"][target]) != answer
-    label_ok += normalise(e["pseudo_label"]) == answer
+    wrong += answer_key(e["answers"][target]) != answer
+    label_ok += answer_key(e["pseudo_label"]) == answer
   nan = float("nan")
   return {"precision": wrong / n if n else nan, "label_precision": label_ok / n if n else nan,
           "exemplars_with_truth": n}

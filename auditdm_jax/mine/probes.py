@@ -10,11 +10,12 @@ import numpy as np
 from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.mine import failure_types as ft
+from auditdm_jax.utils.answers import answer_key
 
 
 def dedup_key(question: str, image: np.ndarray) -> str:
   h = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-  return hashlib.sha1(f"{reward_lib.normalise(question)}|{h}".encode()).hexdigest()[:16]
+  return hashlib.sha1(f"{answer_key(question)}|{h}".encode()).hexdigest()[:16]
 
 
 def probe_records(roll: rollout_lib.Rollout, seeds, seed_index, k: int, targets, refs,
@@ -75,7 +76,7 @@ def exact_failed(record: dict, targets, editor) -> list[str]:
   consensus being the normalised `pseudo_label`): `failed_exact` of
   `probe_records`, which the store does not keep."""
   space = editor.answer_space([record["context"] or None], [record["question"]])[0]
-  cons = reward_lib.normalise(record["pseudo_label"])
+  cons = answer_key(record["pseudo_label"])
   out = []
   for t in targets:
     said = reward_lib.extract_answer(record["answers"][t], space)

@@ -8,10 +8,10 @@ from auditdm_jax.models.handle import VLM, GenerateOutput, load
 from auditdm_jax.models.presets import get_preset
 from auditdm_jax.models.siglip import SigLIPConfig
 from auditdm_jax.models.tokenizer import Tokenizer
-from auditdm_jax.models.vlm import abstract_params, build, count_params, init_params
+from auditdm_jax.models.vlm import abstract_params, build, count_params, init_params, scale_post_norms
 
 __all__ = [
     "CheckpointError", "GemmaConfig", "GenerateOutput", "SigLIPConfig", "Tokenizer",
     "VLM", "VLMConfig", "abstract_params", "build", "count_params", "detect_format",
-    "get_preset", "init_params", "load",
+    "get_preset", "init_params", "load", "scale_post_norms",
 ]

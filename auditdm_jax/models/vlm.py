@@ -59,3 +59,31 @@ def count_params(cfg: VLMConfig) -> int:
 def flat_shapes(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
   flat = flax.traverse_util.flatten_dict(abstract_params(cfg), sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def scale_post_norms(params: dict, gain: float) -> dict:
+  """From-scratch init for the scene models: the LLM's post-attention and
+  post-MLP RMSNorms start with gain `gain` (scale = gain - 1, as Gemma norms
+  multiply by 1 + scale) instead of 1.
+
+  With gain 1 every residual branch writes unit-RMS output from step 0 (the
+  post-norm rescales even an uninformative attention average to full size);
+  tiny Gemma-2 stacks trained from scratch then sit for thousands of steps
+  on a plateau where attention does not learn to select one token among
+  several (measured in docs/scene_world.md). A small gain keeps the early
+  branches quiet, as small-init / SkipInit schemes do. Real checkpoints are
+  loaded, never initialised, so this touches only models trained from
+  scratch (the scene world's).
+  """
+  if gain == 1.0:
+    return params
+  layers = params["llm"]["layers"]
+  missing = [k for k in ("post_attention_norm", "post_ffw_norm") if k not in layers]
+  if missing:
+    return params   # a model without post-norms
+  out = dict(params)
+  out["llm"] = dict(params["llm"])
+  out["llm"]["layers"] = dict(layers)
+  for k in ("post_attention_norm", "post_ffw_norm"):
+    out["llm"]["layers"][k] = {"scale": np.asarray(layers[k]["scale"]) + (gain - 1.0)}
+  return out

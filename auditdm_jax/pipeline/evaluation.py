@@ -98,7 +98,7 @@ def _images(spec: dict, size: int, cache: dict):
   return load
 
 
-def evaluate_named(config, workdir: str, answerers: list[str], swap=None,
+def evaluate_workdir_named(config, workdir: str, answerers: list[str], swap=None,
                    benches=None) -> dict:
   """{model: {"benchmarks": {benchmark: {"metric", "unit", "score", ...details,
   "records"}}, "accuracy": {benchmark: score / 100}, "examples": ...}} of the

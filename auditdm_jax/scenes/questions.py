@@ -297,13 +297,3 @@ def scene_for_skill(skill: str, rng: np.random.Generator, tries: int = 200):
     if q is not None:
       return scene, q
   raise RuntimeError(f"no scene for skill {skill!r} in {tries} tries")
-
-
-def normalise_answer(text: str) -> str:
-  """VQA-style: lowercase, strip punctuation and articles, digits -> words."""
-  t = text.strip().lower()
-  for ch in ".,!?;:\"'":
-    t = t.replace(ch, " ")
-  words = [w for w in t.split() if w not in ("a", "an", "the")]
-  words = [NUMBERS[int(w)] if w.isdigit() and int(w) < len(NUMBERS) else w for w in words]
-  return " ".join(words)

@@ -28,7 +28,7 @@ With named benchmarks `eval.json` is
                      "accuracy": {BENCH: score / 100}, "examples": {BENCH: [...]}}},
    "benchmarks": {BENCH: {"metric", "unit", "records"}}, "checks": [], "wall_s"}
 and the answers come from the per-sample predictions journal
-(`pipeline.evaluation.evaluate_named`): a restart after a crash or SIGTERM
+(`pipeline.evaluation.evaluate_workdir_named`): a restart after a crash or SIGTERM
 predicts only what is missing, and rectify's predictions of the same weights
 are reused.
 """
@@ -83,7 +83,7 @@ def checks_for(name: str, role: str, gaps: list[str], rep: dict) -> list[dict]:
 def _run_named(config, workdir: str, t0: float) -> dict:
   answerers = sorted(n for n, s in config.models.items() if s.role in layout.ANSWERER_ROLES)
   benches = evaluation.benchmark_records(config)
-  res = evaluation.evaluate_named(config, workdir, answerers, benches=benches)
+  res = evaluation.evaluate_workdir_named(config, workdir, answerers, benches=benches)
   units = evaluation.benchmark_units(config)
   out = {"models": {n: {"role": config.models[n].role, **res[n]} for n in answerers},
          "checks": [],

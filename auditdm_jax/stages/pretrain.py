@@ -93,33 +93,6 @@ def derive_params(base_params: dict, base_cfg: VLMConfig, cfg: VLMConfig,
 BASE = "base"
 
 
-def scale_post_norms(params: dict, gain: float) -> dict:
-  """From-scratch init for the scene models: the LLM's post-attention and
-  post-MLP RMSNorms start with gain `gain` (scale = gain - 1, as Gemma norms
-  multiply by 1 + scale) instead of 1.
-
-  With gain 1 every residual branch writes unit-RMS output from step 0 (the
-  post-norm rescales even an uninformative attention average to full size);
-  tiny Gemma-2 stacks trained from scratch then sit for thousands of steps
-  on a plateau where attention does not learn to select one token among
-  several (measured in docs/scene_world.md). A small gain keeps the early
-  branches quiet, as small-init / SkipInit schemes do. Real checkpoints are
-  loaded, never initialised, so this touches only the scene world.
-  """
-  if gain == 1.0:
-    return params
-  layers = params["llm"]["layers"]
-  missing = [k for k in ("post_attention_norm", "post_ffw_norm") if k not in layers]
-  if missing:
-    return params   # a model without post-norms
-  out = dict(params)
-  out["llm"] = dict(params["llm"])
-  out["llm"]["layers"] = dict(layers)
-  for k in ("post_attention_norm", "post_ffw_norm"):
-    out["llm"]["layers"][k] = {"scale": np.asarray(layers[k]["scale"]) + (gain - 1.0)}
-  return out
-
-
 def skill_curve_fn(cfg: VLMConfig, tok, seq_len: int, records):
   """eval_fn(params, step) -> {"acc/SKILL", "acc/overall"}: teacher-forced
   per-skill accuracy (every answer token right) on held-out `records`, the
@@ -288,7 +261,7 @@ def _base(r: _Run, img) -> dict:
   first_on = bool(first) and int(first.get("steps", 0)) > 0
   if not status.done("base"):
     params = models.VLM.random(base_cfg, seed=seed).params
-    params = scale_post_norms(dict(params, img=img), float(pc.get("post_norm_init", 1.0)))
+    params = models.scale_post_norms(dict(params, img=img), float(pc.get("post_norm_init", 1.0)))
     # -- 3a. optional first phase on some skills only (a curriculum) ----------
     if first_on:
       first_dir = os.path.join(root, "base_first")
@@ -394,7 +367,7 @@ def _auditors(r: _Run, specs, img) -> dict:
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     cfg = presets.get_preset(spec.preset)
     params = models.VLM.random(cfg, seed=seed + 7).params
-    params = scale_post_norms(dict(params, img={k: v for k, v in img.items() if k != "head"}),
+    params = models.scale_post_norms(dict(params, img={k: v for k, v in img.items() if k != "head"}),
                               float(pc.get("post_norm_init", 1.0)))
     task = tasks.AuditorTask(cfg, atok, int(pc.auditor.seq_len), seed=seed,
                              routes=tuple(pc.auditor.get("routes", tasks.ROUTES)),

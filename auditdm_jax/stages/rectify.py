@@ -38,7 +38,7 @@ most, 1 point above the other targets overall).
 
 With named benchmarks (`data.benchmarks`, the real configs) each benchmark is
 scored with its declared metric in the paper's unit (VQA accuracy in %,
-CIDEr x 100, MME as a sum; `pipeline.evaluation.evaluate_named`):
+CIDEr x 100, MME as a sum; `pipeline.evaluation.evaluate_workdir_named`):
 
   {"target", "rectified", "strategy", "benchmarks": {BENCH: {"metric", "unit"}},
    "benchmarks_before": {MODEL: {BENCH: {"metric", "unit", "score", ...details}}},
@@ -370,10 +370,10 @@ def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summa
   answerers = roles(config, "target") + roles(config, "reference")
   benches = evaluation.benchmark_records(config)   # read once for both
   units = evaluation.benchmark_units(config)
-  before = evaluation.evaluate_named(config, workdir, answerers, benches=benches)
+  before = evaluation.evaluate_workdir_named(config, workdir, answerers, benches=benches)
   after = dict(before)
   if not skipped:
-    after.update(evaluation.evaluate_named(config, workdir, [target], benches=benches,
+    after.update(evaluation.evaluate_workdir_named(config, workdir, [target], benches=benches,
                                          swap={target: model_dir(workdir, out_name)}))
   gains = {}
   for b, u in units.items():

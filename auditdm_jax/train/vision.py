@@ -117,6 +117,6 @@ def pretrain_vision(vcfg: SigLIPConfig, img_params, batches: Iterator[dict], ste
       names = ("colour/shape/size" + ("/row/column" if position_heads else "")
                + ("/colour count/shape count" if count_heads else ""))
       log(f"vision step {i + 1}/{steps}: loss {float(loss):.4f} cell accuracy {names} "
-          f"{np.round(np.asarray(accs), 3).tolist()}")
+          f"[{', '.join(f'{a:.3f}' for a in np.asarray(accs))}]")
   return params["img"], {"accuracy": np.asarray(accs).tolist(), "loss": float(loss),
                          "steps": steps, "wall_s": time.perf_counter() - t0}
