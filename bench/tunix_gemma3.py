@@ -49,9 +49,10 @@ PAD_ID = -1
 _GEMMA3_PATTERN = ("local",) * 5 + ("global",)
 
 
-def tunix_config(cfg):
+def tunix_config(cfg, sampling: bool = True):
   """tunix `ModelConfig` of the same shapes as our Gemma 3 `VLMConfig`
-  (vision tower included). Raises ValueError naming every feature of ours
+  (vision tower included), with tunix's default sharding for sampling or (not
+  `sampling`) for training. Raises ValueError naming every feature of ours
   that tunix's Gemma 3 lacks."""
   from tunix.models.gemma3 import model as tmodel  # pylint: disable=import-outside-toplevel
   from tunix.models.gemma3 import vision as tvision  # pylint: disable=import-outside-toplevel
@@ -113,7 +114,7 @@ def tunix_config(cfg):
       local_base_frequency=t.rope_base_local, global_base_frequency=t.rope_base_global,
       local_scale_factor=t.rope_scale_local, global_scale_factor=t.rope_scale_global,
       query_pre_attn_norm=query_norm, vision_config=vision,
-      shd_config=tmodel.ShardingConfig.get_default_sharding(is_sampling=True),
+      shd_config=tmodel.ShardingConfig.get_default_sharding(is_sampling=sampling),
       param_dtype=jnp.dtype(t.param_dtype))
 
 
@@ -174,15 +175,16 @@ def tunix_params(cfg, params) -> dict[tuple, np.ndarray]:
   return out
 
 
-def to_tunix(cfg, params):
-  """A tunix `Gemma3` (nnx) holding our weights. Every tunix parameter must be
-  filled, with its own shape and dtype; a mismatch is named."""
+def to_tunix(cfg, params, sampling: bool = True):
+  """A tunix `Gemma3` (nnx) holding our weights (sharding annotations for
+  sampling, or for training when not `sampling`). Every tunix parameter must
+  be filled, with its own shape and dtype; a mismatch is named."""
   import flax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tunix.models.gemma3 import model as tmodel  # pylint: disable=import-outside-toplevel
 
-  model = tmodel.Gemma3(tunix_config(cfg), rngs=nnx.Rngs(0))
+  model = tmodel.Gemma3(tunix_config(cfg, sampling), rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   theirs = flax.traverse_util.flatten_dict(state.to_pure_dict())
   ours = tunix_params(cfg, params)
@@ -197,6 +199,64 @@ def to_tunix(cfg, params):
   state.replace_by_pure_dict(flax.traverse_util.unflatten_dict(filled))
   nnx.update(model, state)
   return model
+
+
+def pixels(images) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> the float pixels tunix's SigLIP takes (what ours
+  computes from uint8 inside the model)."""
+  return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
+_IMAGE_ROWS = {}
+
+
+def with_image_rows(model, row_pixels):
+  """tunix's `Gemma3` wrapped so that every multi-token forward without images
+  sees `row_pixels` (float [N, H, W, 3], row i's image): tunix 0.1.7's RL
+  stack (rollout, reference and policy log-probabilities) calls the model
+  with tokens only, so a VLM policy trained by its `GRPOLearner` gets its
+  images here. Prefill and full forwards (more than one token) take the
+  images; single-token decode steps do not. A full forward without a cache
+  (tunix's RL scoring) gets Gemma 3's attention mask (bidirectional within the
+  image block, as the sampler's prefill and our model use) in place of the
+  causal mask tunix's RL code builds. The batch must have N rows (a clear
+  error otherwise). The pixels are an nnx Variable that is not a Param:
+  passed to the jitted functions as state, never trained."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  if "cls" not in _IMAGE_ROWS:
+    class RowPixels(nnx.Variable):
+      """The images of the batch rows (not a parameter)."""
+
+    class ImageRows(nnx.Module):
+      """tunix Gemma3 + the images of a fixed batch of rows."""
+
+      def __init__(self, inner, pix):
+        self.model = inner
+        self.pixels = RowPixels(jnp.asarray(pix))
+        self.config = inner.config
+
+      def get_attention_mask(self, tokens, *, inputs_mask=None):
+        return self.model.get_attention_mask(tokens, inputs_mask=inputs_mask)
+
+      def __call__(self, last_tokens, positions=None, cache=None, attention_mask=None,
+                   output_hidden_states=False, *, images=None):
+        if images is None and last_tokens.shape[1] > 1:
+          pix = self.pixels[...]
+          if last_tokens.shape[0] != pix.shape[0]:
+            raise ValueError(f"a batch of {last_tokens.shape[0]} rows, but the wrapped "
+                             f"model holds the images of {pix.shape[0]} rows")
+          images = pix
+          if cache is None:
+            # tunix's RL mask is causal; its diagonal is the rows' input mask.
+            inputs_mask = jnp.diagonal(attention_mask, axis1=1, axis2=2)
+            attention_mask = self.model.get_attention_mask(last_tokens, inputs_mask=inputs_mask)
+        return self.model(last_tokens, positions, cache, attention_mask, output_hidden_states,
+                          images=images)
+
+    _IMAGE_ROWS["cls"] = ImageRows
+  return _IMAGE_ROWS["cls"](model, row_pixels)
 
 
 class _IdTokenizer:
@@ -246,10 +306,10 @@ class TunixGemma3:
     if longest + max_new_tokens > self.cache_size:
       raise ValueError(f"prompt ({longest} tokens after the image block) + {max_new_tokens} "
                        f"new tokens exceed the tunix cache of {self.cache_size}")
-    pixels = np.asarray(images).astype(np.float32) / 127.5 - 1.0   # what our SigLIP does
     out = self.sampler([" ".join(map(str, h)) for h in heads],
                        max_generation_steps=max_new_tokens, max_prompt_length=longest,
-                       eos_tokens=[PAD_ID], return_logits=return_logits, images=pixels)
+                       eos_tokens=[PAD_ID], return_logits=return_logits,
+                       images=pixels(images))
     tokens = np.stack([np.asarray(x) for x in out.tokens]).astype(np.int32)
     if tokens.shape != (len(heads), max_new_tokens):
       raise RuntimeError(f"tunix returned tokens of shape {tokens.shape}, expected "
