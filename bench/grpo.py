@@ -6,9 +6,12 @@ The model is the auditor's architecture, Gemma 3 with its SigLIP tower, at
 ~50M parameters by default (bench/sampling.py's shapes: width 512, 8 layers,
 8 query / 4 KV heads of 64, MLP 2048, vocabulary 32000, window 1024; SigLIP
 64 px, patch 8, width 256, depth 4, 16 image tokens); --width, --depth,
---vocab, --vision-width, --vision-depth and --image-size scale it. Ours are
-random weights (`VLM.random`); tunix's actor and reference are the same weights
-converted by bench/tunix_gemma3.py. Every row holds its seed image, as the
+--vocab, --vision-width, --vision-depth and --image-size scale it. The
+weights are random (`VLM.random`); ours runs the layers under one rolled
+`nn.scan`, as the real presets do (--scan-unroll N: N layers an iteration;
+>= depth unrolls them, as the scene presets and tunix's Python loop over
+layers); tunix's actor and reference hold the same weights, converted by
+bench/tunix_gemma3.py. Every row holds its seed image, as the
 auditor's prompts do. One batch of B prompts (BOS, <start_of_image>, random
 text ids: `--prompt-len` text tokens), the same every iteration.
 
@@ -19,11 +22,14 @@ tokens, stop id EOS; clip epsilon 0.2, KL beta 0.04 to a frozen reference copy
 aggregation, one update per batch (so the ratio is 1 and old log-probs are the
 current ones under stop_gradient: ours updates_per_batch=1, tunix
 num_iterations=1), AdamW lr 1e-3 (constant), b1 0.9, b2 0.99, eps 1e-8, no
-weight decay, global-norm clip 1.0; every parameter trains (tiny.py freezes
-nothing in the audit; the real configs freeze img/, which tunix would need a
-masked optax transform for). The scripted reward, computed on host by one
-function both sides call: the share of a completion's tokens (up to its stop
-token) whose id is a multiple of 4.
+weight decay, global-norm clip 1.0. The SigLIP tower does not train on
+either side: tunix's Gemma 3 stops the gradient at the tower's output (SigLiP
+apply_stop_gradient, which its ModelConfig cannot turn off), ours freezes img/
+as the real configs do (configs/common.py; tiny.py's audit trains it); tunix's
+AdamW still keeps moments for the tower and updates it with zero gradients.
+The scripted reward, computed on host by one function both sides call: the
+share of a completion's tokens (up to its stop token) whose id is a multiple
+of 4.
 
 Ours (`auditdm_jax`, unmodified) is what `audit.learner.GRPOLearner.step`
 does for a question-only mixture, minus the scene world (editor, answerers,
@@ -89,6 +95,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/tiny.py `audit` (grpo, optim) and the auditor's sampling.
 CLIP_EPS, KL_BETA, LR, B1, B2, EPS, GRAD_CLIP = 0.2, 0.04, 1e-3, 0.9, 0.99, 1e-8, 1.0
 TEMPERATURE = 1.0
+FROZEN = ("^img/",)   # tunix's Gemma 3 stops the gradient at the SigLIP output
 AGREE_TOL = 2e-3
 
 
@@ -110,8 +117,10 @@ def _config(args):
                             sliding_window=1024, num_heads=heads,
                             num_kv_heads=max(1, heads // 2), head_dim=w // heads,
                             mlp_dim=4 * w, boi_id=v - 4, eoi_id=v - 3, image_token_id=v - 1)
-  vision = dataclasses.replace(cfg.vision, mlp_dim=4 * vw, num_heads=max(2, vw // 64))
-  return cfg.replace(variant=f"bench-gemma3-w{w}-d{args.depth}", vision=vision)
+  vision = dataclasses.replace(cfg.vision, mlp_dim=4 * vw, num_heads=max(2, vw // 64),
+                               scan_unroll=min(args.scan_unroll, args.vision_depth))
+  text = dataclasses.replace(cfg.text, scan_unroll=min(args.scan_unroll, args.depth))
+  return cfg.replace(variant=f"bench-gemma3-w{w}-d{args.depth}", vision=vision, text=text)
 
 
 class Compiles:
@@ -156,8 +165,8 @@ class Ours:
     self.gcfg = grpo.GRPOConfig(num_samples=args.samples, clip_eps=CLIP_EPS, kl_beta=KL_BETA,
                                 loss_agg="token_mean", updates_per_batch=1)
     tcfg = TrainConfig(steps=10_000, lr=LR, warmup_steps=0, schedule="constant", b1=B1, b2=B2,
-                       eps=EPS, grad_clip=GRAD_CLIP, grad_accum=1, tensorboard=False,
-                       progress=False)
+                       eps=EPS, grad_clip=GRAD_CLIP, grad_accum=1, frozen=FROZEN,
+                       tensorboard=False, progress=False)
     self.trainer = grpo.GRPOTrainer(self.cfg, tcfg, self.gcfg)
     self.sampler = Sampler(model, self.trainer.mesh)
     self.warm = jax.device_put(model.params, self.trainer.param_shardings)
@@ -373,11 +382,14 @@ def main():
   ap.add_argument("--vision-width", type=int, default=256)
   ap.add_argument("--vision-depth", type=int, default=4)
   ap.add_argument("--image-size", type=int, default=64, help="multiple of 16 (patch 8, 2x2 pool)")
+  ap.add_argument("--scan-unroll", type=int, default=1,
+                  help="ours: layers per iteration of the layer scans (1: rolled, as the real "
+                       "presets; >= depth: unrolled, as the scene presets and tunix)")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
   problems = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
               (("batch", 1), ("samples", 2), ("max_new_tokens", 1), ("prompt_len", 2),
-               ("repeats", 1), ("depth", 1), ("vision_depth", 1))
+               ("repeats", 1), ("depth", 1), ("vision_depth", 1), ("scan_unroll", 1))
               if getattr(args, k) < lo]
   for name, w in (("width", args.width), ("vision-width", args.vision_width)):
     heads = max(2, w // 64)
@@ -411,7 +423,8 @@ def main():
   b, k, n = args.batch, args.samples, args.max_new_tokens
   dev = jax.devices()[0]
   print(f"model: {cfg.variant}, {models.count_params(cfg) / 1e6:.1f}M parameters (decoder "
-        f"{cfg.text.depth} layers of width {cfg.text.width}, vocabulary {cfg.text.vocab_size}; "
+        f"{cfg.text.depth} layers of width {cfg.text.width}, vocabulary {cfg.text.vocab_size}, "
+        f"ours' layer scan {_unroll_note(cfg.text)}; "
         f"SigLIP {cfg.vision.image_size} px, {cfg.mm_tokens_per_image} image tokens); "
         f"{b} prompts x {k} samples, {n} new tokens; jax {jax.__version__} on {dev.platform} "
         f"({dev.device_kind}, {jax.device_count()} device(s)), {len(os.sched_getaffinity(0))} "
@@ -484,6 +497,12 @@ def main():
   print(f"(median of {args.repeats} iterations each; {samples} completions of up to {n} "
         f"tokens an iteration)")
   print(f"speedup vs tunix: {tunix_med['time'] / ours_med['time']:.2f}x")
+
+
+def _unroll_note(text) -> str:
+  if text.scan_unroll >= text.depth:
+    return "unrolled"
+  return "rolled" if text.scan_unroll == 1 else f"unrolled by {text.scan_unroll}"
 
 
 def _version(dist: str) -> str:
