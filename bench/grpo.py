@@ -57,7 +57,8 @@ global step each). What differs and could not be removed:
     rows run to --max-new-tokens on both sides).
   - tunix prefills B*K rows (the prompts repeated), ours B rows whose caches it
     repeats; our prefill pads the prompt to a multiple of 16, tunix to its
-    length. tunix draws with seed 0 every rollout, ours with the iteration.
+    length. Both draw with the iteration as the seed (tunix: RolloutConfig.seed
+    set before each global step), so the samples differ between the sides.
 
 Before timing, the sides must agree: the reference log-probabilities of the
 same completions (ours' first samples) under ours and under tunix's RL scoring
@@ -253,6 +254,7 @@ class Tunix:
             max_tokens_to_generate=self.n, temperature=TEMPERATURE, top_p=1.0, top_k=None,
             max_prompt_length=self.prompt_len, kv_cache_size=self.prompt_len + self.n,
             eos_tokens=list(stops)))
+    self.rollout_config = cluster_config.rollout_config
     self.cluster = rlc.RLCluster(actor=actor, reference=reference,
                                  tokenizer=tunix_gemma3._IdTokenizer(),  # pylint: disable=protected-access
                                  cluster_config=cluster_config)
@@ -296,6 +298,7 @@ class Tunix:
       self.starts.append(time.perf_counter())
       self.phases.append({"sampling": 0.0, "scoring": 0.0, "update": 0.0})
       self.compiles.label = ("tunix", len(self.starts) - 1)
+      self.rollout_config.seed = len(self.starts) - 1   # fresh draws, as ours (a traced key)
       return step(*a, **kw)
 
     learner._run_global_step = global_step  # pylint: disable=protected-access
