@@ -63,10 +63,12 @@ global step each). What differs and could not be removed:
 Before timing, the sides must agree: the reference log-probabilities of the
 same completions (ours' first samples) under ours and under tunix's RL scoring
 (through the wrapper) differ by at most 2e-3 (else the bench stops).
+tests/test_tunix_grpo.py checks the rest on one batch: loss, KL, entropy and
+gradient norm of our step equal tunix's GRPO loss.
 
 Timing: one warm-up iteration per side (compiles), then `--repeats`
 iterations; the figure is B*K completions / the median iteration time. Ours'
-iterations are timed around the step; tunix's from the start of one global
+iterations are timed whole; tunix's from the start of one global
 step to the start of the next (everything `train` does per step). The split:
 sampling (ours: set_params + sample to host tokens; tunix: `generate`),
 scoring (the reward function + the reference log-probabilities, blocked),
@@ -77,6 +79,7 @@ after the warm-up are counted per side (jax.monitoring) and named.
   pip install -e ".[bench]"     # tunix (a virtualenv of its own)
   python bench/grpo.py [--platform cpu|gpu|tpu] [--batch 8] [--samples 8]
                        [--max-new-tokens 40] [--repeats 5] [--threads N]
+                       [--scan-unroll 1] [--width 512 --depth 8 --vocab 32000 ...]
 The last line is `speedup vs tunix: X.XXx` (ours' samples/s over tunix's).
 """
 
