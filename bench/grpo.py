@@ -422,6 +422,7 @@ def main():
     sys.exit("bench/grpo.py needs tunix, its peer: install the bench's peers in a "
              "virtualenv of their own: pip install -e \".[bench]\"")
   from auditdm_jax import models
+  from bench import tunix_gemma3
   from auditdm_jax.models.inputs import prompt_heads
   # pylint: enable=import-outside-toplevel
 
@@ -434,7 +435,7 @@ def main():
         f"SigLIP {cfg.vision.image_size} px, {cfg.mm_tokens_per_image} image tokens); "
         f"{b} prompts x {k} samples, {n} new tokens; jax {jax.__version__} on {dev.platform} "
         f"({dev.device_kind}, {jax.device_count()} device(s)), {len(os.sched_getaffinity(0))} "
-        f"CPU cores; tunix {_version('google-tunix')}", flush=True)
+        f"CPU cores; tunix {tunix_gemma3.installed_version('google-tunix')}", flush=True)
 
   model = models.VLM.random(cfg, args.seed)
   rng = np.random.default_rng(args.seed)
@@ -509,14 +510,6 @@ def _unroll_note(text) -> str:
   if text.scan_unroll >= text.depth:
     return "unrolled"
   return "rolled" if text.scan_unroll == 1 else f"unrolled by {text.scan_unroll}"
-
-
-def _version(dist: str) -> str:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-  try:
-    return metadata.version(dist)
-  except metadata.PackageNotFoundError:
-    return "(not installed)"
 
 
 if __name__ == "__main__":

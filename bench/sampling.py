@@ -148,8 +148,9 @@ def main():
         f"(decoder {cfg.text.depth} layers of width {cfg.text.width}, window "
         f"{cfg.text.sliding_window}); batch {args.batch}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), tunix "
-        f"{_version('google-tunix')}, torch {torch.__version__} on {torch_device} "
-        f"({args.threads} threads), transformers {_version('transformers')}")
+        f"{tunix_gemma3.installed_version('google-tunix')}, torch {torch.__version__} on "
+        f"{torch_device} ({args.threads} threads), transformers "
+        f"{tunix_gemma3.installed_version('transformers')}")
 
   # One set of random weights for all: build the HF model, load it into ours,
   # convert ours into tunix's.
@@ -292,14 +293,6 @@ def main():
   print(f"speedup vs tunix: {tps(med, 'ours') / tps(med, 'tunix'):.2f}x")
   print(f"speedup vs transformers: {tps(med, 'ours') / tps(med, 'hf'):.2f}x")
   print(f"read roofline: {ours_pct:.0f}%")
-
-
-def _version(dist: str) -> str:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-  try:
-    return metadata.version(dist)
-  except metadata.PackageNotFoundError:
-    return "(not installed)"
 
 
 if __name__ == "__main__":

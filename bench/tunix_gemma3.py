@@ -49,6 +49,15 @@ PAD_ID = -1
 _GEMMA3_PATTERN = ("local",) * 5 + ("global",)
 
 
+def installed_version(dist: str) -> str:
+  """The installed version of a distribution, for the benches' headers."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return "(not installed)"
+
+
 def tunix_config(cfg, sampling: bool = True):
   """tunix `ModelConfig` of the same shapes as our Gemma 3 `VLMConfig`
   (vision tower included), with tunix's default sharding for sampling or (not
