@@ -124,17 +124,9 @@ class SceneEditor:
     return "" if ans is None else ans.skill
 
 
-class QuestionsOnly:
-  """Real images without an image editor: only the question pairing applies.
-  Any non-empty question is posed; nothing is known of the ground truth."""
-
-  WHY = "no image editor is configured (audit.editor='none'): questions only"
-
-  def edit(self, images, commands, contexts) -> list[Rendered]:
-    return [_rejected(self.WHY) for _ in commands]
-
-  def generate(self, captions) -> list[Rendered]:
-    return [_rejected(self.WHY) for _ in captions]
+class _NoTruth:
+  """The question side of an editor on real images: any non-empty question is
+  posed, and nothing is known of answers, truth or skills."""
 
   def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
     return [(bool(q.strip()), "" if q.strip() else "the question is empty")
@@ -150,7 +142,20 @@ class QuestionsOnly:
     return ""
 
 
-class FluxEditor:
+class QuestionsOnly(_NoTruth):
+  """Real images without an image editor: only the question pairing applies.
+  Any non-empty question is posed; nothing is known of the ground truth."""
+
+  WHY = "no image editor is configured (audit.editor='none'): questions only"
+
+  def edit(self, images, commands, contexts) -> list[Rendered]:
+    return [_rejected(self.WHY) for _ in commands]
+
+  def generate(self, captions) -> list[Rendered]:
+    return [_rejected(self.WHY) for _ in captions]
+
+
+class FluxEditor(_NoTruth):
   """The paper's image routes on real images: FLUX.1 Kontext dev edits
   (I_e = E(I, e)) and FLUX.1 dev regenerates from a caption (I_g = G(C)),
   both frozen (`auditdm_jax.diffusion` pipelines, sharded over the run's mesh).
@@ -257,18 +262,6 @@ class FluxEditor:
         out[i] = Rendered(self._resize(res[j], self.image_size, self.image_size), None, True,
                           "", "")
     return out  # type: ignore[return-value]
-
-  def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
-    return QuestionsOnly().check_question(contexts, questions)
-
-  def answer_space(self, contexts, questions) -> list[tuple[str, ...] | None]:
-    return [None for _ in questions]
-
-  def ground_truth(self, contexts, questions) -> list[str | None]:
-    return [None for _ in questions]
-
-  def question_skill(self, context, question: str) -> str:
-    return ""
 
 
 EDITORS = {"scene": SceneEditor, "none": QuestionsOnly}

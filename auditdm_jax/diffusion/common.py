@@ -22,14 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError
+from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError, listed_problems
 from auditdm_jax.models.ckpt.hf import read_safetensors
 from auditdm_jax.utils import fileio
 
 __all__ = ["BFLOAT16", "CheckpointError", "Tensors", "Taker", "read_tensors",
            "read_json", "as_dtype"]
-
-_MAX_LISTED = 12
 
 
 def as_dtype(name: Any) -> np.dtype:
@@ -164,8 +162,5 @@ class Taker:
     problems = list(self.problems) + [
         f"unknown key {k!r} with shape {tuple(np.shape(self.tensors[k]))}" for k in unknown]
     if problems:
-      more = len(problems) - _MAX_LISTED
-      listed = "\n  ".join(problems[:_MAX_LISTED])
-      tail = f"\n  ... and {more} more" if more > 0 else ""
       raise CheckpointError(f"checkpoint {self.source} does not fit the model config:"
-                            f"\n  {listed}{tail}")
+                            f"{listed_problems(problems)}")

@@ -15,6 +15,13 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _MAX_LISTED = 12
 
 
+def listed_problems(problems) -> str:
+  """Problems one to a line: the first `_MAX_LISTED` and a count of the rest."""
+  more = len(problems) - _MAX_LISTED
+  listed = "\n  ".join(problems[:_MAX_LISTED])
+  return f"\n  {listed}" + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not fit the model."""
 
@@ -60,11 +67,8 @@ def assemble(flat: Mapping[str, np.ndarray], cfg: VLMConfig, source: str) -> dic
       problems.append(f"key {key!r} has shape {got} in the file but the config "
                       f"expects {expected[key]}")
   if problems:
-    more = len(problems) - _MAX_LISTED
-    listed = "\n  ".join(problems[:_MAX_LISTED])
-    tail = f"\n  ... and {more} more" if more > 0 else ""
     raise CheckpointError(f"checkpoint {source} does not fit the model config "
-                          f"({cfg.variant}):\n  {listed}{tail}")
+                          f"({cfg.variant}):{listed_problems(problems)}")
   dtype = as_float_dtype(cfg.text.param_dtype)
   out = {}
   for key, arr in flat.items():

@@ -248,9 +248,21 @@ def write_gemma3_flat(path: str, params, cfg: VLMConfig) -> None:
     else:
       node, leaf = ("SigLiPFromPatches_0/siglip_encoder/" + key[4:]).rsplit("/", 1)
       put(node, leaf, arr)
+  _save_dir_atomically(path, lambda tmp: ocp.PyTreeCheckpointer().save(tmp, tree))
+
+
+# ----------------------------------------------------------------------------
+# Our own format.
+# ----------------------------------------------------------------------------
+
+
+def _save_dir_atomically(path: str, write) -> None:
+  """write(tmp) fills a temporary sibling directory, which then replaces
+  `path` in one rename; on any failure the sibling is removed and `path` is
+  left as it was."""
   tmp = _tmp_sibling(path)
   try:
-    ocp.PyTreeCheckpointer().save(tmp, tree)
+    write(tmp)
     _replace_dir(tmp, path)
   except Exception as e:
     _remove_tmp(tmp)
@@ -258,11 +270,6 @@ def write_gemma3_flat(path: str, params, cfg: VLMConfig) -> None:
   except BaseException:
     _remove_tmp(tmp)
     raise
-
-
-# ----------------------------------------------------------------------------
-# Our own format.
-# ----------------------------------------------------------------------------
 
 
 def _tmp_sibling(path: str) -> str:
@@ -335,8 +342,8 @@ def save_native(path: str, cfg: VLMConfig, params, tokenizer_model: str | None =
 def _write_native(path: str, cfg: VLMConfig, params: dict[str, np.ndarray],
                   tokenizer_model: str | None) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  tmp = _tmp_sibling(path)
-  try:
+
+  def write(tmp: str) -> None:
     me = jax.process_index()   # this process alone (the others are not saving)
     ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
         primary_host=me, active_processes={me}))
@@ -348,13 +355,8 @@ def _write_native(path: str, cfg: VLMConfig, params: dict[str, np.ndarray],
       shutil.copyfile(tokenizer_model, os.path.join(tmp, tok))
     meta = {"format": NATIVE_FORMAT, "config": cfg.to_dict(), "tokenizer": tok}
     atomic_write_text(os.path.join(tmp, NATIVE_MARKER), json.dumps(meta, indent=2))
-    _replace_dir(tmp, path)
-  except Exception as e:
-    _remove_tmp(tmp)
-    raise _save_failed(path, tmp, e) from e
-  except BaseException:
-    _remove_tmp(tmp)
-    raise
+
+  _save_dir_atomically(path, write)
 
 
 def read_native(path: str) -> tuple[VLMConfig, dict[str, np.ndarray], str | None]:
