@@ -22,19 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError, listed_problems
+from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError, as_dtype, listed_problems
 from auditdm_jax.models.ckpt.hf import read_safetensors
 from auditdm_jax.utils import fileio
 
 __all__ = ["BFLOAT16", "CheckpointError", "Tensors", "Taker", "read_tensors",
            "read_json", "as_dtype"]
-
-
-def as_dtype(name: Any) -> np.dtype:
-  """np.dtype of 'float32' / 'bfloat16' / a dtype."""
-  if str(name) in ("bfloat16", "bf16"):
-    return BFLOAT16
-  return np.dtype(name)
 
 
 class Tensors(dict):

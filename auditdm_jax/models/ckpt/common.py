@@ -26,8 +26,9 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
-def as_float_dtype(name: str | np.dtype) -> np.dtype:
-  if str(name) == "bfloat16":
+def as_dtype(name: str | np.dtype) -> np.dtype:
+  """np.dtype of 'float32' / 'bfloat16' (or 'bf16') / a dtype."""
+  if str(name) in ("bfloat16", "bf16"):
     return BFLOAT16
   return np.dtype(name)
 
@@ -69,7 +70,7 @@ def assemble(flat: Mapping[str, np.ndarray], cfg: VLMConfig, source: str) -> dic
   if problems:
     raise CheckpointError(f"checkpoint {source} does not fit the model config "
                           f"({cfg.variant}):{listed_problems(problems)}")
-  dtype = as_float_dtype(cfg.text.param_dtype)
+  dtype = as_dtype(cfg.text.param_dtype)
   out = {}
   for key, arr in flat.items():
     arr = np.asarray(arr)
