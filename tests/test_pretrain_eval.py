@@ -189,5 +189,13 @@ def test_audit_stage_writes_audit_json_and_resumes_exactly(workdir, tmp_path):
   assert set(a["success_rate_per_seed"]) == {"budget", "trained", "warm_start"}
   assert set(a["diversity"]) == {"trained", "warm_start"}
   assert a["search"]["descriptors"] == "archive" and a["search"]["seeds"] >= 1
-  assert set(a["search"]["weights"]) == set(c.audit.diversity.descriptors)
+  # one weight per cell (pairing x descriptor) the mixture can draw; an edit
+  # alone asks nothing, so its cell names no descriptor
+  from auditdm_jax.audit import diversity, rollout  # pylint: disable=import-outside-toplevel
+  cells = [diversity.split_cell(k) for k in a["search"]["weights"]]
+  drawn = {p for p, w in c.audit.mixture.items() if w > 0}
+  assert {p for p, _ in cells} == drawn
+  for p in drawn:
+    want = set(c.audit.diversity.descriptors) if "question" in rollout.PAIRINGS[p] else {""}
+    assert {d for q, d in cells if q == p} == want, p
   assert set(a["search"]["trained_uniform"]) == {"per_probe", "per_seed", "diversity"}

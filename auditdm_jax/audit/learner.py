@@ -294,7 +294,6 @@ def compare_search(auditing: rollout_lib.Auditing, trained, warm, pool: SeedPool
          "consensus_truth": truth, "success_by_pairing": by_pairing,
          "unanswered_rate": {"trained": float(np.mean(roll_t.valid & ~roll_t.answered)),
                              "warm_start": float(np.mean(roll_w.valid & ~roll_w.answered))},
-         "search_descriptors": "archive" if weights is not None else "uniform",
          "ratio": (res_t["success_rate"] / res_w["success_rate"]
                    if res_w["success_rate"] > 0 else float("inf"))}
   if auditing.judge is not None:

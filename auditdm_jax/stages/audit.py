@@ -173,7 +173,8 @@ def run(config, workdir: str) -> dict:
                                      seed, weights)
   fig["success_rate_per_seed"] = per_seed
   fig["diversity"] = div
-  fig["search"] = {"descriptors": fig.pop("search_descriptors"), "weights": weights,
+  fig["search"] = {"descriptors": dcfg.search if weights is not None else "uniform",
+                   "weights": weights,
                    "seeds": min(int(a["seed_count"]), len(eval_pool))}
   if weights is not None:     # the same auditor searching evenly, beside it
     _, res_u = learner_lib.evaluate_search(auditing, trained, eval_pool, n_eval, mixture, seed,
