@@ -37,7 +37,10 @@ descriptors, journal): `Sampler.set_params` + `Sampler.sample` (K samples per
 prompt) -> the scripted reward -> `grpo.group_advantages` -> `grpo.grpo_batch`
 (second_rows = 0, as `build_batch` packs a question-only step) ->
 `GRPOTrainer.logprobs` of the reference -> `GRPOTrainer.step`, whose metrics
-come back to the host as the learner reads them.
+come back to the host as the learner reads them. As in the audit stage
+(`pipeline/recipes.audit_configs`), TrainConfig.loss_slots = --max-new-tokens:
+both project onto the vocabulary only at the completion tokens (tunix projects
+every position and slices the completion's logits after).
 
 tunix 0.1.7: `RLCluster` (actor, reference and rollout on one mesh, so actor
 and rollout share weights and no sync runs), the vanilla rollout (its KV-cache
@@ -170,6 +173,7 @@ class Ours:
                                 loss_agg="token_mean", updates_per_batch=1)
     tcfg = TrainConfig(steps=10_000, lr=LR, warmup_steps=0, schedule="constant", b1=B1, b2=B2,
                        eps=EPS, grad_clip=GRAD_CLIP, grad_accum=1, frozen=FROZEN,
+                       loss_slots=args.max_new_tokens,   # as the audit stage (recipes)
                        tensorboard=False, progress=False)
     self.trainer = grpo.GRPOTrainer(self.cfg, tcfg, self.gcfg)
     self.sampler = Sampler(model, self.trainer.mesh)

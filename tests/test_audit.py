@@ -19,6 +19,7 @@ from auditdm_jax.scenes import world
 from auditdm_jax.scenes.text import AUDITOR_TASKS, world_tokenizer
 from auditdm_jax.scenes.world import Obj, Scene
 from auditdm_jax.train import sft
+from auditdm_jax.train.optim import path_str
 from auditdm_jax.utils.answers import answer_key
 
 # ---------------------------------------------------------------------------
@@ -451,3 +452,61 @@ def test_reward_hacking_by_degenerate_questions_pays_nothing():
   assert not bool(d2[0]) and float(r2[0]) == 0.0
   assert R.extract_answer("Two.", ("zero", "one", "two")) == "2"
   assert R.extract_answer("anything at all", None) == "anything at all"
+
+
+def test_grpo_completion_slots_equal_the_full_projection():
+  """TrainConfig.loss_slots in the GRPO step and `logprobs`: the vocabulary
+  projected only at the completion tokens gives the full projection's
+  log-probs there (0 elsewhere) and the same two updates (pi_old != pi at the
+  second: the ratio and KL live); the full path here accumulates two
+  microbatches, the slots path takes one (no accumulation loop)."""
+  cfg = presets.tiny_gemma3(vocab_size=256, width=32, depth=2, image_size=32, patch_size=8,
+                            vision_width=16, vision_depth=1, mm_tokens_per_image=4,
+                            sliding_window=8, num_heads=2, num_kv_heads=1, head_dim=16,
+                            mlp_dim=64, boi_id=252, eoi_id=253, image_token_id=255)
+  params = models.VLM.random(cfg, seed=1).params
+  ref = models.VLM.random(cfg, seed=2).params
+  rng = np.random.default_rng(0)
+  prompts = [[2, cfg.boi_id] + rng.integers(3, 250, int(n)).tolist() for n in (3, 5, 2, 4)]
+  comps = [rng.integers(3, 250, int(n)).tolist() + [cfg.eos_id] for n in (5, 0, 2, 6)]
+  images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  batch = grpo.grpo_batch(cfg, images, prompts, comps, [1.0, -1.0, 0.5, -0.5], 24,
+                          "seq_mean_token_mean")
+  gcfg = grpo.GRPOConfig(num_samples=2, kl_beta=0.1, loss_agg="seq_mean_token_mean",
+                         updates_per_batch=2)
+  out = {}
+  for slots, accum in ((0, 2), (7, 1)):
+    tcfg = sft.TrainConfig(steps=2, lr=1e-2, warmup_steps=0, grad_accum=accum,
+                           loss_slots=slots, tensorboard=False, progress=False)
+    tr = grpo.GRPOTrainer(cfg, tcfg, gcfg)
+    state = tr.init_state(params)
+    b = dict(batch, ref_logp=tr.logprobs(jax.device_put(ref, tr.param_shardings), batch),
+             old_logp=tr.logprobs(state["params"], batch))
+    ms = []
+    for _ in range(2):
+      state, m = tr.step(state, b)
+      ms.append(m)
+    mu = {path_str(p): np.asarray(v) for p, v in
+          jax.tree_util.tree_leaves_with_path(state["opt_state"])
+          if ".mu[" in jax.tree_util.keystr(p)}
+    out[(slots, accum)] = b, ms, mu
+  full_b, full_m, full_p = out[(0, 2)]
+  mask = batch["loss_mask"]
+  assert mask.sum() == 17
+  b, ms, p = out[(7, 1)]
+  for k in ("ref_logp", "old_logp"):
+    np.testing.assert_allclose(b[k][mask], full_b[k][mask], atol=1e-5)
+    assert (b[k][~mask] == 0).all() and (full_b[k][~mask] != 0).any()
+  for m, fm in zip(ms, full_m):
+    for k in ("loss", "kl", "entropy", "clip_frac", "grad_norm", "completion_tokens"):
+      np.testing.assert_allclose(float(m[k]), float(fm[k]), rtol=1e-4, atol=1e-7, err_msg=k)
+  assert float(ms[1]["kl"]) > 0
+  # Adam's first moment (the two gradients): its params would amplify float
+  # noise in gradients near 0 to +-lr.
+  scale = max(np.abs(v).max() for v in full_p.values())
+  assert p.keys() == full_p.keys() and len(p) > 10
+  for k in p:
+    np.testing.assert_allclose(p[k], full_p[k], rtol=1e-3, atol=1e-5 * scale, err_msg=k)
+  tr7 = grpo.GRPOTrainer(cfg, sft.TrainConfig(steps=2, loss_slots=5, tensorboard=False), gcfg)
+  with pytest.raises(ValueError, match="more than TrainConfig.loss_slots=5"):
+    tr7.step(tr7.init_state(params), out[(7, 1)][0])

@@ -142,12 +142,26 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
                 "clip_frac": jnp.sum(clipped & mask) / n}
 
 
-def policy_stats(cfg: VLMConfig, params, batch):
-  """(log pi(token) [B, T], entropy of pi at that position [B, T])."""
-  pred, target = loss_lib.aligned_logits(cfg, params, batch)
-  lsm = jax.nn.log_softmax(pred, axis=-1)
+def _logp_entropy(logits, target):
+  lsm = jax.nn.log_softmax(logits, axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
-  ent = -jnp.sum(jnp.exp(lsm) * lsm, axis=-1)
+  return lp, -jnp.sum(jnp.exp(lsm) * lsm, axis=-1)
+
+
+def policy_stats(cfg: VLMConfig, params, batch):
+  """(log pi(token) [B, T], entropy of pi at that position [B, T]).
+
+  With batch["loss_pos"] (`TrainConfig.loss_slots`: the completion tokens'
+  positions, `batches.loss_positions`) the vocabulary is projected only at
+  those positions and both are 0 elsewhere; the loss reads them only there."""
+  if "loss_pos" in batch:
+    logits, target, _ = loss_lib.slot_logits(cfg, params, batch)
+    lp, ent = _logp_entropy(logits, target)
+    t = batch["tokens"].shape[1]
+    return (loss_lib.scatter_slots(lp, batch["loss_pos"], t),
+            loss_lib.scatter_slots(ent, batch["loss_pos"], t))
+  pred, target = loss_lib.aligned_logits(cfg, params, batch)
+  lp, ent = _logp_entropy(pred, target)
   return loss_lib.pad_to_tokens(cfg, lp), loss_lib.pad_to_tokens(cfg, ent)
 
 
@@ -185,6 +199,10 @@ def make_grpo_step(cfg: VLMConfig, tcfg: TrainConfig, gcfg: GRPOConfig, tx, mask
                for k, v in batch.items()}
       grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+      if accum == 1:        # one microbatch: no accumulation buffers, no loop
+        (loss, s), g = grad_fn(train_p, frozen_p, jax.tree.map(lambda v: v[0], micro))
+        return finish(state, train_p, frozen_p, g, loss, s)
+
       def body(carry, mb):
         g_acc, l_acc, s_acc = carry
         (loss, sums), g = grad_fn(train_p, frozen_p, mb)
@@ -197,14 +215,17 @@ def make_grpo_step(cfg: VLMConfig, tcfg: TrainConfig, gcfg: GRPOConfig, tx, mask
       zero = jnp.zeros((), jnp.float32)
       s0 = {k: zero for k in ("kl", "entropy", "clipped", "tokens")}
       (g, loss, s), _ = jax.lax.scan(body, (g0, zero, s0), micro)
-      g = {k: v.astype(train_p[k].dtype) for k, v in g.items()}
-      new_state, grad_norm, finite = step_lib.guarded_update(tx, parts, state, g, train_p,
-                                                        frozen_p, loss)
-      n = jnp.maximum(s["tokens"], 1.0)
-      metrics = {"loss": loss, "kl": s["kl"] / n, "entropy": s["entropy"] / n,
-                 "clip_frac": s["clipped"] / n, "completion_tokens": s["tokens"],
-                 "grad_norm": grad_norm, "finite": finite}
-      return new_state, metrics
+      return finish(state, train_p, frozen_p, g, loss, s)
+
+  def finish(state, train_p, frozen_p, g, loss, s):
+    g = {k: v.astype(train_p[k].dtype) for k, v in g.items()}
+    new_state, grad_norm, finite = step_lib.guarded_update(tx, parts, state, g, train_p,
+                                                      frozen_p, loss)
+    n = jnp.maximum(s["tokens"], 1.0)
+    metrics = {"loss": loss, "kl": s["kl"] / n, "entropy": s["entropy"] / n,
+               "clip_frac": s["clipped"] / n, "completion_tokens": s["tokens"],
+               "grad_norm": grad_norm, "finite": finite}
+    return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
@@ -245,11 +266,16 @@ class GRPOTrainer(Trainer):
     bad = [k for k in GRPO_KEYS if not np.all(np.isfinite(out[k]))]
     if bad:
       raise ValueError(f"GRPO batch has non-finite values in {bad}")
+    if self.tcfg.loss_slots:
+      out["loss_pos"] = batches_lib.loss_positions(out, self.tcfg.loss_slots)
     return out
 
   def logprobs(self, params, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """float32 [B, T]: log p(token) under `params` (placed like the policy)."""
+    """float32 [B, T]: log p(token) under `params` (placed like the policy);
+    with `TrainConfig.loss_slots`, at the loss tokens only (0 elsewhere)."""
     inputs = {k: np.asarray(batch[k]) for k in ("images", "tokens", "input_mask", "mask_ar")}
+    if self.tcfg.loss_slots:
+      inputs["loss_pos"] = batches_lib.loss_positions(batch, self.tcfg.loss_slots)
     sig = tuple((k, v.shape) for k, v in sorted(inputs.items()))
     if sig not in self._logprob_fns:
       sh = {k: NamedSharding(self.mesh, PartitionSpec()) for k in inputs}

@@ -65,5 +65,8 @@ def audit_configs(config) -> tuple[TrainConfig, grpo.GRPOConfig, reward_lib.Rewa
   RewardConfig); the GRPO run takes updates_per_batch updates per step."""
   a = config.audit
   steps = int(a.steps) * int(a.grpo.get("updates_per_batch", 1))
-  tcfg = train_config(a.optim, steps=steps, seed=int(config.seed))
+  # The vocabulary is projected only at the completion tokens (<= max_new_tokens
+  # a row) unless audit.optim sets loss_slots (0: every position).
+  slots = a.optim.get("loss_slots", int(a.max_new_tokens))
+  tcfg = train_config(a.optim, steps=steps, seed=int(config.seed), loss_slots=int(slots))
   return tcfg, grpo.GRPOConfig(**dict(a.grpo)), reward_lib.RewardConfig(**dict(a.reward))

@@ -119,11 +119,12 @@ def _sums(batch, lp, correct):
   return nll, jnp.sum(correct & mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32)
 
 
-def slot_stats(cfg: VLMConfig, params, batch, rng=None):
-  """(log p, argmax == token, valid), each [B, K], at the loss tokens named by
-  batch["loss_pos"] [B, K] (text positions, -1 unused; `batches.loss_positions`):
-  one forward pass to the final hidden states, the vocabulary projection only
-  at the K predicting positions. Equal to `token_stats` read at those tokens."""
+def slot_logits(cfg: VLMConfig, params, batch, rng=None):
+  """(logits float32 [B, K, V], target ids [B, K], valid [B, K]) at the loss
+  tokens named by batch["loss_pos"] [B, K] (text positions, -1 unused;
+  `batches.loss_positions`): one forward pass to the final hidden states, the
+  vocabulary projection only at the K predicting positions. Equal to
+  `aligned_logits` read at those tokens."""
   module, args, rngs = _forward_args(cfg, batch, rng)
   tokens = batch["tokens"]
   paligemma = cfg.family == "paligemma"
@@ -139,10 +140,26 @@ def slot_stats(cfg: VLMConfig, params, batch, rng=None):
   logits = module.apply({"params": params}, h,
                         method=lambda m, x: m.llm.logits(x)).astype(jnp.float32)
   target = jnp.clip(jnp.take_along_axis(tokens, p, axis=1), 0, logits.shape[-1] - 1)
+  return logits, target, valid
+
+
+def slot_stats(cfg: VLMConfig, params, batch, rng=None):
+  """(log p, argmax == token, valid), each [B, K], at the loss tokens named by
+  batch["loss_pos"] (`slot_logits`). Equal to `token_stats` read there."""
+  logits, target, valid = slot_logits(cfg, params, batch, rng)
   lsm = jax.nn.log_softmax(logits, axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(logits, axis=-1) == target
   return lp, correct, valid
+
+
+def scatter_slots(x, pos, length: int):
+  """[B, K] values at text positions `pos` [B, K] (-1 unused) -> [B, length],
+  0 where no slot names a position."""
+  b = x.shape[0]
+  at = jnp.where(pos >= 0, pos, length)             # unused slots fall off the end
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], pos.shape)
+  return jnp.zeros((b, length), x.dtype).at[rows, at].set(x, mode="drop")
 
 
 def batch_sums(cfg: VLMConfig, params, batch, rng=None):
