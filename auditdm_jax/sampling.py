@@ -89,12 +89,23 @@ class SampleOutput:
     return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths)]
 
 
+def first_argmax(x):
+  """jnp.argmax over the last axis (the first of equal maxima), as the max and
+  then the lowest index holding it: two plain reductions, which XLA:CPU runs
+  ~3x faster than argmax's variadic (value, index) reduce over a vocabulary.
+  (A row of NaN gives the last index, where jnp.argmax gives the NaN's.)"""
+  v = x.shape[-1]
+  top = jnp.max(x, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)
+
+
 def sample_token(logits, key, params: SamplingParams):
   """(token [B], log p_sampling(token), log p_model(token)) from logits [B, V]."""
   logits = logits.astype(jnp.float32)
   logp_model = jax.nn.log_softmax(logits, axis=-1)
   if params.greedy:
-    tok = jnp.argmax(logits, axis=-1)
+    tok = first_argmax(logits)
     return tok, jnp.zeros(tok.shape, jnp.float32), jnp.take_along_axis(
         logp_model, tok[:, None], -1)[:, 0]
   scaled = logits / params.temperature
@@ -109,7 +120,8 @@ def sample_token(logits, key, params: SamplingParams):
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
   logp_sample = jax.nn.log_softmax(scaled, axis=-1)
-  tok = jax.random.categorical(key, logp_sample, axis=-1)
+  # jax.random.categorical's draw (the Gumbel-max trick), with the faster argmax.
+  tok = first_argmax(logp_sample + jax.random.gumbel(key, logp_sample.shape, logp_sample.dtype))
   pick = lambda a: jnp.take_along_axis(a, tok[:, None], -1)[:, 0]  # noqa: E731
   return tok, pick(logp_sample), pick(logp_model)
 
@@ -136,6 +148,9 @@ class Sampler:
     self.activation_rules = activation_rules
     self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.text.dtype)
     self.length_bucket = length_bucket
+    # XLA:CPU multiplies by the embedding table ~1.4x faster laid out [D, V]:
+    # decoding on CPU transposes it once per call (`gemma.decode_step` head).
+    self.transposed_head = all(d.platform == "cpu" for d in self.mesh.devices.flat)
     self.param_shardings = sharding.param_shardings(vlm.abstract_params(self.cfg),
                                                     self.mesh, self.rules)
     self.params = jax.device_put(model.params, self.param_shardings)
@@ -251,6 +266,7 @@ class Sampler:
       with logical.activation_sharding(mesh, self.activation_rules):
         llm = model_params["llm"]
         weights = decode_weights(cfg.text, llm["layers"])   # once, outside the loop
+        head = llm["embedder"]["input_embedding"].T if self.transposed_head else None
 
         def body(state):
           step, logits, toks, lps, lpm, n, done, caches = state
@@ -264,7 +280,8 @@ class Sampler:
           done = done | jnp.isin(tok, stop_ids)
           q_pos = total + step
           slots = [q_pos % c if c < full else prefix + step for c in lens]
-          new_logits, caches = decode_step(cfg.text, llm, weights, tok, q_pos, caches, slots)
+          new_logits, caches = decode_step(cfg.text, llm, weights, tok, q_pos, caches,
+                                           slots, head)
           return step + 1, new_logits, toks, lps, lpm, n, done, caches
 
         def cond(state):

@@ -201,3 +201,35 @@ def test_set_params_swaps_weights_and_names_a_mismatch():
   bad["llm"]["embedder"]["input_embedding"] = np.zeros((3, 3), np.float32)
   with pytest.raises(ValueError, match="input_embedding"):
     s.set_params(bad)
+
+
+def test_sample_token_draws_as_jax_categorical_and_argmax():
+  """sample_token's faster argmax: greedy picks jnp.argmax's token (ties ->
+  the first), sampling draws jax.random.categorical's token for the same key
+  (so seeded runs are unchanged), and both report the model's log-probs."""
+  from auditdm_jax.sampling import first_argmax, sample_token  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 1000)).astype(np.float32)
+  logits[1, [3, 700]] = 50.0                    # a tie: the first index wins
+  logits[2, :] = -np.inf
+  logits[2, 5] = 1.0
+  logits[3, :] = 7.0                            # all equal: index 0
+  x = jax.numpy.asarray(logits)
+  np.testing.assert_array_equal(first_argmax(x), jax.numpy.argmax(x, axis=-1))
+  assert int(first_argmax(x)[1]) == 3 and int(first_argmax(x)[3]) == 0
+  tok, _, lpm = sample_token(x, jax.random.key(0), SamplingParams(temperature=0.0))
+  np.testing.assert_array_equal(tok, np.argmax(logits, axis=-1))
+  lsm = jax.nn.log_softmax(x, axis=-1)
+  np.testing.assert_array_equal(lpm, np.take_along_axis(np.asarray(lsm), np.asarray(tok)[:, None], 1)[:, 0])
+  for temp, top_k in ((1.0, 0), (0.7, 50)):
+    sp = SamplingParams(temperature=temp, top_k=top_k)
+    for seed in range(5):
+      key = jax.random.key(seed)
+      tok, lps, _ = sample_token(x, key, sp)
+      scaled = x / temp
+      if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jax.numpy.where(scaled < kth, -jax.numpy.inf, scaled)
+      want = jax.random.categorical(key, jax.nn.log_softmax(scaled, axis=-1), axis=-1)
+      np.testing.assert_array_equal(tok, want)
+      assert np.isfinite(np.asarray(lps)).all()

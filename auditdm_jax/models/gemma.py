@@ -513,7 +513,7 @@ def _update_cache(cache, k, v, q_pos, slot):
           "pos": cache["pos"].at[rows, slot].set(q_pos)}
 
 
-def decode_step(cfg: GemmaConfig, params, weights, tokens, q_pos, caches, slots):
+def decode_step(cfg: GemmaConfig, params, weights, tokens, q_pos, caches, slots, head=None):
   """One new token per row through every layer (unrolled, so each layer's
   cache has its own length: rings of `sliding_window` slots for local layers).
 
@@ -523,6 +523,9 @@ def decode_step(cfg: GemmaConfig, params, weights, tokens, q_pos, caches, slots)
   "pos": [B, C] (-1 = empty)}; slots: per layer, a scalar slot (linear cache)
   or per-row slots [B] (ring). Attention is masked by position alone: a row
   sees cached positions <= its own (and within the window on local layers).
+  head: None (the logits read the embedding table [V, D] as it is) or the
+  table transposed once by the caller, [D, V]: the same logits (up to float
+  summation order) from a plain matmul, which XLA:CPU runs ~1.4x faster.
   Returns (logits float32 [B, V], new caches).
   """
   dtype = jnp.dtype(cfg.dtype)
@@ -565,7 +568,10 @@ def decode_step(cfg: GemmaConfig, params, weights, tokens, q_pos, caches, slots)
     new_caches.append(cache)
   # Final norm and the tied output projection, as in Gemma.head.
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
-  logits = jnp.einsum("BD,VD->BV", x, table.astype(dtype), preferred_element_type=jnp.float32)
+  if head is None:
+    logits = jnp.einsum("BD,VD->BV", x, table.astype(dtype), preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
   if cfg.final_logits_softcap:
     logits = jnp.tanh(logits / cfg.final_logits_softcap) * cfg.final_logits_softcap
   return constrain(logits, "batch", "vocab"), new_caches
