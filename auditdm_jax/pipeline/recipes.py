@@ -13,8 +13,9 @@ defaults (`OPTIM_DEFAULTS`); a section sets only what differs.
   compiler_options, phrase_aux    (SFT runs)
   eval_every    SFT runs with an evaluation (pretrain's learning curves): every
                 that many steps, 0 = at the end only
-  loss_slots    SFT runs: the vocabulary projection only at each row's <= this
-                many answer tokens (0: every position; TrainConfig.loss_slots)
+  loss_slots    the vocabulary projection only at each row's <= this many loss
+                tokens (0: every position; TrainConfig.loss_slots); the audit's
+                GRPO defaults it to audit.max_new_tokens (its completions)
 """
 
 from __future__ import annotations
