@@ -490,10 +490,10 @@ def test_grpo_completion_slots_equal_the_full_projection():
           jax.tree_util.tree_leaves_with_path(state["opt_state"])
           if ".mu[" in jax.tree_util.keystr(p)}
     out[(slots, accum)] = b, ms, mu
-  full_b, full_m, full_p = out[(0, 2)]
+  full_b, full_m, full_mu = out[(0, 2)]
   mask = batch["loss_mask"]
   assert mask.sum() == 17
-  b, ms, p = out[(7, 1)]
+  b, ms, mu = out[(7, 1)]
   for k in ("ref_logp", "old_logp"):
     np.testing.assert_allclose(b[k][mask], full_b[k][mask], atol=1e-5)
     assert (b[k][~mask] == 0).all() and (full_b[k][~mask] != 0).any()
@@ -503,10 +503,10 @@ def test_grpo_completion_slots_equal_the_full_projection():
   assert float(ms[1]["kl"]) > 0
   # Adam's first moment (the two gradients): its params would amplify float
   # noise in gradients near 0 to +-lr.
-  scale = max(np.abs(v).max() for v in full_p.values())
-  assert p.keys() == full_p.keys() and len(p) > 10
-  for k in p:
-    np.testing.assert_allclose(p[k], full_p[k], rtol=1e-3, atol=1e-5 * scale, err_msg=k)
+  scale = max(np.abs(v).max() for v in full_mu.values())
+  assert mu.keys() == full_mu.keys() and len(mu) > 10
+  for k in mu:
+    np.testing.assert_allclose(mu[k], full_mu[k], rtol=1e-3, atol=1e-5 * scale, err_msg=k)
   tr7 = grpo.GRPOTrainer(cfg, sft.TrainConfig(steps=2, loss_slots=5, tensorboard=False), gcfg)
   with pytest.raises(ValueError, match="more than TrainConfig.loss_slots=5"):
     tr7.step(tr7.init_state(params), out[(7, 1)][0])
