@@ -176,7 +176,7 @@ def main():
   from auditdm_jax.scenes.text import world_tokenizer  # pylint: disable=import-outside-toplevel
   from auditdm_jax.models import scale_post_norms  # pylint: disable=import-outside-toplevel
   from auditdm_jax.train import loss as loss_lib  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.train import tasks, vision  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes import tasks, vision  # pylint: disable=import-outside-toplevel
 
   skills = Q.SKILLS if args.skills == "all" else tuple(args.skills.split(","))
   t0 = time.time()

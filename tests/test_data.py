@@ -11,7 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 
-from auditdm_jax.data import loaders, records, scene_tfds
+from auditdm_jax.data import loaders
+from auditdm_jax.scenes import records
+from auditdm_jax.scenes import tfds as scene_tfds
 from auditdm_jax.scenes import examples, questions
 
 TRAIN, BENCH = 48, 32

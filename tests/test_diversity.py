@@ -143,12 +143,12 @@ def test_diversity_figures_by_hand():
 
 
 def test_auditor_task_names_the_skill_in_the_descriptor_share():
-  from auditdm_jax.data import scene_tfds  # noqa: F401  (records come from the world)
+  from auditdm_jax.scenes import tfds as scene_tfds  # noqa: F401  (records come from the world)
   from auditdm_jax.models import presets
   from auditdm_jax.scenes import questions as Q
   from auditdm_jax.scenes import world
   from auditdm_jax.scenes.text import SKILL_DESCRIPTORS, question_prompt, world_tokenizer
-  from auditdm_jax.train import tasks
+  from auditdm_jax.scenes import tasks
   acfg = presets.get_preset("scene-gemma3")
   tok = world_tokenizer("gemma3")
   rng = np.random.default_rng(1)

@@ -14,7 +14,8 @@ from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.pipeline import evaluation
 from auditdm_jax.stages import evaluate
-from auditdm_jax.train import tasks
+from auditdm_jax.scenes import benchmark as scene_benchmark
+from auditdm_jax.scenes import tasks
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_auditor_task_routes_produce_well_formed_text(records):
                                       & (row["tokens"] != cfg.image_token_id)])
     route, = [k for k, v in AUDITOR_TASKS.items() if v in prompt]
     routes[route] += 1
-    ok, why = benchmark.route_validity(route, Scene.from_json(r["scene"]), target)
+    ok, why = scene_benchmark.route_validity(route, Scene.from_json(r["scene"]), target)
     assert ok, (route, target, why)
   # Routes are drawn per record, not by index (the data cycles its skills
   # with the index): every route turns up, and question rows of every
@@ -88,7 +89,7 @@ def test_cell_labels_match_the_scene(records):
 
 def test_count_labels_count_each_cells_colour_and_shape(records):
   from auditdm_jax.scenes.world import Scene
-  from auditdm_jax.train import vision
+  from auditdm_jax.scenes import vision
   labels = np.stack([tasks.cell_labels(r["scene"]) for r in records[:20]])
   counts = np.asarray(vision.count_labels(labels))
   assert counts.shape == labels.shape[:2] + (2,)
@@ -141,7 +142,7 @@ def test_accuracy_report_by_hand():
           {"answer": "four", "skill": "counting", "facets": json.dumps({"answer": "four", "n": 4})},
           {"answer": "two", "skill": "counting", "facets": json.dumps({"answer": "two", "n": 2})}]
   answers = ["Red.", "blue", "4", "three"]
-  rep = benchmark.accuracy_report(recs, answers, ["colour:purple", "counting:n>=4"])
+  rep = scene_benchmark.accuracy_report(recs, answers, ["colour:purple", "counting:n>=4"])
   assert rep["accuracy"]["colour"] == 0.5
   assert rep["accuracy"]["counting"] == 0.5
   assert rep["accuracy"]["overall"] == 0.5
@@ -175,8 +176,8 @@ def test_cached_report_is_keyed_by_weights(records, tmp_path, monkeypatch):
                                 sliding_window=None)
   m = models.VLM.random(cfg, seed=0, tokenizer=world_tokenizer("paligemma"))
   calls = []
-  real = benchmark.evaluate_answerer
-  monkeypatch.setattr(benchmark, "evaluate_answerer",
+  real = scene_benchmark.evaluate_answerer
+  monkeypatch.setattr(scene_benchmark, "evaluate_answerer",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   recs = records[:8]
   first = evaluation.cached_report(str(tmp_path), m, recs, ["colour:purple"])

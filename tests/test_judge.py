@@ -330,7 +330,7 @@ def _scene_records(n):
 
 def test_judge_rows_are_the_rewards_question_balanced_and_fixed_per_record():
   from auditdm_jax.scenes import gaps as gaps_lib
-  from auditdm_jax.train import tasks
+  from auditdm_jax.scenes import tasks
   recs = _scene_records(2000)
   rows = [tasks.judge_row(r, 0.2, R.judge_prompt) for r in recs]
   assert rows == [tasks.judge_row(r, 0.2, R.judge_prompt) for r in recs]   # fixed per record
@@ -358,7 +358,7 @@ def test_every_judge_row_fits_the_judges_row_length():
 
 def test_vqa_task_with_a_judge_rate_trains_yes_no_rows():
   from auditdm_jax.models import presets
-  from auditdm_jax.train import tasks
+  from auditdm_jax.scenes import tasks
   cfg = presets.get_preset("scene-paligemma2-large")
   tok = world_tokenizer("paligemma")
   task = tasks.VQATask(cfg, tok, 32, judge_rate=0.5, judge_prompt=R.judge_prompt)

@@ -24,7 +24,8 @@ from auditdm_jax.scenes.text import world_tokenizer
 from auditdm_jax.scenes.world import random_scene, render
 from auditdm_jax.models import scale_post_norms
 from auditdm_jax.train import loss as loss_lib
-from auditdm_jax.train import sft, tasks, vision
+from auditdm_jax.scenes import tasks, vision
+from auditdm_jax.train import sft
 
 STEPS, BATCH = 400, 64
 

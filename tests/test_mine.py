@@ -257,7 +257,7 @@ def test_mixed_source_proportions_order_and_errors():
 def test_rectify_task_trains_pseudo_labels_and_keeps_gaps_on_original_data():
   from auditdm_jax.models import presets  # pylint: disable=import-outside-toplevel
   from auditdm_jax.scenes.text import world_tokenizer  # pylint: disable=import-outside-toplevel
-  from auditdm_jax.train import tasks  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.scenes import tasks  # pylint: disable=import-outside-toplevel
   cfg = presets.get_preset("scene-paligemma2-small")
   tok = world_tokenizer("paligemma")
   task = tasks.RectifyTask(cfg, tok, 32, gaps=["colour:purple"])

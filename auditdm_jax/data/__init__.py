@@ -1,9 +1,8 @@
-"""Data: the scene VQA dataset on disk (TFDS, array_record) and Grain loaders.
+"""Data: Grain loaders, the exemplar store and the real configs' datasets.
 
-  scene_tfds  builds the splits of `auditdm_jax.scenes.examples` into a TFDS
-              data_dir without TensorFlow and reads them back as random-access
-              sources (`build`, `data_source`).
-  pipeline    Grain loaders over any random-access source: a sharded, shuffled,
+The scene world's dataset builder lives with the world (`scenes/tfds.py`).
+
+  loaders     Grain loaders over any random-access source: a sharded, shuffled,
               checkpointable training loader (`train_loader`, `save_args`,
               `restore_args`; per-process rows of global batches with
               shard_mode="batch_rows") and deterministic padded eval batches

@@ -137,7 +137,7 @@ class AuditdmExemplars(tfds.core.GeneratorBasedBuilder):
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)   # see scene_tfds: TFDS 4.9.10 needs a backport otherwise
+    return epath.Path(__file__)   # see scenes/tfds.py: TFDS 4.9.10 needs a backport otherwise
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Any size: the scene world's 48 x 48, or real seed images at the auditor's resolution.

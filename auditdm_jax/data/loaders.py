@@ -1,7 +1,7 @@
 """Grain input pipelines over random-access sources (grain 0.2.x Dataset API).
 
 A source is anything with `__len__` and `__getitem__` returning a record (a
-dict of numpy-friendly values): `scene_tfds.data_source(...)`, or a plain list
+dict of numpy-friendly values): `scenes.tfds.data_source(...)`, or a plain list
 in tests.
 
 Training (`train_loader`), built from grain.MapDataset / IterDataset:

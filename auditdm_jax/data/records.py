@@ -1,8 +1,8 @@
-"""Scene records with PNG-encoded images, as the dataset builder writes them.
+"""Images as PNG bytes, as the dataset builders write them.
 
-Kept apart from `scene_tfds` on purpose: the build's worker processes are
-started with "spawn" and import only this module (numpy, PIL and the scene
-world), not tensorflow_datasets.
+Kept apart from the TFDS builders on purpose: the scene build's worker
+processes (started with "spawn", `auditdm_jax.scenes.records`) import it
+without tensorflow_datasets.
 
 PNG is lossless, so `decode_png(encode_png(x))` equals `x` bit for bit.
 """
@@ -13,8 +13,6 @@ import io
 
 import numpy as np
 from PIL import Image
-
-from auditdm_jax.scenes import examples
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -32,17 +30,3 @@ def decode_png(data: bytes) -> np.ndarray:
   """PNG bytes -> uint8 [H, W, 3]."""
   with Image.open(io.BytesIO(data)) as img:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def encoded_record(seed: int, index: int) -> dict:
-  """`examples.example(seed, index)` with the image as PNG bytes, plus the
-  record's `index` (its position in the split)."""
-  record = examples.example(seed, index)
-  record["image"] = encode_png(record["image"])
-  record["index"] = index
-  return record
-
-
-def encoded_record_star(seed_index: tuple[int, int]) -> dict:
-  """`encoded_record(*seed_index)`, for `multiprocessing.Pool.imap`."""
-  return encoded_record(*seed_index)

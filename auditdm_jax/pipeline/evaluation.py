@@ -16,6 +16,7 @@ from auditdm_jax import sharding
 from auditdm_jax.data import named
 from auditdm_jax.eval import benchmark, metrics, predictions
 from auditdm_jax.pipeline import layout, placement, sections
+from auditdm_jax.scenes import benchmark as scene_benchmark
 from auditdm_jax.train import preemption
 from auditdm_jax.utils.digest import params_fingerprint
 from auditdm_jax.utils.fileio import atomic_write_text
@@ -28,7 +29,7 @@ def records(src, n: int | None = None) -> list[dict]:
 
 def cached_report(workdir: str, model, records: list[dict], gaps: list[str], *,
                   config=None, name: str = "") -> dict:
-  """benchmark.evaluate_answerer, remembered in `<workdir>/eval_cache/`: keyed by
+  """scenes.benchmark.evaluate_answerer, remembered in `<workdir>/eval_cache/`: keyed by
   a digest of the weights (`utils.digest.params_fingerprint`), the benchmark's
   questions and the gap specs, so the rectify stage's measurements are not
   repeated by `eval`, and rerunning `all` repeats no evaluation. With `config`
@@ -46,7 +47,7 @@ def cached_report(workdir: str, model, records: list[dict], gaps: list[str], *,
     except (OSError, ValueError) as e:   # a corrupt entry: measure again, rewrite it
       print(f"eval: cache entry {path} is unreadable ({e}); measuring again", flush=True)
   sampler = placement.sampler(config, name, model) if config is not None else None
-  rep = benchmark.evaluate_answerer(model, records, gaps, sampler=sampler)
+  rep = scene_benchmark.evaluate_answerer(model, records, gaps, sampler=sampler)
   # Plain JSON with NaN kept as NaN (an empty gap slice), so a cached report
   # reads back exactly as a fresh one.
   text = json.dumps(rep, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -24,7 +24,8 @@ import time
 
 from auditdm_jax import sharding
 from auditdm_jax.data import exemplars_tfds as store
-from auditdm_jax.data import named, scene_tfds
+from auditdm_jax.data import named
+from auditdm_jax.scenes import tfds as scene_tfds
 from auditdm_jax.utils.fileio import atomic_write_text
 
 ROLES = ("target", "reference", "auditor")

@@ -42,6 +42,7 @@ import numpy as np
 
 from auditdm_jax import sharding
 from auditdm_jax.eval import benchmark
+from auditdm_jax.scenes import benchmark as scene_benchmark
 from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.scenes.questions import SKILLS
 from auditdm_jax.data import named
@@ -122,7 +123,7 @@ def run(config, workdir: str) -> dict:
     t1 = time.time()
     if spec.role == "auditor":
       routes = config.get("pretrain", {}).get("auditor", {}).get("routes", None)
-      rep = benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed),
+      rep = scene_benchmark.evaluate_auditor(model, bench[:n_aud], seed=int(config.seed),
                                        routes=routes,
                                        sampler=placement.sampler(config, name, model))
       entry = {"role": "auditor", "gaps": [], "accuracy": rep["validity"],

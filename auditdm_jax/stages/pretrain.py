@@ -6,7 +6,7 @@ checkpoint of its own:
   1. data     the scene VQA dataset (TFDS array_record) in `world.data_dir`
               (default `<workdir>/data`), built once.
   2. vision   dense per-cell pretraining of one vision tower
-              (`train.vision`), shared by every model.
+              (`scenes.vision`), shared by every model.
   3. base     one PaliGemma 2-architecture base model (`pretrain.base.preset`)
               fine-tuned on the clean VQA data (configs/tiny.py: with the tower
               frozen, `frozen=("^img/",)`): optionally first on some skills
@@ -55,7 +55,8 @@ from auditdm_jax.pipeline.layout import (ANSWERER_ROLES, ensure_data, is_scene_m
 from auditdm_jax.pipeline.placement import placed
 from auditdm_jax.pipeline.recipes import recipe_config
 from auditdm_jax.pipeline.spec import Stage
-from auditdm_jax.train import sft, tasks, vision
+from auditdm_jax.scenes import tasks, vision
+from auditdm_jax.train import sft
 
 # The row length of an answerer trained to judge (`models.<name>.judge_rate`): the
 # judge prompt and its answer hold <= 30 ids.
@@ -403,7 +404,7 @@ def problems(config) -> list[str]:
   if aud:
     from auditdm_jax.audit.rollout import PAIRINGS  # pylint: disable=import-outside-toplevel
     from auditdm_jax.scenes.text import AUDITOR_TASKS  # pylint: disable=import-outside-toplevel
-    known = tuple(AUDITOR_TASKS)   # as train.tasks.ROUTES
+    known = tuple(AUDITOR_TASKS)   # as scenes.tasks.ROUTES
     rate = aud.get("descriptor_rate", 0.0)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
       problems.append(f"pretrain.auditor.descriptor_rate must be in [0, 1], got {rate!r}")

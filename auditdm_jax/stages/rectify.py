@@ -71,7 +71,8 @@ from auditdm_jax.pipeline.layout import (audit_target, earlier_stores, model_dir
                                          rectified_name, roles)
 from auditdm_jax.pipeline.recipes import recipe_config
 from auditdm_jax.pipeline.spec import Stage, unknown_keys
-from auditdm_jax.train import sft, tasks
+from auditdm_jax.scenes import tasks
+from auditdm_jax.train import sft
 
 STRATEGIES = ("augment", "bootstrap")
 DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,

@@ -20,7 +20,7 @@ import optax
 
 from auditdm_jax.models.siglip import SigLIP, SigLIPConfig
 from auditdm_jax.scenes.world import GRID
-from auditdm_jax.train.tasks import NUM_CLASSES
+from auditdm_jax.scenes.tasks import NUM_CLASSES
 
 
 def head_classes(position_heads: bool, count_heads: bool = False) -> tuple[int, ...]:

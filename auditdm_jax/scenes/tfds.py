@@ -58,8 +58,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from auditdm_jax.data import records
-from auditdm_jax.scenes import examples, questions
+from auditdm_jax.scenes import examples, questions, records
 from auditdm_jax.scenes.world import IMAGE_SIZE
 
 NAME = "scene_vqa"
@@ -304,7 +303,7 @@ def data_source(data_dir: epath.PathLike, split: str, train_size: int,
   if reason is not None:
     raise FileNotFoundError(
         f"no finished scene_vqa build {config.name} in {data_dir}: {reason}. "
-        "Run auditdm_jax.data.scene_tfds.build(...) first.")
+        "Run auditdm_jax.scenes.tfds.build(...) first.")
   source = tfds.data_source(f"{NAME}/{config.name}:{VERSION}", split=split,
                             data_dir=os.fspath(data_dir), download=False)
   return SceneSource(source, split)
