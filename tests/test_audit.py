@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from auditdm_jax import models
-from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.scenes import editor as scene_editor
+from auditdm_jax.pipeline import editing
 from auditdm_jax.audit import grpo, rollout
 from auditdm_jax.audit import reward as R
 from auditdm_jax.models import presets
@@ -213,7 +214,7 @@ def _scene():
 
 
 def test_scene_editor_renders_edits_and_rejects_with_reasons():
-  ed = editor_lib.SceneEditor()
+  ed = scene_editor.SceneEditor()
   s = _scene()
   img = world.render(s)
   out = ed.edit(np.stack([img, img]), ["recolour the red circle to green",
@@ -230,15 +231,15 @@ def test_scene_editor_renders_edits_and_rejects_with_reasons():
   # Strict: only the templates' language (what the models were trained on).
   off = ["is there a red object?", "what colour is the circle", "What colour is the circle?"]
   assert not any(ok for ok, _ in ed.check_question([s.to_json()] * 3, off))
-  assert all(ok for ok, _ in editor_lib.SceneEditor(strict=False).check_question(
+  assert all(ok for ok, _ in scene_editor.SceneEditor(strict=False).check_question(
       [s.to_json()] * 3, off))
   assert ed.answer_space([s.to_json()] * 2, ["is there a red circle?", "why?"]) == \
       [("yes", "no"), None]
   assert ed.ground_truth([s.to_json()], ["what colour is the square?"]) == ["blue"]
   with pytest.raises(ValueError, match="unknown editor"):
-    editor_lib.get_editor("dalle")
+    editing.get_editor("dalle")
   with pytest.raises(ValueError, match="built from its checkpoints"):
-    editor_lib.get_editor("flux")
+    editing.get_editor("flux")
 
 
 def test_mixture_validation_and_draws():
@@ -304,9 +305,9 @@ def test_rollout_with_tiny_random_models(tiny_models):
   auditor, answerers = tiny_models
   k = 2
   auditing = rollout.Auditing(Sampler(auditor), {n: Sampler(m) for n, m in answerers.items()},
-                              "target", ["ref_a", "ref_b"], editor_lib.SceneEditor(),
+                              "target", ["ref_a", "ref_b"], scene_editor.SceneEditor(),
                               R.RewardConfig(invalid_reward=-0.5), num_samples=k,
-                              max_new_tokens=6)
+                              max_new_tokens=6, tasks=AUDITOR_TASKS)
   pairings = ["question", "edit", "edit_question"]
   roll = auditing.run(_seeds(3), pairings, jax.random.key(0))
   assert roll.n == 3 * k and roll.pairings == [p for p in pairings for _ in range(k)]
@@ -428,7 +429,7 @@ def test_reward_hacking_by_degenerate_questions_pays_nothing():
   paid that as a disagreement. Now the question is rejected (strict), and
   even on a valid question, answers outside the answer space do not parse:
   the references abstain and the target has not answered."""
-  ed = editor_lib.SceneEditor()
+  ed = scene_editor.SceneEditor()
   s = Scene((Obj(0, 0, "triangle", "yellow", "large"), Obj(2, 2, "square", "blue", "small")))
   ctx = [s.to_json()] * 3
   qs = ["is there a yellow triangle", "is there a yellow triangle?", "is there a yellow triangle?"]

@@ -294,13 +294,13 @@ def test_mine_unlabelled_end_to_end_with_tiny_random_models():
   question route as the namer, the references as validators."""
   import dataclasses
   from auditdm_jax import models
-  from auditdm_jax.audit import editor as editor_lib
+  from auditdm_jax.scenes import editor as scene_editor
   from auditdm_jax.audit import reward as R
   from auditdm_jax.audit import rollout
   from auditdm_jax.models import presets
   from auditdm_jax.sampling import Sampler
   from auditdm_jax.scenes import questions, world
-  from auditdm_jax.scenes.text import world_tokenizer
+  from auditdm_jax.scenes.text import AUDITOR_TASKS, world_tokenizer
   ptok, atok = world_tokenizer("paligemma"), world_tokenizer("gemma3")
   pal = presets.tiny_paligemma2(vocab_size=512, width=32, depth=1, image_size=48,
                                 patch_size=16, vision_width=16, vision_depth=1,
@@ -314,8 +314,8 @@ def test_mine_unlabelled_end_to_end_with_tiny_random_models():
                for i, n in enumerate(["t_small", "ref_a", "ref_b"])}
   auditing = rollout.Auditing(Sampler(models.VLM.random(acfg, seed=5, tokenizer=atok)),
                               answerers, "t_small", ["ref_a", "ref_b"],
-                              editor_lib.SceneEditor(), R.RewardConfig(), num_samples=2,
-                              max_new_tokens=6)
+                              scene_editor.SceneEditor(), R.RewardConfig(), num_samples=2,
+                              max_new_tokens=6, tasks=AUDITOR_TASKS)
   rng = np.random.default_rng(0)
   recs = []
   for i in range(40):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from auditdm_jax.audit import diversity as D
-from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.scenes import editor as scene_editor
+from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.audit import reward as R
 from auditdm_jax.audit import rollout
 from auditdm_jax.sampling import Sampler
@@ -178,9 +179,9 @@ def test_auditor_task_names_the_skill_in_the_descriptor_share():
 def test_rollout_asks_each_seed_through_its_descriptor(tiny_models):  # noqa: F811
   auditor, answerers = tiny_models
   auditing = rollout.Auditing(Sampler(auditor), {n: Sampler(m) for n, m in answerers.items()},
-                              "target", ["ref_a", "ref_b"], editor_lib.SceneEditor(),
+                              "target", ["ref_a", "ref_b"], scene_editor.SceneEditor(),
                               R.RewardConfig(), num_samples=2, max_new_tokens=6,
-                              diversity=cfg())
+                              diversity=cfg(), tasks=AUDITOR_TASKS)
   tok = auditor.tokenizer
   roll = auditing.run(_seeds(3), ["question", "edit", "edit_question"], jax.random.key(0),
                       descriptors=["counting", "shape", "position"])

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.scenes import editor as scene_editor
 from auditdm_jax.audit import reward
 from auditdm_jax.eval import metrics
 from auditdm_jax.models.tokenizer import train_sentencepiece
@@ -298,7 +298,7 @@ def test_judge_prompt_and_type_names(a, b):
 @SETTINGS
 @given(st.lists(hostile, min_size=1, max_size=4), scenes, st.booleans())
 def test_scene_editor(texts, scene, strict):
-  ed = editor_lib.SceneEditor(strict=strict)
+  ed = scene_editor.SceneEditor(strict=strict)
   ctx = [scene.to_json()] * len(texts)
   checks = ed.check_question(ctx, texts)
   assert all(isinstance(ok, bool) and isinstance(why, str) and (ok or why)

@@ -14,12 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.scenes import editor as scene_editor
 from auditdm_jax.audit import learner, rollout
 from auditdm_jax.audit import reward as R
 from auditdm_jax.mine import probes
 from auditdm_jax.scenes import parse, world
-from auditdm_jax.scenes.text import world_tokenizer
+from auditdm_jax.scenes.text import AUDITOR_TASKS, world_tokenizer
 from auditdm_jax.utils import answers
 
 # ---------------------------------------------------------------------------
@@ -152,8 +152,9 @@ def _auditing(rcfg, judge=None):
   answerers = {"target": FakeSampler(target), "other": FakeSampler(other),
                "ref_a": FakeSampler(truth), "ref_b": FakeSampler(ref_b)}
   auditing = rollout.Auditing(FakeSampler(texts, "gemma3"), answerers, "target",
-                              ["ref_a", "ref_b"], editor_lib.SceneEditor(), rcfg,
-                              num_samples=K, judge=judge)
+                              ["ref_a", "ref_b"], scene_editor.SceneEditor(), rcfg,
+                              num_samples=K, judge=judge,
+                              tasks=AUDITOR_TASKS)
   roll = auditing.run(seeds, ["question"] * 4, jax.random.key(0))
   return auditing, roll, seeds
 
@@ -272,8 +273,9 @@ def test_judge_agreement_on_the_seeds_own_questions():
                "ref_b": FakeSampler(truth)}
   judge = ScriptedJudge(lambda a, b: 0.9)             # always "the same"
   auditing = rollout.Auditing(FakeSampler([Q], "gemma3"), answerers, "target",
-                              ["ref_a", "ref_b"], editor_lib.SceneEditor(),
-                              R.RewardConfig(mode="judge"), num_samples=K, judge=judge)
+                              ["ref_a", "ref_b"], scene_editor.SceneEditor(),
+                              R.RewardConfig(mode="judge"), num_samples=K, judge=judge,
+                              tasks=AUDITOR_TASKS)
   ag = learner.judge_agreement_on_seeds(auditing, learner.SeedPool(src), 4, 4)
   assert ag == {"agreement": 0.75, "rows": 4, "exact_same": {"rows": 3, "judge_same": 1.0},
                 "exact_differs": {"rows": 1, "judge_differs": 0.0}}

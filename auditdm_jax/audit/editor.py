@@ -1,8 +1,9 @@
 """Turning the auditor's text into images, and checking its questions.
 
 `Editor` is what the RL loop talks to. It works on batches and on opaque
-per-image `context`s, so that the scene engine here and a diffusion editor
-(FLUX.1-Kontext for edits, FLUX.1-dev for captions) are interchangeable:
+per-image `context`s, so that an exact world's engine (the scene world's,
+`scenes/editor.py`) and a diffusion editor (FLUX.1-Kontext for edits,
+FLUX.1-dev for captions) are interchangeable:
 
   edit(images, commands, contexts)  -> [Rendered]   I_e = E(I, e)
   generate(captions)                -> [Rendered]   I_g = G(C)
@@ -11,14 +12,11 @@ per-image `context`s, so that the scene engine here and a diffusion editor
   ground_truth(contexts, questions) -> [answer or None]   (None: unknown)
 
 A diffusion backend ignores the contexts, accepts any non-empty command,
-question or caption, and knows no ground truth; the scene backend is exact:
-a context is the scene (JSON), edits and captions are parsed and rendered,
-questions must be in the world's template language and answerable there
-(`parse.answer_question(strict=True)`: questions the models never saw are
-ones no model's answer can be trusted on), each question's answer space is
-its skill's answers (the reward reads answers through it), and the ground
-truth is the world's answer (used only to *measure* the auditor, never in
-its reward).
+question or caption, and knows no ground truth; an exact backend parses and
+renders edits and captions, poses only questions its world can answer, gives
+each question's answer space (the reward reads answers through it), and
+knows the ground truth (used only to *measure* the auditor, never in its
+reward). `pipeline/editing.py` picks the editor a config names.
 """
 
 from __future__ import annotations
@@ -29,11 +27,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from auditdm_jax.scenes import captions as captions_lib
-from auditdm_jax.scenes import edits as edits_lib
-from auditdm_jax.scenes import gaps as gaps_lib
-from auditdm_jax.scenes import parse, world
-from auditdm_jax.scenes.world import Scene
 
 
 @dataclasses.dataclass
@@ -63,65 +56,8 @@ class Editor(Protocol):
                    questions: Sequence[str]) -> list[str | None]: ...
 
 
-def _rejected(reason: str) -> Rendered:
+def rejected(reason: str) -> Rendered:
   return Rendered(None, None, False, reason)
-
-
-class SceneEditor:
-  """The exact editor of the scene world (contexts are scene JSON strings);
-  `strict=False` accepts any wording the parser understands (module doc)."""
-
-  def __init__(self, strict: bool = True):
-    self.strict = bool(strict)
-
-  def edit(self, images, commands, contexts) -> list[Rendered]:
-    if not len(images) == len(commands) == len(contexts):
-      raise ValueError(f"got {len(images)} images, {len(commands)} commands and "
-                       f"{len(contexts)} contexts")
-    out = []
-    for cmd, ctx in zip(commands, contexts):
-      scene = Scene.from_json(ctx)
-      new, why = edits_lib.try_edit(scene, cmd)
-      if new is None:
-        out.append(_rejected(why))
-        continue
-      out.append(Rendered(world.render(new), new.to_json(), True, "",
-                          edits_lib.changed_factor(scene, new, cmd)))
-    return out
-
-  def generate(self, captions) -> list[Rendered]:
-    out = []
-    for text in captions:
-      scene, why = captions_lib.try_caption(text)
-      out.append(_rejected(why) if scene is None else
-                 Rendered(world.render(scene), scene.to_json(), True, "", "scene"))
-    return out
-
-  def check_question(self, contexts, questions) -> list[tuple[bool, str]]:
-    out = []
-    for ctx, q in zip(contexts, questions, strict=True):
-      ans, why = parse.try_answer(Scene.from_json(ctx), q, strict=self.strict)
-      out.append((ans is not None, why))
-    return out
-
-  def answer_space(self, contexts, questions) -> list[tuple[str, ...] | None]:
-    """The skill's answers of each question (None when it does not parse)."""
-    out = []
-    for ctx, q in zip(contexts, questions, strict=True):
-      ans, _ = parse.try_answer(Scene.from_json(ctx), q) if ctx else (None, "")
-      out.append(None if ans is None else gaps_lib.SKILL_ANSWERS[ans.skill])
-    return out
-
-  def ground_truth(self, contexts, questions) -> list[str | None]:
-    out = []
-    for ctx, q in zip(contexts, questions, strict=True):
-      ans, _ = parse.try_answer(Scene.from_json(ctx), q)
-      out.append(None if ans is None else ans.answer)
-    return out
-
-  def question_skill(self, context, question: str) -> str:
-    ans, _ = parse.try_answer(Scene.from_json(context), question)
-    return "" if ans is None else ans.skill
 
 
 class _NoTruth:
@@ -149,10 +85,10 @@ class QuestionsOnly(_NoTruth):
   WHY = "no image editor is configured (audit.editor='none'): questions only"
 
   def edit(self, images, commands, contexts) -> list[Rendered]:
-    return [_rejected(self.WHY) for _ in commands]
+    return [rejected(self.WHY) for _ in commands]
 
   def generate(self, captions) -> list[Rendered]:
-    return [_rejected(self.WHY) for _ in captions]
+    return [rejected(self.WHY) for _ in captions]
 
 
 class FluxEditor(_NoTruth):
@@ -212,11 +148,11 @@ class FluxEditor(_NoTruth):
                        f"{len(contexts)} contexts")
     out: list[Rendered | None] = [None] * len(commands)
     if self.edit_pipe is None:
-      return [_rejected("no edit pipeline (audit.editor_ckpt) is configured") for _ in commands]
+      return [rejected("no edit pipeline (audit.editor_ckpt) is configured") for _ in commands]
     live = []
     for i, cmd in enumerate(commands):
       if not isinstance(cmd, str) or not cmd.strip():
-        out[i] = _rejected("the edit command is empty")
+        out[i] = rejected("the edit command is empty")
       else:
         live.append(i)
     pipe = self.edit_pipe
@@ -226,7 +162,7 @@ class FluxEditor(_NoTruth):
     for shape, rows in by_size.items():
       if len(shape) != 3 or shape[-1] != 3:
         for i in rows:
-          out[i] = _rejected(f"the image has shape {shape}, not [H, W, 3]")
+          out[i] = rejected(f"the image has shape {shape}, not [H, W, 3]")
         continue
       bh, bw = pipe.bucket(shape[0], shape[1], self.auto_resize)
       h, w = pipe.latent_grid(bh, bw)
@@ -243,12 +179,12 @@ class FluxEditor(_NoTruth):
   def generate(self, captions) -> list[Rendered]:
     out: list[Rendered | None] = [None] * len(captions)
     if self.gen_pipe is None:
-      return [_rejected("no generation pipeline (audit.generator_ckpt) is configured")
+      return [rejected("no generation pipeline (audit.generator_ckpt) is configured")
               for _ in captions]
     live = []
     for i, cap in enumerate(captions):
       if not isinstance(cap, str) or not cap.strip():
-        out[i] = _rejected("the caption is empty")
+        out[i] = rejected("the caption is empty")
       else:
         live.append(i)
     pipe = self.gen_pipe
@@ -262,19 +198,3 @@ class FluxEditor(_NoTruth):
         out[i] = Rendered(self._resize(res[j], self.image_size, self.image_size), None, True,
                           "", "")
     return out  # type: ignore[return-value]
-
-
-EDITORS = {"scene": SceneEditor, "none": QuestionsOnly}
-# Pairings each editor can produce (None: all of them).
-PAIRINGS = {"scene": None, "none": ("question",), "flux": None}
-# Editors built from checkpoints (pipeline/editing.build), not by name alone.
-BUILT = ("flux",)
-
-
-def get_editor(name: str) -> Editor:
-  if name in EDITORS:
-    return EDITORS[name]()
-  if name in BUILT:
-    raise ValueError(f"editor {name!r} is built from its checkpoints "
-                     f"(auditdm_jax.pipeline.editing.build), not by name")
-  raise ValueError(f"unknown editor {name!r}; available: {sorted(EDITORS) + list(BUILT)}")

@@ -31,7 +31,6 @@ from auditdm_jax.audit.editor import Editor
 from auditdm_jax.eval.benchmark import generate_text, strip_stops
 from auditdm_jax.models.inputs import default_stop_ids, fit_images
 from auditdm_jax.sampling import Sampler, SamplingParams
-from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.utils import draws
 from auditdm_jax.utils.answers import answer_key
 
@@ -170,15 +169,22 @@ class Auditing:
   object with its `same_prob`) decides, for every answerer that is not a
   reference, the rows where its answer and the consensus differ exactly.
   `diversity` (`diversity.DiversityConfig`): the prompt a descriptor's
-  question is asked through (`run(..., descriptors=...)`).
+  question is asked through (`run(..., descriptors=...)`). `tasks`: the
+  auditor's prompt of each route, {"question", "edit", "caption"} -> text
+  (the world's, e.g. `scenes.text.AUDITOR_TASKS`; chosen by the stage).
   """
 
   def __init__(self, auditor: Sampler, answerers: Mapping[str, Sampler], target: str,
                references: Sequence[str], editor: Editor, rcfg: reward_lib.RewardConfig,
                num_samples: int, temperature: float = 1.0, max_new_tokens: int = 40,
                answer_tokens: int = 4, batch_size: int = 256, judge=None,
-               diversity: diversity_lib.DiversityConfig | None = None):
+               diversity: diversity_lib.DiversityConfig | None = None,
+               *, tasks: Mapping[str, str]):
     self.diversity = diversity or diversity_lib.DiversityConfig()
+    missing = sorted({r for p in PAIRINGS.values() for r in p} - set(tasks))
+    if missing:
+      raise ValueError(f"the auditor's tasks lack a prompt for the routes {missing}")
+    self.tasks = dict(tasks)
     if target not in answerers or any(r not in answerers for r in references):
       raise ValueError(f"target {target!r} and references {list(references)} must be "
                        f"among the answerers {list(answerers)}")
@@ -308,7 +314,62 @@ class Auditing:
   # -- one round ---------------------------------------------------------------
   def question_prompt(self, descriptor: str = "") -> str:
     """The question prompt of a descriptor ("": the generic one)."""
-    return self.diversity.prompt_text(descriptor, AUDITOR_TASKS["question"])
+    return self.diversity.prompt_text(descriptor, self.tasks["question"])
+
+  def _render_first(self, image, context, pair, texts1):
+    """Renders what each row's first text asks for (its edit or caption), in
+    place in `image` and `context`: (valid, reason, factor) per row."""
+    n = len(pair)
+    valid = np.ones(n, bool)
+    reason, factor = [""] * n, [""] * n
+    for route in ("edit", "caption"):
+      idx = [i for i in range(n) if PAIRINGS[pair[i]][0] == route]
+      if not idx:
+        continue
+      if route == "edit":
+        res = self.editor.edit(image[idx], [texts1[i] for i in idx], [context[i] for i in idx])
+      else:
+        res = self.editor.generate([texts1[i] for i in idx])
+      for i, r in zip(idx, res):
+        if r.ok:
+          image[i], context[i], factor[i] = r.image, r.context, r.factor
+        else:
+          valid[i], reason[i] = False, f"{route}: {r.reason}"
+    return valid, reason, factor
+
+  def _second_texts(self, pair, image, seed_of, descriptors, rng, texts, toks, prm, imgs_in,
+                    question) -> None:
+    """The two-text rows' second text, a question about the rendered image,
+    appended in place (and made the row's question)."""
+    two = [i for i in range(len(pair)) if len(PAIRINGS[pair[i]]) == 2]
+    if not two:
+      return
+    qprompts = [self.tok.prompt(self.question_prompt(descriptors[s])) for s in seed_of]
+    # Only the two-text rows, padded to a multiple of 8 rows (few shapes).
+    pad = two + [two[0]] * (-len(two) % 8)
+    rows2, texts2 = self._sample(image[pad], [qprompts[i] for i in pad], self.sp1, rng)
+    for j, i in enumerate(two):
+      texts[i].append(texts2[j])
+      toks[i].append(rows2[j])
+      prm[i].append(qprompts[i])
+      imgs_in[i].append(image[i])
+      question[i] = texts2[j]
+
+  def _answer_and_score(self, image, question, context, valid):
+    """(answers, parsed, scored, consensus) of the final questions. Invalid
+    rows are not asked (their answers cannot matter): a placeholder keeps the
+    batch shape, and every prompt within one length bucket."""
+    asked = [q if ok else "" for q, ok in zip(question, valid)]
+    answers = self.answer(image, asked)
+    answers = {m: [a if ok else "" for a, ok in zip(v, valid)] for m, v in answers.items()}
+    parsed = self.parse(answers, context, question)
+    scored = self.score(parsed, valid, image)
+    cons, _ = consensus_text([parsed[r] for r in self.references], self.rcfg.consensus)
+    if self.rcfg.soft_weight:
+      scored["reward"] = np.asarray(reward_lib.add_soft_term(
+          scored["reward"], self.target_nll(image, asked, answers, parsed, cons),
+          scored["has_consensus"], valid, self.rcfg.soft_weight))
+    return answers, parsed, scored, cons
 
   def run(self, seeds: Sequence[Seed], pairings: Sequence[str], rng, num_samples=None,
           descriptors: Sequence[str] | None = None) -> Rollout:
@@ -329,71 +390,25 @@ class Auditing:
     seed_images = np.stack([s.image for s in seeds])
     first = [PAIRINGS[p][0] for p in pairings]
     prompts1 = [self.tok.prompt(self.question_prompt(d) if r == "question"
-                                else AUDITOR_TASKS[r]) for r, d in zip(first, descriptors)]
+                                else self.tasks[r]) for r, d in zip(first, descriptors)]
     rows1, texts1 = self._sample(seed_images, prompts1, sp, rng1)
-    n = len(rows1)
-    seed_of = np.arange(n) // k
+    seed_of = np.arange(len(rows1)) // k
     pair = [pairings[s] for s in seed_of]
-
-    # Render what the first text asks for.
     image = seed_images[seed_of].copy()
     context = [seeds[s].context for s in seed_of]
-    question = [seeds[s].question for s in seed_of]
-    valid = np.ones(n, bool)
-    reason, factor = [""] * n, [""] * n
-    for route in ("edit", "caption"):
-      idx = [i for i in range(n) if PAIRINGS[pair[i]][0] == route]
-      if not idx:
-        continue
-      if route == "edit":
-        res = self.editor.edit(image[idx], [texts1[i] for i in idx], [context[i] for i in idx])
-      else:
-        res = self.editor.generate([texts1[i] for i in idx])
-      for i, r in zip(idx, res):
-        if r.ok:
-          image[i], context[i], factor[i] = r.image, r.context, r.factor
-        else:
-          valid[i], reason[i] = False, f"{route}: {r.reason}"
-    for i in range(n):
-      if pair[i] == "question":
-        question[i] = texts1[i]
-
-    # The second text: a question about the rendered image.
-    texts = [[t] for t in texts1]
-    toks = [[r] for r in rows1]
+    valid, reason, factor = self._render_first(image, context, pair, texts1)
+    question = [texts1[i] if pair[i] == "question" else seeds[s].question
+                for i, s in enumerate(seed_of)]
+    texts, toks = [[t] for t in texts1], [[r] for r in rows1]
     prm = [[prompts1[s]] for s in seed_of]
     imgs_in = [[seed_images[s]] for s in seed_of]
-    two = [i for i in range(n) if len(PAIRINGS[pair[i]]) == 2]
-    if two:
-      qprompts = [self.tok.prompt(self.question_prompt(descriptors[s])) for s in seed_of]
-      # Only the two-text rows, padded to a multiple of 8 rows (few shapes).
-      pad = two + [two[0]] * (-len(two) % 8)
-      rows2, texts2 = self._sample(image[pad], [qprompts[i] for i in pad], self.sp1, rng2)
-      for j, i in enumerate(two):
-        texts[i].append(texts2[j])
-        toks[i].append(rows2[j])
-        prm[i].append(qprompts[i])
-        imgs_in[i].append(image[i])
-        question[i] = texts2[j]
-
+    self._second_texts(pair, image, seed_of, descriptors, rng2, texts, toks, prm, imgs_in,
+                       question)
     # Is the final question one the world can pose about the final image?
-    checks = self.editor.check_question(context, question)
-    for i, (ok, why) in enumerate(checks):
+    for i, (ok, why) in enumerate(self.editor.check_question(context, question)):
       if valid[i] and not ok:
         valid[i], reason[i] = False, f"question: {why}"
-
-    # Invalid rows are not asked (their answers cannot matter): a placeholder
-    # keeps the batch shape, and every prompt within one length bucket.
-    asked = [q if ok else "" for q, ok in zip(question, valid)]
-    answers = self.answer(image, asked)
-    answers = {m: [a if ok else "" for a, ok in zip(v, valid)] for m, v in answers.items()}
-    parsed = self.parse(answers, context, question)
-    scored = self.score(parsed, valid, image)
-    cons, _ = consensus_text([parsed[r] for r in self.references], self.rcfg.consensus)
-    if self.rcfg.soft_weight:
-      scored["reward"] = np.asarray(reward_lib.add_soft_term(
-          scored["reward"], self.target_nll(image, asked, answers, parsed, cons),
-          scored["has_consensus"], valid, self.rcfg.soft_weight))
+    answers, parsed, scored, cons = self._answer_and_score(image, question, context, valid)
     return Rollout(pairings=pair, texts=texts, tokens=toks, prompts=prm, images_in=imgs_in,
                    question=question, image=image, context=context, valid=valid,
                    reason=reason, factor=factor, answers=answers, parsed=parsed,

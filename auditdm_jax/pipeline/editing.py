@@ -19,6 +19,7 @@ from typing import Any
 
 from auditdm_jax import sharding
 from auditdm_jax.audit import editor as editor_lib
+from auditdm_jax.scenes.editor import SceneEditor
 from auditdm_jax.utils import fileio
 
 # audit.flux defaults (FLUX.1 release settings: 28 steps, guidance 2.5 for
@@ -28,6 +29,20 @@ FLUX_DEFAULTS = dict(steps=28, edit_guidance=2.5, generate_guidance=3.5, resolut
                      editor_transformer="", generator_transformer="", autoencoder="", seed=0)
 COMPONENTS = ("scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
               "tokenizer", "tokenizer_2")
+EDITORS = {"scene": SceneEditor, "none": editor_lib.QuestionsOnly}
+# Pairings each editor can produce (None: all of them).
+PAIRINGS = {"scene": None, "none": ("question",), "flux": None}
+# Editors built from checkpoints (`build`), not by name alone.
+BUILT = ("flux",)
+
+
+def get_editor(name: str) -> editor_lib.Editor:
+  if name in EDITORS:
+    return EDITORS[name]()
+  if name in BUILT:
+    raise ValueError(f"editor {name!r} is built from its checkpoints "
+                     f"(auditdm_jax.pipeline.editing.build), not by name")
+  raise ValueError(f"unknown editor {name!r}; available: {sorted(EDITORS) + list(BUILT)}")
 
 
 def flux_settings(audit) -> dict[str, Any]:
@@ -79,7 +94,7 @@ def problems(config, check_inputs: bool = True) -> list[str]:
   name = a.get("editor", "")
   if name != "flux":
     try:
-      editor_lib.get_editor(name)
+      get_editor(name)
     except ValueError as e:
       return [f"audit.editor: {e}"]
     return []
@@ -108,7 +123,7 @@ def build(config, mesh=None, image_size: int = 224) -> editor_lib.Editor:
   `mesh`. `image_size`: the answerers' input size (generations are resized to it)."""
   a = config.audit
   if a.editor != "flux":
-    return editor_lib.get_editor(a.editor)
+    return get_editor(a.editor)
   from auditdm_jax import diffusion  # pylint: disable=import-outside-toplevel
   s = flux_settings(a)
   found = problems(config)

@@ -24,7 +24,7 @@ AUDIT = dict(
     seed_budget=8,        # probes per seed (the paper's B)
     progress=None,        # the progress bar (None: when stdout is a terminal)
     diversity=None,       # audit.diversity (audit/diversity.DiversityConfig)
-    editor="",            # the image editor (audit/editor.get_editor; "flux": FLUX)
+    editor="",            # the image editor (pipeline/editing.get_editor; "flux": FLUX)
     target="",            # "" = the first target
 )
 

@@ -48,7 +48,6 @@ import jax
 
 from auditdm_jax import models, sharding
 from auditdm_jax.audit import diversity as diversity_lib
-from auditdm_jax.audit import editor as editor_lib
 from auditdm_jax.audit import grpo
 from auditdm_jax.audit import learner as learner_lib
 from auditdm_jax.audit import rollout as rollout_lib
@@ -58,6 +57,7 @@ from auditdm_jax.pipeline import editing, judging, layout, placement, sections
 from auditdm_jax.pipeline.layout import audit_target, model_dir, roles, seed_source
 from auditdm_jax.pipeline.recipes import audit_configs
 from auditdm_jax.pipeline.spec import Stage
+from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.train import ckpt as ckpt_lib
 from auditdm_jax.train import loop as loop_lib
 from auditdm_jax.train.metrics import read_metrics
@@ -98,7 +98,8 @@ def run(config, workdir: str) -> dict:
       editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a["temperature"]),
       max_new_tokens=int(a["max_new_tokens"]),
-      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg)
+      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg,
+      tasks=AUDITOR_TASKS)
 
   src = seed_source(config, workdir, auditor.config.vision.image_size)
   n_eval = int(a["eval_budget"])
@@ -132,7 +133,7 @@ def run(config, workdir: str) -> dict:
       judge_sampler.set_params(warm_params)   # shares the KL reference's buffers where
                                               # the shardings agree
       adherence = diversity_lib.Adherence(judge_sampler, dcfg,
-                                          rollout_lib.AUDITOR_TASKS["question"],
+                                          AUDITOR_TASKS["question"],
                                           batch=int(a["eval_batch"]) * 4)
     learner = learner_lib.GRPOLearner(
         trainer, auditing, train_pool, mixture, seed=seed,
@@ -281,7 +282,7 @@ def problems(config) -> list[str]:
       problems.append(f"audit.{key} must be an int >= 1, got {v!r}")
   editor_problems = editing.problems(config, check_inputs=False)   # files: config_check
   problems += editor_problems
-  allowed = editor_lib.PAIRINGS.get(a["editor"], None)
+  allowed = editing.PAIRINGS.get(a["editor"], None)
   for section in ("audit", "mine") if not editor_problems else ():
     mix = dict(config.get(section, {}).get("mixture", {}) or {})
     bad = sorted(k for k, v in mix.items() if v and allowed is not None and k not in allowed)

@@ -51,6 +51,7 @@ from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.audit.learner import SeedPool
 from auditdm_jax.mine import analysis, clusters, journal
 from auditdm_jax.mine import probes as probes_lib
@@ -133,7 +134,7 @@ def run(config, workdir: str) -> dict:
         placement.sampler(config, name, aud, mesh), answerers, focus, refs, editor, rcfg, num_samples=k,
         temperature=float(m["temperature"]), max_new_tokens=int(config.audit.max_new_tokens),
         answer_tokens=int(a["answer_tokens"]),
-        judge=judge, diversity=dcfg)
+        judge=judge, diversity=dcfg, tasks=AUDITOR_TASKS)
 
   mined = journal.mine_chunks(
       auditor_models, new_auditing, pool, chunks_dir, mixture=mixture, samples_per_seed=k,
