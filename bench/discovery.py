@@ -120,13 +120,13 @@ SHARED = ("data", "pretrain", "models", "pretrain.json", "models.json")
 def score(mdir: str, target: str, gaps, auditor: str, min_exemplars: int) -> dict:
   from auditdm_jax.utils.answers import answer_key
   from auditdm_jax.data import exemplars_tfds as store
-  from auditdm_jax.mine import analysis
   from auditdm_jax.scenes import gaps as gaps_lib
+  from auditdm_jax.scenes import mining
   with open(os.path.join(mdir, "mine.json")) as f:
     mj = json.load(f)
   records = [r for r in store.iter_chunks(os.path.join(mdir, "mine", "chunks"))
              if r["auditor"] == auditor]
-  truth = analysis.scene_truth({r["id"]: r for r in records})
+  truth = mining.scene_truth({r["id"]: r for r in records})
   per_gap, found = {}, {}
   specs = gaps_lib.parse_gaps(list(gaps))
   for spec in specs:

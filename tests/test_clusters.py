@@ -1,4 +1,4 @@
-"""Failure types without skill labels (mine/clusters.py): embedding, HDBSCAN
+"""Failure types without skill labels (mine/clusters/): embedding, HDBSCAN
 clusters, naming validated by the references, the check against the labels."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 from auditdm_jax.mine import clusters
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.sampling import SamplingParams
+from auditdm_jax.scenes import gaps as G
+from auditdm_jax.scenes.mining import KNOWLEDGE
 from auditdm_jax.scenes.world import Obj, Scene
 
 TARGETS = ("t_small", "t_large")
@@ -41,7 +43,7 @@ def test_well_separated_blobs_are_recovered_exactly():
   recs, x = _blobs([("colour", "purple", 20, 10), ("counting", "5", 30, 5),
                     ("shape", "circle", 12, 30)])
   types_, labels = clusters.unlabelled_types(recs, x, TARGETS, "t_small",
-                                             clusters.settings())
+                                             clusters.settings(), knowledge=KNOWLEDGE)
   blob = np.repeat([0, 1, 2], [30, 35, 42])
   failed = np.array([bool(r["failed"]) for r in recs])
   # Every exemplar lands in its blob's cluster, and the other probes that
@@ -71,7 +73,8 @@ def test_merged_labelled_types_are_the_partition_the_check_uses():
   # labelled type that merged them into a range.
   recs, x = _blobs([("counting", "5", 15, 0), ("counting", "6", 15, 0), ("colour", "red", 15, 0)])
   x[15:30] = x[:15] + np.random.default_rng(1).normal(0, 0.01, x[:15].shape)
-  _, labels = clusters.unlabelled_types(recs, x, TARGETS, "t_small", clusters.settings())
+  _, labels = clusters.unlabelled_types(recs, x, TARGETS, "t_small", clusters.settings(),
+                                        knowledge=KNOWLEDGE)
   check = clusters.label_check(recs, labels, [
       {"name": "counting: 5-6", "skill": "counting", "labels": ["5", "6"]},
       {"name": "colour: red", "skill": "colour", "labels": ["red"]}])
@@ -221,7 +224,7 @@ def test_analyse_unlabelled_names_types_and_finds_the_planted_gaps():
       centre[2 * b] = 1.0
       xs.append(centre + rng.normal(0, 0.05, 6))
   m = {"top_k": 3, "purity": 0.5, "unlabelled": {"name_top": 2}}
-  gaps = {"t_small": ["counting:n>=4", "colour:purple"], "t_large": []}
+  gaps = {"t_small": G.parse_gaps(["counting:n>=4", "colour:purple"]), "t_large": ()}
   labelled = {"planted_gap_recall": 1.0, "planted_gaps": {}, "failure_types": [
       {"name": "counting: 5-7", "skill": "counting", "labels": ["5", "6", "7"]},
       {"name": "colour: purple", "skill": "colour", "labels": ["purple"]},
@@ -229,7 +232,8 @@ def test_analyse_unlabelled_names_types_and_finds_the_planted_gaps():
   ask = _ask_by(lambda mark, q: "no")
   namer = lambda shown: [clusters.Candidate("never", "is it?", ("yes",), "fake")]
   res = clusters.analyse_unlabelled(recs, list(TARGETS), "t_small", gaps, m, np.asarray(xs),
-                                    namers=[namer], ask=ask, labelled=labelled)
+                                    knowledge=KNOWLEDGE, namers=[namer], ask=ask,
+                                    labelled=labelled)
   assert res["planted_gap_recall"] == 1.0
   assert res["planted_gaps"]["t_small"]["counting:n>=4"]["rank"] == 1
   assert res["check"]["ari_skill_answer"] < res["check"]["ari_labelled_types"] == pytest.approx(1)
@@ -328,8 +332,9 @@ def test_mine_unlabelled_end_to_end_with_tiny_random_models():
                       "name_members": 4, "name_nonmembers": 4, "min_cluster_size": 3,
                       "batch": 16}}
   logs = []
-  res = clusters.mine_unlabelled(recs, ["t_small"], "t_small", {"t_small": ["colour:purple"]},
-                                 m, auditing, models.build, log=logs.append)
+  res = clusters.mine_unlabelled(recs, ["t_small"], "t_small",
+                                 {"t_small": G.parse_gaps(["colour:purple"])}, m, auditing,
+                                 models.build, knowledge=KNOWLEDGE, log=logs.append)
   assert res["clusters"] >= 1 and res["failure_types"]
   assert "ari_skill_answer" in res["check"] and -1 <= res["check"]["ari_skill_answer"] <= 1
   top = res["failure_types"][0]

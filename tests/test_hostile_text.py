@@ -10,8 +10,8 @@ answer normalisation and the benchmark metrics (eval/metrics.py), the
 auditor's answer reading and the judge's prompt (audit/reward.py), the
 tokenizer's encode / decode (models/tokenizer.py), FLUX's T5 and CLIP
 tokenizers (diffusion/tokenizers.py: the same ids as transformers'), the
-failure types' auditor-written names (mine/clusters.py), the scene editor
-(audit/editor.py) and the HTML report (report/html.py). Every property is
+failure types' auditor-written names (mine/clusters/naming.py), the scene editor
+(scenes/editor.py) and the HTML report (report/html.py). Every property is
 derandomized (the same examples on every run) with no deadline; `EXAMPLES`
 examples each.
 """
@@ -284,16 +284,16 @@ def test_judge_prompt_and_type_names(a, b):
   """The judge's question quotes two model answers as Python literals (so a
   quote or a newline in an answer cannot end the quotation), and an
   auditor-written failure-type name becomes one short line."""
-  from auditdm_jax.mine import clusters  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.mine.clusters import naming  # pylint: disable=import-outside-toplevel
   q = reward.judge_prompt(a, b)
   assert q.startswith("do the answers ") and q.endswith(" mean the same?")
   assert "\n" not in q and "\r" not in q
-  name = clusters._clean_name(a)   # pylint: disable=protected-access
+  name = naming._clean_name(a)   # pylint: disable=protected-access
   assert len(name) <= 80 and len(name.split()) <= 8
   assert not any(c in name for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 
-# -- the scene editor (audit/editor.py) ------------------------------------------------
+# -- the scene editor (scenes/editor.py) -----------------------------------------------
 
 @SETTINGS
 @given(st.lists(hostile, min_size=1, max_size=4), scenes, st.booleans())

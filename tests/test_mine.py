@@ -15,6 +15,8 @@ from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.data import loaders
 from auditdm_jax.mine import failure_types as ft
 from auditdm_jax.scenes import examples, questions
+from auditdm_jax.scenes import gaps as G
+from auditdm_jax.scenes import mining as scene_mining
 from auditdm_jax.scenes.world import Obj, Scene, render
 from auditdm_jax.mine import analysis, journal, probes
 from auditdm_jax.pipeline import layout
@@ -158,7 +160,7 @@ def test_ranking_is_by_reliable_failure_rate_beyond_the_base_rate():
   assert ft.wilson_lower(0, 10) == pytest.approx(0.0, abs=1e-12)
   assert ft.wilson_lower(5, 10) == pytest.approx(0.2366, abs=1e-3)
   truth = {p.id: (p.skill, {"answer": p.label}, p.label) for p in probes}.get
-  res = ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=1)
+  res = ft.gap_recall(types, "s", G.parse_gaps(["colour:purple"]), truth, top_k=1)
   assert res["colour:purple"]["found"] and res["colour:purple"]["rank"] == 1
 
 
@@ -170,7 +172,7 @@ def test_gap_recall_and_precision_against_the_truth():
   probes = [_probe(i, "colour", "purple", ["s"]) for i in range(4)]
   probes += [_probe(i, "colour", "red", ["s"]) for i in (4, 5)]
   types = ft.group(probes, ["s"], "s")
-  res = ft.gap_recall(types, "s", ["colour:purple", "counting:n>=4"], truth, top_k=5)
+  res = ft.gap_recall(types, "s", G.parse_gaps(["colour:purple", "counting:n>=4"]), truth, top_k=5)
   assert res["colour:purple"]["found"] and res["colour:purple"]["rank"] == 1
   assert res["colour:purple"]["type"] == "colour: purple"
   assert not res["counting:n>=4"]["found"]
@@ -178,8 +180,9 @@ def test_gap_recall_and_precision_against_the_truth():
   probes += [_probe(i, "colour", "red", ["s"]) for i in range(6, 12)]
   facets.update({f"p{i}": ("colour", {"answer": "red"}, "red") for i in range(6, 12)})
   types = ft.group(probes, ["s"], "s")
-  assert not ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=1)["colour:purple"]["found"]
-  assert ft.gap_recall(types, "s", ["colour:purple"], truth, top_k=2)["colour:purple"]["found"]
+  purple = G.parse_gaps(["colour:purple"])
+  assert not ft.gap_recall(types, "s", purple, truth, top_k=1)["colour:purple"]["found"]
+  assert ft.gap_recall(types, "s", purple, truth, top_k=2)["colour:purple"]["found"]
 
   ex = [{"id": "p0", "failed": ["s"], "answers": {"s": "blue"}, "pseudo_label": "purple"},
         {"id": "p4", "failed": ["s"], "answers": {"s": "red"}, "pseudo_label": "green"},
@@ -191,9 +194,9 @@ def test_gap_recall_and_precision_against_the_truth():
 def test_scene_truth_reads_the_world():
   scene = Scene((Obj(0, 0, "circle", "purple", "large"), Obj(2, 2, "square", "red", "small")))
   rec = {"context": scene.to_json(), "question": "what colour is the circle?"}
-  skill, fac, answer = analysis.scene_truth({"a": rec})("a")
+  skill, fac, answer = scene_mining.scene_truth({"a": rec})("a")
   assert (skill, answer) == ("colour", "purple") and dict(fac)["answer"] == "purple"
-  assert analysis.scene_truth({"a": dict(rec, context="")})("a") is None
+  assert scene_mining.scene_truth({"a": dict(rec, context="")})("a") is None
 
 
 def test_reference_errors_measure_the_joint_and_independent_rates():
@@ -444,7 +447,7 @@ def test_attribute_types_find_a_gap_that_follows_the_question_not_the_answer():
   assert "counting: shape=circle" not in names       # all its failures are "counting: 5"'s
   assert "shape: colour=red" not in names            # below the base rate
   truth = {p.id: (p.skill, {"answer": p.label, **dict(p.named)}, p.label) for p in probes}.get
-  res = ft.gap_recall(types, "s", ["shape:colour=green"], truth, top_k=2)
+  res = ft.gap_recall(types, "s", G.parse_gaps(["shape:colour=green"]), truth, top_k=2)
   assert res["shape:colour=green"]["found"]
   assert ft.group(probes, ["s"], "s")[0].to_json("s")["attribute"] is not None
 

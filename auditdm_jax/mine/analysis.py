@@ -1,4 +1,5 @@
-"""The mined records' failure types and, in the scene world, what the truth says
+"""The mined records' failure types and, where a world knows the truth (the
+scene world's `failure_types.Knowledge`, passed in by the stage), what it says
 of them: planted-gap recall, exemplar and label precision."""
 
 from __future__ import annotations
@@ -6,20 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from auditdm_jax.mine import failure_types as ft
-from auditdm_jax.scenes import parse
-from auditdm_jax.scenes.world import Scene
 from auditdm_jax.utils.answers import answer_key
-
-
-def scene_truth(records_by_id: dict[str, dict]):
-  """id -> (skill, facets, answer) by the scene world, or None (no scene)."""
-  def truth(i: str):
-    r = records_by_id[i]
-    if not r["context"]:
-      return None
-    q, _ = parse.try_answer(Scene.from_json(r["context"]), r["question"])
-    return None if q is None else (q.skill, q.facets, q.answer)
-  return truth
 
 
 def reference_errors(records: list[dict], refs: list[str], truth) -> dict[str, dict]:
@@ -50,20 +38,22 @@ def reference_errors(records: list[dict], refs: list[str], truth) -> dict[str, d
   return out
 
 
-def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str, list[str]],
-            m: dict, refs: list[str] = ()) -> dict:
-  """Failure types and, in the scene world, their truth measurements.
-  `gaps`: each target's planted gap specs (empty: none known); `m`: the mine
-  settings (merge_rate, min_probes, top_k, purity); `refs`: the references,
-  whose joint errors on the probes are measured (`reference_errors`)."""
+def analyse(records: list[dict], targets: list[str], focus: str, gaps: dict[str, list],
+            m: dict, refs: list[str] = (), *, knowledge: ft.Knowledge) -> dict:
+  """Failure types and, where the world knows it, their truth measurements.
+  `gaps`: each target's planted gap specs, parsed (empty: none known); `m`:
+  the mine settings (merge_rate, min_probes, top_k, purity); `refs`: the
+  references, whose joint errors on the probes are measured
+  (`reference_errors`); `knowledge`: the world's question attributes and
+  truth (`failure_types.Knowledge`)."""
   probes = [ft.Probe(r["id"], r["skill"], answer_key(r["pseudo_label"]),
                      r["factor"], tuple(r["failed"]),
-                     tuple(sorted(parse.subject_attributes(r["question"]).items())))
+                     tuple(sorted(knowledge.attributes(r["question"]).items())))
             for r in records]
   types = ft.group(probes, targets, focus, float(m["merge_rate"]), int(m["min_probes"]))
   types = [t for t in types if sum(t.failures.values())]   # no target fails: not a failure type
   by_id = {r["id"]: r for r in records}
-  truth = scene_truth(by_id)
+  truth = knowledge.truth_of(by_id)
   planted, found, total = {}, 0, 0
   for t in targets:
     res = ft.gap_recall(types, t, list(gaps.get(t, ())), truth, int(m["top_k"]), float(m["purity"]))

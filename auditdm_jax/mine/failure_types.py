@@ -30,8 +30,9 @@ does not crowd out a small type it fails every time, and three failures of
 three probes do not outrank thirty of thirty.
 
 Nothing here reads the ground truth; `gap_recall` / `exemplar_precision`
-measure the result against the scene world's truth (planted gaps, exact
-answers), which the auditor and the grouping never see.
+measure the result against a world's truth (planted gaps, exact answers;
+the scene world's, passed in by the stage as a `Knowledge`), which the
+auditor and the grouping never see.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from auditdm_jax.scenes import gaps as gaps_lib
 from auditdm_jax.utils.answers import answer_key
 
 UNKNOWN_SKILL = "other"
@@ -236,14 +236,28 @@ def rank_types(types: Sequence[FailureType], target: str) -> list[FailureType]:
 TruthFn = Callable[[str], "tuple[str, object, str] | None"]   # id -> (skill, facets, answer)
 
 
-def gap_recall(types: Sequence[FailureType], target: str, gaps: Sequence[str],
+@dataclasses.dataclass(frozen=True)
+class Knowledge:
+  """What a world with ground truth tells the mining; the stage passes the
+  scene world's (`scenes/mining.py`). `attributes(question)`: the attributes
+  the question names of its subject ({"colour": "green"}; `Probe.named`,
+  from the question's words, not the truth); `truth_of(records_by_id)`: the
+  TruthFn of those records (measurement only)."""
+
+  attributes: Callable[[str], Mapping[str, str]]
+  truth_of: Callable[[Mapping[str, Mapping]], TruthFn]
+
+
+def gap_recall(types: Sequence[FailureType], target: str, gaps: Sequence,
                truth: TruthFn, top_k: int, purity: float = 0.5) -> dict[str, dict]:
-  """For each planted gap of `target`: found when one of the target's top_k
-  failure types (ranked for it, `rank_types`) holds mostly (>= purity) exemplars
-  that lie in the gap's slice by the ground truth."""
+  """For each planted gap of `target` (parsed specs: `spec.matches(skill,
+  facets)`, named by `str(spec)`; the scene world's `gaps.parse_gaps`):
+  found when one of the target's top_k failure types (ranked for it,
+  `rank_types`) holds mostly (>= purity) exemplars that lie in the gap's
+  slice by the ground truth."""
   ranked = rank_types(types, target)[:top_k]
   out = {}
-  for spec in gaps_lib.parse_gaps(list(gaps)):
+  for spec in gaps:
     hit = None
     for rank, t in enumerate(ranked, 1):
       known = [truth(i) for i in t.ids]

@@ -38,7 +38,7 @@ spaces, a final "?") and the noun-phrase forms each template writes:
 A question outside it ("is there a red object?", "is there a red circle"
 without the "?") is well defined in the world but unlike anything a model
 saw, so no model's answer to it, the references' included, can be trusted;
-the audit's question check is strict (audit/editor.py).
+the audit's question check is strict (scenes/editor.py).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from auditdm_jax.audit import rollout as rollout_lib
 from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.scenes import gaps as gaps_lib
+from auditdm_jax.scenes.mining import KNOWLEDGE
 from auditdm_jax.scenes.text import AUDITOR_TASKS
 from auditdm_jax.audit.learner import SeedPool
 from auditdm_jax.mine import analysis, clusters, journal
@@ -145,9 +146,8 @@ def run(config, workdir: str) -> dict:
   t_pub = time.time()
   path = _publish(workdir, chunks_dir, tfds_dir)
   records = list(store.iter_chunks(chunks_dir))
-  gaps = {t: [str(g) for g in gaps_lib.parse_gaps(list(config.models[t].get("gaps", ())))]
-          for t in targets}
-  res = analysis.analyse(records, targets, focus, gaps, m, refs)
+  gaps = {t: gaps_lib.parse_gaps(list(config.models[t].get("gaps", ()))) for t in targets}
+  res = analysis.analyse(records, targets, focus, gaps, m, refs, knowledge=KNOWLEDGE)
   out = {"target": focus, "targets": targets, "references": refs,
          "auditors": list(m["auditors"]), "seeds": n_seeds, "samples_per_seed": k,
          "probes": len(records), "exemplars": sum(bool(r["failed"]) for r in records),
@@ -162,7 +162,7 @@ def run(config, workdir: str) -> dict:
     first = next(iter(auditor_models))
     _without_labels(out, clusters.mine_unlabelled(
         records, targets, focus, gaps, m, new_auditing(first, auditor_models[first]),
-        models.build, labelled=res), records)
+        models.build, knowledge=KNOWLEDGE, labelled=res), records)
   if sharding.is_primary():
     layout.write_summary(workdir, "mine", dumps(out))
   _log(out, records, focus)

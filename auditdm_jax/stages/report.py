@@ -27,7 +27,7 @@ from auditdm_jax.data import exemplars_tfds as store
 from auditdm_jax.eval.benchmark import dumps
 from auditdm_jax.report import html
 from auditdm_jax.scenes import gaps as gaps_lib
-from auditdm_jax.mine.analysis import scene_truth
+from auditdm_jax.scenes.mining import scene_truth
 from auditdm_jax.pipeline.layout import published_path, read_summary, round_dirs, write_summary
 from auditdm_jax.pipeline.spec import Stage
 
