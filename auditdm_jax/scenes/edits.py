@@ -19,8 +19,9 @@ its place. `parse_edit` checks the text alone, `apply_edit` checks it against
 a scene; both raise `EditError` naming the text and the problem, and
 `try_edit` is their non-raising form for reward code.
 
-The noun-phrase and cell helpers here (`parse_ref`, `ref_text`, `parse_cell`,
-`cell_text`, `words_of`) are shared with the caption and question parsers.
+The noun-phrase and cell helpers here (`parse_ref`, `ref_text`, `the_one`,
+`parse_cell`, `cell_text`, `words_of`) are shared with the caption and
+question parsers.
 """
 
 from __future__ import annotations
@@ -118,6 +119,19 @@ def ref_text(size: str | None = None, colour: str | None = None,
   else:
     words.append(shape if shape else "object")
   return " ".join(words)
+
+
+def the_one(scene: Scene, ref: dict[str, str | None], what: str,
+            error: type[ValueError] = ValueError) -> Obj:
+  """The one object of `scene` that the noun phrase `ref` (`parse_ref`) names;
+  `error` ("{what}: ...", `what` naming the text) when none or several do."""
+  found = scene.select(**ref)
+  name = ref_text(**ref)
+  if not found:
+    raise error(f"{what}: no object in the scene is a {name}")
+  if len(found) > 1:
+    raise error(f"{what}: 'the {name}' is ambiguous, {len(found)} objects match it")
+  return found[0]
 
 
 def parse_cell(row_word: str, col_word: str) -> tuple[int, int]:
@@ -296,17 +310,6 @@ def edit_text(edit: Edit) -> str:
   return f"remove the {ref}"
 
 
-def _target(scene: Scene, edit: Edit, text: str) -> Obj:
-  ref = ref_text(edit.size, edit.colour, edit.shape)
-  found = scene.select(**edit.ref)
-  if not found:
-    raise EditError(f"edit {text!r}: no object in the scene is a {ref}")
-  if len(found) > 1:
-    raise EditError(f"edit {text!r}: 'the {ref}' is ambiguous, {len(found)} objects "
-                    "match it")
-  return found[0]
-
-
 def apply_edit(scene: Scene, edit: str | Edit) -> Scene:
   """The scene after the edit; raises EditError for malformed text and for
   impossible edits (the ref matches no object or several, the target cell is
@@ -323,7 +326,7 @@ def apply_edit(scene: Scene, edit: str | Edit) -> Scene:
       raise EditError(f"edit {text!r}: the {cell_text(o.row, o.col)} cell is occupied "
                       f"by the {there.describe()}")
     return scene.replace_object(None, o)
-  obj = _target(scene, e, text)
+  obj = the_one(scene, e.ref, f"edit {text!r}", EditError)
   if e.op == "remove":
     if len(scene) == 1:
       raise EditError(f"edit {text!r}: cannot remove the last object")

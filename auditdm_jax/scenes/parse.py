@@ -43,7 +43,7 @@ the audit's question check is strict (scenes/editor.py).
 
 from __future__ import annotations
 
-from auditdm_jax.scenes.edits import ARTICLES, parse_ref, ref_text, words_of
+from auditdm_jax.scenes.edits import ARTICLES, parse_ref, ref_text, the_one, words_of
 from auditdm_jax.scenes.questions import NUMBERS, SIZE_RANK, Question, article
 from auditdm_jax.scenes.world import Obj, Scene
 
@@ -70,14 +70,7 @@ def _ref(words, text, plural=False) -> dict:
 
 
 def _one(scene: Scene, ref: dict, text: str) -> Obj:
-  found = scene.select(**ref)
-  name = ref_text(**ref)
-  if not found:
-    raise QuestionError(f"question {text!r}: no object in the scene is a {name}")
-  if len(found) > 1:
-    raise QuestionError(f"question {text!r}: 'the {name}' is ambiguous, {len(found)} "
-                        "objects match it")
-  return found[0]
+  return the_one(scene, ref, f"question {text!r}", QuestionError)
 
 
 def _object_facets(answer: str, o: Obj) -> tuple:
@@ -124,6 +117,78 @@ def _find(words: list[str], seq: tuple[str, ...]) -> int:
   return -1
 
 
+def _what(scene: Scene, words: list[str], text: str, canon: str, check) -> Question:
+  """what colour / shape / size is the REF?"""
+  if words[3] != "the":
+    raise QuestionError(f"question {text!r}: expected 'the' after "
+                        f"{' '.join(words[:3])!r}, got {words[3]!r}")
+  attr = words[1]
+  ref = _ref(words[4:], text)
+  check(f"what {attr}", ref, text)
+  o = _one(scene, ref, text)
+  answer = getattr(o, attr)
+  if attr == "colour":
+    skill = "colour"
+  elif attr == "size":
+    skill = "binding"
+  elif ref["size"] == "small" and ref["colour"] and ref["shape"] is None:
+    skill = "small_object"
+  else:
+    skill = "shape"
+  return Question(canon, answer, skill, _object_facets(answer, o))
+
+
+def _how_many(scene: Scene, words: list[str], text: str, canon: str, check) -> Question:
+  if words[-2:] != ["are", "there"] or len(words) < 5:
+    raise QuestionError(f"question {text!r}: the form is 'how many [SIZE] [COLOUR] "
+                        "(SHAPEs|objects) are there?'")
+  ref = _ref(words[2:-2], text, plural=True)
+  check("how many", ref, text)
+  n = len(scene.select(**ref))
+  return Question(canon, NUMBERS[n], "counting",
+                  (("answer", NUMBERS[n]), ("n", n)) + _named(ref))
+
+
+def _is_there(scene: Scene, words: list[str], text: str, canon: str, check,
+              strict: bool) -> Question:
+  if len(words) < 4 or words[2] not in ARTICLES:
+    raise QuestionError(f"question {text!r}: the form is 'is there a REF?'")
+  ref = _ref(words[3:], text)
+  check("is there", ref, text)
+  if strict and words[2] != article(words[3]):
+    raise QuestionError(f"question {text!r}: the templates write "
+                        f"'{article(words[3])} {words[3]}'")
+  answer = "yes" if scene.select(**ref) else "no"
+  return Question(canon, answer, "existence", (("answer", answer),) + _named(ref))
+
+
+def _relation(scene: Scene, words: list[str], text: str, canon: str, check) -> Question:
+  """is the REF <left or right of | above or below | bigger or smaller than> the REF?"""
+  for seq, (skill, first, second, attr) in _RELATIONS.items():
+    i = _find(words, seq)
+    if i < 0:
+      continue
+    ref_a, ref_b = _ref(words[2:i], text), _ref(words[i + len(seq):], text)
+    check("relation", ref_a, text)
+    check("relation", ref_b, text)
+    a, b = _one(scene, ref_a, text), _one(scene, ref_b, text)
+    if a == b:
+      raise QuestionError(f"question {text!r} relates an object to itself")
+    if attr == "size":
+      va, vb = SIZE_RANK[a.size], SIZE_RANK[b.size]
+      va, vb = -va, -vb   # "bigger" comes first: bigger rank = first answer
+    else:
+      va, vb = getattr(a, attr), getattr(b, attr)
+    if va == vb:
+      raise QuestionError(f"question {text!r} is ill-posed: the two objects "
+                          f"{_ILL_POSED[attr]}")
+    answer = first if va < vb else second
+    return Question(canon, answer, skill, _object_facets(answer, a))
+  raise QuestionError(f"question {text!r}: expected 'left or right of the', 'above "
+                      "or below the' or 'bigger or smaller than the' after the first "
+                      "object")
+
+
 def answer_question(scene: Scene, text: str, strict: bool = False) -> Question:
   """The Question (exact answer, skill, facets) of free `text` about `scene`;
   `strict`: only the templates' language (module doc)."""
@@ -135,74 +200,15 @@ def answer_question(scene: Scene, text: str, strict: bool = False) -> Question:
     raise QuestionError(f"question {text!r} is not in the templates' canonical form "
                         f"{canon!r} (lowercase, single spaces, a final '?')")
   check = _check_form if strict else (lambda kind, ref, text: None)
-  head = tuple(words[:4])
-
-  if head[:3] in (("what", "colour", "is"), ("what", "shape", "is"),
-                  ("what", "size", "is")) and len(words) > 3:
-    if words[3] != "the":
-      raise QuestionError(f"question {text!r}: expected 'the' after "
-                          f"{' '.join(words[:3])!r}, got {words[3]!r}")
-    attr = words[1]
-    ref = _ref(words[4:], text)
-    check(f"what {attr}", ref, text)
-    o = _one(scene, ref, text)
-    answer = getattr(o, attr)
-    if attr == "colour":
-      skill = "colour"
-    elif attr == "size":
-      skill = "binding"
-    elif ref["size"] == "small" and ref["colour"] and ref["shape"] is None:
-      skill = "small_object"
-    else:
-      skill = "shape"
-    return Question(canon, answer, skill, _object_facets(answer, o))
-
+  if tuple(words[:3]) in (("what", "colour", "is"), ("what", "shape", "is"),
+                          ("what", "size", "is")) and len(words) > 3:
+    return _what(scene, words, text, canon, check)
   if words[:2] == ["how", "many"]:
-    if words[-2:] != ["are", "there"] or len(words) < 5:
-      raise QuestionError(f"question {text!r}: the form is 'how many [SIZE] [COLOUR] "
-                          "(SHAPEs|objects) are there?'")
-    ref = _ref(words[2:-2], text, plural=True)
-    check("how many", ref, text)
-    n = len(scene.select(**ref))
-    return Question(canon, NUMBERS[n], "counting",
-                    (("answer", NUMBERS[n]), ("n", n)) + _named(ref))
-
+    return _how_many(scene, words, text, canon, check)
   if words[:2] == ["is", "there"]:
-    if len(words) < 4 or words[2] not in ARTICLES:
-      raise QuestionError(f"question {text!r}: the form is 'is there a REF?'")
-    ref = _ref(words[3:], text)
-    check("is there", ref, text)
-    if strict and words[2] != article(words[3]):
-      raise QuestionError(f"question {text!r}: the templates write "
-                          f"'{article(words[3])} {words[3]}'")
-    answer = "yes" if scene.select(**ref) else "no"
-    return Question(canon, answer, "existence", (("answer", answer),) + _named(ref))
-
+    return _is_there(scene, words, text, canon, check, strict)
   if words[:2] == ["is", "the"]:
-    for seq, (skill, first, second, attr) in _RELATIONS.items():
-      i = _find(words, seq)
-      if i < 0:
-        continue
-      ref_a, ref_b = _ref(words[2:i], text), _ref(words[i + len(seq):], text)
-      check("relation", ref_a, text)
-      check("relation", ref_b, text)
-      a, b = _one(scene, ref_a, text), _one(scene, ref_b, text)
-      if a == b:
-        raise QuestionError(f"question {text!r} relates an object to itself")
-      if attr == "size":
-        va, vb = SIZE_RANK[a.size], SIZE_RANK[b.size]
-        va, vb = -va, -vb   # "bigger" comes first: bigger rank = first answer
-      else:
-        va, vb = getattr(a, attr), getattr(b, attr)
-      if va == vb:
-        raise QuestionError(f"question {text!r} is ill-posed: the two objects "
-                            f"{_ILL_POSED[attr]}")
-      answer = first if va < vb else second
-      return Question(canon, answer, skill, _object_facets(answer, a))
-    raise QuestionError(f"question {text!r}: expected 'left or right of the', 'above "
-                        "or below the' or 'bigger or smaller than the' after the first "
-                        "object")
-
+    return _relation(scene, words, text, canon, check)
   raise QuestionError(f"question {text!r} is not a question of the world; questions "
                       "start with 'what colour/shape/size is the', 'how many', 'is "
                       "there a' or 'is the'")
