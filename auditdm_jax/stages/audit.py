@@ -98,8 +98,7 @@ def run(config, workdir: str) -> dict:
       editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
       num_samples=gcfg.num_samples, temperature=float(a["temperature"]),
       max_new_tokens=int(a["max_new_tokens"]),
-      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg,
-      tasks=AUDITOR_TASKS)
+      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg, tasks=AUDITOR_TASKS)
 
   src = seed_source(config, workdir, auditor.config.vision.image_size)
   n_eval = int(a["eval_budget"])
