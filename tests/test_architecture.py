@@ -24,19 +24,30 @@ ALLOWED = {
                                  "auditdm_jax.utils", "auditdm_jax.pipeline",
                                  "auditdm_jax.sharding"},
     "auditdm_jax.audit": {"auditdm_jax.models", "auditdm_jax.sharding", "auditdm_jax.sampling",
-                          "auditdm_jax.scenes",
                           "auditdm_jax.train", "auditdm_jax.eval", "auditdm_jax.audit",
                           "auditdm_jax.utils"},
-    "auditdm_jax.mine": {"auditdm_jax.audit", "auditdm_jax.scenes", "auditdm_jax.mine",
+    "auditdm_jax.mine": {"auditdm_jax.audit", "auditdm_jax.mine",
                          "auditdm_jax.data", "auditdm_jax.sharding", "auditdm_jax.train",
                          "auditdm_jax.utils", "auditdm_jax.models.inputs"},
     "auditdm_jax.report": {"auditdm_jax.utils", "auditdm_jax.data.records",
                            "auditdm_jax.report"},
+    # The scene world's adapters to the generic rooms' interfaces (listed
+    # before the world itself: the first matching prefix is the rule).
+    "auditdm_jax.scenes.editor": {"auditdm_jax.scenes", "auditdm_jax.audit.editor"},
+    "auditdm_jax.scenes.mining": {"auditdm_jax.scenes", "auditdm_jax.mine.failure_types"},
+    "auditdm_jax.scenes.records": {"auditdm_jax.scenes", "auditdm_jax.data.records"},
+    "auditdm_jax.scenes.tasks": {"auditdm_jax.scenes", "auditdm_jax.models",
+                                 "auditdm_jax.train.batches"},
+    "auditdm_jax.scenes.vision": {"auditdm_jax.scenes", "auditdm_jax.models.siglip"},
+    "auditdm_jax.scenes.benchmark": {"auditdm_jax.scenes", "auditdm_jax.eval.benchmark",
+                                     "auditdm_jax.models", "auditdm_jax.sampling",
+                                     "auditdm_jax.utils"},
+    "auditdm_jax.scenes.tfds": {"auditdm_jax.scenes"},
     "auditdm_jax.scenes": {"auditdm_jax.scenes", "auditdm_jax.models.tokenizer"},
-    "auditdm_jax.data": {"auditdm_jax.scenes", "auditdm_jax.utils", "auditdm_jax.data"},
-    "auditdm_jax.train": {"auditdm_jax.models", "auditdm_jax.sharding", "auditdm_jax.scenes",
+    "auditdm_jax.data": {"auditdm_jax.utils", "auditdm_jax.data"},
+    "auditdm_jax.train": {"auditdm_jax.models", "auditdm_jax.sharding",
                           "auditdm_jax.data", "auditdm_jax.utils", "auditdm_jax.train"},
-    "auditdm_jax.eval": {"auditdm_jax.models", "auditdm_jax.sampling", "auditdm_jax.scenes",
+    "auditdm_jax.eval": {"auditdm_jax.models", "auditdm_jax.sampling",
                          "auditdm_jax.utils", "auditdm_jax.eval"},
     "auditdm_jax.diffusion": {"auditdm_jax.models", "auditdm_jax.sharding", "auditdm_jax.utils",
                               "auditdm_jax.diffusion"},
@@ -48,6 +59,11 @@ ALLOWED = {
                           "auditdm_jax.utils", "auditdm_jax.data"},
 }
 FORBIDDEN_EVERYWHERE = ("torch", "transformers", "diffusers")
+# The generic rooms: they never import the scene world; the stages and the
+# pipeline choose it by config and pass in what these need (docs/architecture.md).
+GENERIC_ROOMS = ("models", "sampling", "train", "eval", "data", "audit", "mine", "report",
+                 "diffusion")
+SCENES = "auditdm_jax.scenes"
 
 
 def _modules():
@@ -84,6 +100,52 @@ def test_import_rules():
       if not any(name == a or name.startswith(a + ".") for a in rule):
         violations.append(f"{mod} imports {name}")
   assert not violations, "\n".join(violations)
+
+
+def _absolute_imports(mod: str, path: str):
+  """(line, dotted name) of every import of `path` (module `mod`), relative
+  ones resolved against its package, top level and inside functions; with
+  `from X import a` both X and X.a; importlib / __import__ calls with a
+  constant name too."""
+  package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        yield node.lineno, a.name
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:
+        parts = package.split(".")
+        base = ".".join(parts[:len(parts) - (node.level - 1)])
+        module = f"{base}.{node.module}" if node.module else base
+      else:
+        module = node.module
+      yield node.lineno, module
+      for a in node.names:
+        yield node.lineno, f"{module}.{a.name}"
+    elif (isinstance(node, ast.Call) and node.args
+          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+          and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
+               or (isinstance(node.func, ast.Attribute)
+                   and node.func.attr == "import_module"))):
+      yield node.lineno, node.args[0].value
+
+
+def test_generic_rooms_never_import_the_scene_world():
+  """models, sampling, train, eval, data, audit, mine, report and diffusion know
+  nothing of the scene world: no import of auditdm_jax.scenes (absolute or
+  relative, at the top or inside a function). The world's adapters live in
+  scenes/ and the stages or the pipeline pass them in."""
+  rooms = tuple(f"auditdm_jax.{r}" for r in GENERIC_ROOMS)
+  checked, bad = 0, []
+  for mod, path in _modules():
+    if not any(mod == r or mod.startswith(r + ".") for r in rooms):
+      continue
+    checked += 1
+    for line, name in _absolute_imports(mod, path):
+      if name == SCENES or name.startswith(SCENES + "."):
+        bad.append(f"{os.path.relpath(path, os.path.dirname(ROOT))}:{line} imports {name}")
+  assert checked > 50, checked   # the walk found the rooms
+  assert not bad, "the generic rooms import the scene world:\n" + "\n".join(sorted(set(bad)))
 
 
 def test_every_package_has_a_rule():
