@@ -144,7 +144,6 @@ def test_diversity_figures_by_hand():
 
 
 def test_auditor_task_names_the_skill_in_the_descriptor_share():
-  from auditdm_jax.scenes import tfds as scene_tfds  # noqa: F401  (records come from the world)
   from auditdm_jax.models import presets
   from auditdm_jax.scenes import questions as Q
   from auditdm_jax.scenes import world
