@@ -319,16 +319,8 @@ def run(config, workdir: str) -> dict:
                          t0, t_eval)
   bench_src = layout.scene_source(config, workdir, "benchmark")
   bench = [bench_src[i] for i in range(len(bench_src))]
-  answerers = roles(config, "target") + roles(config, "reference")
-  before, after, gap_before, gap_after = {}, {}, {}, {}
-  for name in answerers:
-    g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
-    m = model if name == target else models.load(model_dir(workdir, name))
-    rep = accuracy(config, workdir, name, m, bench, g)
-    before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
-    if name == target:
-      rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
-    after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
+  before, after, gap_before, gap_after = _before_after(config, workdir, target, model, rect,
+                                                       bench)
   others = [t for t in roles(config, "target") if t != target]
   shares = gap_shares(bench, gaps)
   gains = {"slices": {g: gap_after[target][g] - gap_before[target][g] for g in gaps},
@@ -349,15 +341,35 @@ def run(config, workdir: str) -> dict:
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
     layout.write_summary(workdir, "rectify", benchmark.dumps(out))
-  a0, a1 = before[target], after[target]
-  print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
-        f"{summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
+  _log(out, summary)
+  return out
+
+
+def _before_after(config, workdir: str, target: str, model, rect, bench):
+  """Every answerer's (overall and per-skill, gap-slice) accuracy on the scene
+  benchmark before and after: only `target` changes, to `rect`."""
+  before, after, gap_before, gap_after = {}, {}, {}, {}
+  for name in roles(config, "target") + roles(config, "reference"):
+    g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
+    m = model if name == target else models.load(model_dir(workdir, name))
+    rep = accuracy(config, workdir, name, m, bench, g)
+    before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
+    if name == target:
+      rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
+    after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
+  return before, after, gap_before, gap_after
+
+
+def _log(out: dict, summary: dict) -> None:
+  target, gaps = out["target"], out["gaps"]
+  a0, a1 = out["accuracy_before"][target], out["accuracy_after"][target]
+  g0, g1 = out["gap_accuracy_before"][target], out["gap_accuracy_after"][target]
+  print(f"rectify: {target} ({out['strategy']}, {out['pseudo_labelled_rows']} pseudo-labelled "
+        f"rows, {summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
         + ", ".join(f"{s} {a0[s]:.3f} -> {a1[s]:.3f}" for s in out["gapped_skills"])
-        + "; gap slices " + ", ".join(f"{g} {gap_before[target][g]:.3f} -> "
-                                      f"{gap_after[target][g]:.3f}" for g in gaps)
+        + "; gap slices " + ", ".join(f"{g} {g0[g]:.3f} -> {g1[g]:.3f}" for g in gaps)
         + f"; {sum(c['ok'] for c in out['checks'])}/{len(out['checks'])} checks met; "
         f"{out['wall_s']:.0f}s", flush=True)
-  return out
 
 
 def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summary, t0,

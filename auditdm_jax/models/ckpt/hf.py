@@ -309,8 +309,20 @@ def _canonical(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) -> dict:
-  t, v = cfg.text, cfg.vision
   take = Taker(_canonical(tensors), source, dtype=None, strict_now=True)
+  flat = _llm_params(take, cfg, source)
+  flat.update(_vision_params(take, cfg, source))
+  # The SigLIP attention-pooling head (vision_use_head) is unused by both VLMs.
+  leftover = [key for key in take.unused() if not key.startswith("vision.head.")]
+  if leftover:
+    raise CheckpointError(f"checkpoint {source}: unexpected tensors "
+                          f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
+  return assemble(flat, cfg, source)
+
+
+def _llm_params(take: Taker, cfg: VLMConfig, source: str) -> dict[str, np.ndarray]:
+  """The language model's tensors (our flat names), the tied head checked."""
+  t = cfg.text
   n, k, h, d = t.num_heads, t.num_kv_heads, t.head_dim, t.width
   L = t.depth
   lay = "text.layers.{}."
@@ -356,8 +368,13 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) 
     raise CheckpointError(f"checkpoint {source}: lm_head.weight differs from the "
                           "token embedding; Gemma ties them and untied heads are "
                           "not supported")
+  return flat
 
-  # Vision tower.
+
+def _vision_params(take: Taker, cfg: VLMConfig, source: str) -> dict[str, np.ndarray]:
+  """The vision tower's and the projection's tensors (our flat names)."""
+  v = cfg.vision
+  flat = {}
   vd, vh = v.width, v.num_heads
   blk = "vision.encoder.layers.{}."
   pre = "img/Transformer/encoderblock/"
@@ -393,12 +410,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) 
   else:
     flat["llm/embedder/mm_input_projection/w"] = take("proj.mm_input_projection_weight")
     flat["llm/embedder/mm_soft_embedding_norm/scale"] = take("proj.mm_soft_emb_norm.weight")
-  # The SigLIP attention-pooling head (vision_use_head) is unused by both VLMs.
-  leftover = [key for key in take.unused() if not key.startswith("vision.head.")]
-  if leftover:
-    raise CheckpointError(f"checkpoint {source}: unexpected tensors "
-                          f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
-  return assemble(flat, cfg, source)
+  return flat
 
 
 def _reshape(w: np.ndarray, shape: tuple[int, ...], source: str, what: str) -> np.ndarray:
