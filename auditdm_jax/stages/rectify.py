@@ -69,15 +69,17 @@ from auditdm_jax.data import named
 from auditdm_jax.pipeline import evaluation, layout, placement
 from auditdm_jax.pipeline.layout import (audit_target, earlier_stores, model_dir, published_path,
                                          rectified_name, roles)
-from auditdm_jax.pipeline.recipes import recipe_config
+from auditdm_jax.pipeline.recipes import OPTIM_DEFAULTS, recipe_config
 from auditdm_jax.pipeline.spec import Stage, unknown_keys
 from auditdm_jax.train import sft, tasks
 
 STRATEGIES = ("augment", "bootstrap")
+# The optimizer: OPTIM_DEFAULTS (pipeline/recipes.py) but for rectify's own
+# departures written here.
 DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
                 skill_balance=0.0, freeze_vision=True, seq_len=32,
-                steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
-                checkpoint_every=100, log_every=50)
+                steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5,
+                weight_decay=OPTIM_DEFAULTS["weight_decay"], checkpoint_every=100, log_every=50)
 # The repair checks (issue 31): every gap slice +40 points; a gapped skill +20
 # where its gap holds at least a fifth of the skill's questions; no healthy
 # skill down more than 2 points; the rectified target 1 point above the others.
