@@ -34,64 +34,7 @@ def check(config, check_inputs: bool = True) -> None:
     problems.append("models is empty; name at least one model")
   else:
     for name, spec in specs.items():
-      where = f"models.{name}"
-      role = spec.get("role", None)
-      if role not in ROLES:
-        problems.append(f"{where}.role is {role!r}; expected one of {ROLES}")
-      ckpt, preset = spec.get("checkpoint", None), spec.get("preset", None)
-      if not ckpt and not preset:
-        problems.append(f"{where}: give a 'checkpoint', a 'preset', or both (the "
-                        "preset is then the architecture the checkpoint loads into)")
-      elif preset:
-        try:
-          models.get_preset(preset)
-        except ValueError as e:
-          problems.append(f"{where}.preset: {e}")
-      if ckpt and check_inputs:
-        # Checked here, before any model is built or compiled (gs:// too).
-        try:
-          if not fileio.exists(str(ckpt)):
-            problems.append(f"{where}.checkpoint: {ckpt!r} does not exist")
-        except (RuntimeError, OSError) as e:
-          problems.append(f"{where}.checkpoint: {e}")
-      gaps = spec.get("gaps", ())
-      if isinstance(gaps, str):
-        problems.append(f"{where}.gaps must be a list of 'SKILL:FILTER' specs, got the "
-                        f"string {gaps!r}")
-      elif gaps:
-        if role != "target":
-          problems.append(f"{where}.gaps: only targets carry planted gaps (role is {role!r})")
-        try:
-          gaps_lib.parse_gaps(list(gaps))
-        except ValueError as e:
-          problems.append(f"{where}.gaps: {e}")
-      mode = spec.get("gap_mode", "corrupt")
-      if mode not in gaps_lib.MODES:
-        problems.append(f"{where}.gap_mode is {mode!r}; expected one of {gaps_lib.MODES}")
-      if preset and str(preset).startswith("scene-") and not ckpt:
-        for section in ("world", "pretrain"):
-          if section not in config:
-            problems.append(f"{where} uses the scene preset {preset!r}, which is trained by "
-                            f"the pretrain stage, but the config has no {section!r} section")
-      steps = spec.get("finetune_steps", None)
-      if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                                or steps < 0):
-        problems.append(f"{where}.finetune_steps must be an int >= 0 (0: pretrain.finetune."
-                        f"steps), got {steps!r}")
-      elif steps and role not in ("target", "reference"):
-        problems.append(f"{where}.finetune_steps: only targets and references are "
-                        f"fine-tuned from the base (role is {role!r})")
-      rate = spec.get("judge_rate", None)
-      if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                               or not 0 <= rate < 1):
-        problems.append(f"{where}.judge_rate must be a number in [0, 1), got {rate!r}")
-      elif rate and role not in ("target", "reference"):
-        problems.append(f"{where}.judge_rate: only targets and references are fine-tuned "
-                        f"from the base, so only they learn to judge (role is {role!r})")
-      for key in ("dtype", "param_dtype"):
-        value = spec.get(key, None)
-        if value not in (None, "", "float32", "bfloat16", "float16"):
-          problems.append(f"{where}.{key} is {value!r}; use float32, bfloat16 or float16")
+      problems += _model_problems(config, name, spec, check_inputs)
   problems += placement_problems(config)
   rounds = config.get("rounds", 1)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -105,6 +48,70 @@ def check(config, check_inputs: bool = True) -> None:
     problems += stage.config_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _model_problems(config, name: str, spec, check_inputs: bool) -> list[str]:
+  """The problems of one entry of `models`."""
+  problems = []
+  where = f"models.{name}"
+  role = spec.get("role", None)
+  if role not in ROLES:
+    problems.append(f"{where}.role is {role!r}; expected one of {ROLES}")
+  ckpt, preset = spec.get("checkpoint", None), spec.get("preset", None)
+  if not ckpt and not preset:
+    problems.append(f"{where}: give a 'checkpoint', a 'preset', or both (the "
+                    "preset is then the architecture the checkpoint loads into)")
+  elif preset:
+    try:
+      models.get_preset(preset)
+    except ValueError as e:
+      problems.append(f"{where}.preset: {e}")
+  if ckpt and check_inputs:
+    # Checked here, before any model is built or compiled (gs:// too).
+    try:
+      if not fileio.exists(str(ckpt)):
+        problems.append(f"{where}.checkpoint: {ckpt!r} does not exist")
+    except (RuntimeError, OSError) as e:
+      problems.append(f"{where}.checkpoint: {e}")
+  gaps = spec.get("gaps", ())
+  if isinstance(gaps, str):
+    problems.append(f"{where}.gaps must be a list of 'SKILL:FILTER' specs, got the "
+                    f"string {gaps!r}")
+  elif gaps:
+    if role != "target":
+      problems.append(f"{where}.gaps: only targets carry planted gaps (role is {role!r})")
+    try:
+      gaps_lib.parse_gaps(list(gaps))
+    except ValueError as e:
+      problems.append(f"{where}.gaps: {e}")
+  mode = spec.get("gap_mode", "corrupt")
+  if mode not in gaps_lib.MODES:
+    problems.append(f"{where}.gap_mode is {mode!r}; expected one of {gaps_lib.MODES}")
+  if preset and str(preset).startswith("scene-") and not ckpt:
+    for section in ("world", "pretrain"):
+      if section not in config:
+        problems.append(f"{where} uses the scene preset {preset!r}, which is trained by "
+                        f"the pretrain stage, but the config has no {section!r} section")
+  steps = spec.get("finetune_steps", None)
+  if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                            or steps < 0):
+    problems.append(f"{where}.finetune_steps must be an int >= 0 (0: pretrain.finetune."
+                    f"steps), got {steps!r}")
+  elif steps and role not in ("target", "reference"):
+    problems.append(f"{where}.finetune_steps: only targets and references are "
+                    f"fine-tuned from the base (role is {role!r})")
+  rate = spec.get("judge_rate", None)
+  if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                           or not 0 <= rate < 1):
+    problems.append(f"{where}.judge_rate must be a number in [0, 1), got {rate!r}")
+  elif rate and role not in ("target", "reference"):
+    problems.append(f"{where}.judge_rate: only targets and references are fine-tuned "
+                    f"from the base, so only they learn to judge (role is {role!r})")
+  for key in ("dtype", "param_dtype"):
+    value = spec.get(key, None)
+    if value not in (None, "", "float32", "bfloat16", "float16"):
+      problems.append(f"{where}.{key} is {value!r}; use float32, bfloat16 or float16")
+  return problems
 
 
 def data_problems(config, check_inputs: bool) -> list[str]:

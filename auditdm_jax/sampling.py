@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from auditdm_jax import sharding
 from auditdm_jax.models import logical, vlm
-from auditdm_jax.models.gemma import decode_step, decode_weights
+from auditdm_jax.models.decode import decode_step, decode_weights
 from auditdm_jax.models.handle import VLM, token_logprobs
 from auditdm_jax.models.inputs import (LENGTH_BUCKET, bucket_length, check_images, check_rows,
                                        default_stop_ids, pad_rows, prompt_heads, score_batch)
@@ -149,7 +149,7 @@ class Sampler:
     self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.text.dtype)
     self.length_bucket = length_bucket
     # XLA:CPU multiplies by the embedding table ~1.4x faster laid out [D, V]:
-    # decoding on CPU transposes it once per call (`gemma.decode_step` head).
+    # decoding on CPU transposes it once per call (`decode.decode_step` head).
     self.transposed_head = all(d.platform == "cpu" for d in self.mesh.devices.flat)
     self.param_shardings = sharding.param_shardings(vlm.abstract_params(self.cfg),
                                                     self.mesh, self.rules)

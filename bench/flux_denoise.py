@@ -67,6 +67,7 @@ def cpu(args):
   import torch  # pylint: disable=import-outside-toplevel
   from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # pylint: disable=import-outside-toplevel
   from auditdm_jax.diffusion import flux, sampler  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion.ckpt import flux as flux_ckpt  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   hf = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
@@ -74,8 +75,8 @@ def cpu(args):
                               joint_attention_dim=256, pooled_projection_dim=128,
                               guidance_embeds=True, axes_dims_rope=(16, 24, 24)).eval()
   cfg = flux.FluxConfig.from_diffusers(dict(hf.config), dtype="float32")
-  params = flux.params_from_diffusers({k: v.numpy() for k, v in hf.state_dict().items()},
-                                      cfg, "bench")
+  params = flux_ckpt.params_from_diffusers({k: v.numpy() for k, v in hf.state_dict().items()},
+                                           cfg, "bench")
   img, txt = 256, 64
   x, enc, pooled, img_ids, txt_ids = _inputs(cfg, args.batch, img, txt)
   sig = sampler.sigmas(args.steps, img)

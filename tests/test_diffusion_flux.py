@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from auditdm_jax.diffusion import flux
+from auditdm_jax.diffusion.ckpt import flux as flux_ckpt
 from auditdm_jax.diffusion.common import CheckpointError
 from tests import flux_reference as ref
 
@@ -77,7 +78,7 @@ def tiny():
   """(diffusers model, our float32 Transformer) on the guidance config."""
   model = ref.transformer(seed=0)
   cfg = _cfg(model)
-  return model, flux.Transformer(cfg, flux.params_from_diffusers(_state_dict(model), cfg, "ref"))
+  return model, flux.Transformer(cfg, flux_ckpt.params_from_diffusers(_state_dict(model), cfg, "ref"))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_parity_without_guidance_embeds():
   model = ref.transformer(seed=3, guidance_embeds=False)
   cfg = _cfg(model)
   assert not cfg.guidance_embeds
-  ours = flux.Transformer(cfg, flux.params_from_diffusers(_state_dict(model), cfg, "ref"))
+  ours = flux.Transformer(cfg, flux_ckpt.params_from_diffusers(_state_dict(model), cfg, "ref"))
   inp = _inputs(seed=2, hw=(5, 3), text_len=9, guidance=False)
   want = _torch_out(model, inp)
   diff = _max_diff(ours(**inp), want)
@@ -211,11 +212,11 @@ def test_chunked_attention_matches_full():
 def test_load_diffusers_directory(tiny, saved):
   model, _ = tiny
   inp = _inputs(seed=7)
-  loaded = flux.load_transformer(saved, dtype="float32")
+  loaded = flux_ckpt.load_transformer(saved, dtype="float32")
   assert loaded.cfg == _cfg(model)
   assert _max_diff(loaded(**inp), _torch_out(model, inp)) <= TOL
   # The weights file itself (its config.json beside it).
-  single = flux.load_transformer(os.path.join(saved, "diffusion_pytorch_model.safetensors"),
+  single = flux_ckpt.load_transformer(os.path.join(saved, "diffusion_pytorch_model.safetensors"),
                                  dtype="float32")
   assert single.cfg == loaded.cfg
   jax.tree.map(np.testing.assert_array_equal, single.params, loaded.params)
@@ -226,7 +227,7 @@ def test_load_sharded_diffusers_directory(tiny, tmp_path):
   model.save_pretrained(tmp_path, max_shard_size="40KB")
   assert any(f.endswith(".safetensors.index.json") for f in os.listdir(tmp_path))
   assert sum(f.endswith(".safetensors") for f in os.listdir(tmp_path)) > 1
-  loaded = flux.load_transformer(str(tmp_path), dtype="float32")
+  loaded = flux_ckpt.load_transformer(str(tmp_path), dtype="float32")
   inp = _inputs(seed=8)
   assert _max_diff(loaded(**inp), _torch_out(model, inp)) <= TOL
   np.testing.assert_array_equal(loaded(**inp), ours(**inp))
@@ -234,7 +235,7 @@ def test_load_sharded_diffusers_directory(tiny, tmp_path):
 
 def test_load_bfloat16_is_close(tiny, saved):
   model, ours = tiny
-  loaded = flux.load_transformer(saved)          # bfloat16 by default
+  loaded = flux_ckpt.load_transformer(saved)          # bfloat16 by default
   leaf = loaded.params["transformer_blocks"]["to_q"]["kernel"]
   assert str(leaf.dtype) == "bfloat16" and loaded.cfg.dtype == "bfloat16"
   inp = _inputs(seed=9)
@@ -309,7 +310,7 @@ def test_load_bfl_single_file(tmp_path, monkeypatch, guidance):
   path = str(tmp_path / "flux1-tiny.safetensors")
   save_file(sd, path)
   model = _diffusers_from_bfl(sd, monkeypatch, guidance_embeds=guidance)
-  loaded = flux.load_transformer(path, dtype="float32", axes_dims_rope=R["axes_dims_rope"])
+  loaded = flux_ckpt.load_transformer(path, dtype="float32", axes_dims_rope=R["axes_dims_rope"])
   assert loaded.cfg == _cfg(model)
   inp = _inputs(seed=12, ref_hw=(2, 2), guidance=guidance)
   diff = _max_diff(loaded(**inp), _torch_out(model, inp))
@@ -317,9 +318,9 @@ def test_load_bfl_single_file(tmp_path, monkeypatch, guidance):
   assert diff <= TOL
   # The same tensors under ComfyUI's 'model.diffusion_model.' prefix.
   pre = {"model.diffusion_model." + k: v for k, v in sd.items()}
-  cfg = flux.config_from_bfl(pre, "float32", axes_dims_rope=R["axes_dims_rope"])
+  cfg = flux_ckpt.config_from_bfl(pre, "float32", axes_dims_rope=R["axes_dims_rope"])
   assert cfg == loaded.cfg
-  again = flux.Transformer(cfg, flux.params_from_bfl(pre, cfg, "prefixed"))
+  again = flux.Transformer(cfg, flux_ckpt.params_from_bfl(pre, cfg, "prefixed"))
   np.testing.assert_array_equal(again(**inp), loaded(**inp))
 
 
@@ -333,10 +334,10 @@ def test_config_from_bfl_published_head_dim():
   shapes.update({f"double_blocks.{i}.img_mod.lin.weight": (1,) for i in range(19)})
   shapes.update({f"single_blocks.{i}.linear1.weight": (1,) for i in range(38)})
   tensors = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
-  assert flux.config_from_bfl(tensors) == flux.FLUX1_DEV
+  assert flux_ckpt.config_from_bfl(tensors) == flux.FLUX1_DEV
   tiny = _bfl_state_dict()
   with pytest.raises(CheckpointError, match="axes_dims_rope"):
-    flux.config_from_bfl(tiny)
+    flux_ckpt.config_from_bfl(tiny)
 
 
 # ----------------------------------------------------------------------------
@@ -348,23 +349,23 @@ def test_unknown_missing_and_wrong_shape_keys(tiny):
   model, ours = tiny
   sd = _state_dict(model)
   with pytest.raises(CheckpointError, match=r"(?s)unknown key 'extra\.weight'.*\(3, 4\)"):
-    flux.params_from_diffusers({**sd, "extra.weight": np.zeros((3, 4), np.float32)},
+    flux_ckpt.params_from_diffusers({**sd, "extra.weight": np.zeros((3, 4), np.float32)},
                                ours.cfg, "src")
   missing = {k: v for k, v in sd.items() if k != "transformer_blocks.1.attn.to_k.bias"}
   with pytest.raises(CheckpointError, match=r"missing key 'transformer_blocks\.1\.attn\.to_k"
                                             r"\.bias'"):
-    flux.params_from_diffusers(missing, ours.cfg, "src")
+    flux_ckpt.params_from_diffusers(missing, ours.cfg, "src")
   bad = {**sd, "x_embedder.weight": np.zeros((D, C + 1), np.float32)}
   with pytest.raises(CheckpointError, match=r"(?s)src.*'x_embedder\.weight' has shape \(32, 17\)"
                                             r".*expects \(32, 16\)") as e:
-    flux.params_from_diffusers(bad, ours.cfg, "src")
+    flux_ckpt.params_from_diffusers(bad, ours.cfg, "src")
   assert "src" in str(e.value)
   bfl = _bfl_state_dict()
   bfl["single_blocks.1.linear1.weight"] = np.zeros((3 * D + M + 1, D), np.float32)
   cfg = dataclasses.replace(ours.cfg)
   with pytest.raises(CheckpointError, match=r"(?s)'single_blocks\.1\.linear1\.weight' has shape "
                                             r"\(225, 32\).*expects \(224, 32\)"):
-    flux.params_from_bfl(bfl, cfg, "bfl")
+    flux_ckpt.params_from_bfl(bfl, cfg, "bfl")
 
 
 def test_file_errors(saved, tmp_path):
@@ -376,26 +377,26 @@ def test_file_errors(saved, tmp_path):
     (trunc / "config.json").write_text(f.read())
   (trunc / "diffusion_pytorch_model.safetensors").write_bytes(data[:len(data) // 2])
   with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors.*truncated"):
-    flux.load_transformer(str(trunc), dtype="float32")
+    flux_ckpt.load_transformer(str(trunc), dtype="float32")
   # Weights without their config.json.
   noconf = tmp_path / "noconf"
   noconf.mkdir()
   (noconf / "diffusion_pytorch_model.safetensors").write_bytes(data)
   with pytest.raises(CheckpointError, match="config.json"):
-    flux.load_transformer(str(noconf), dtype="float32")
+    flux_ckpt.load_transformer(str(noconf), dtype="float32")
   # A bad config names the file and the field.
   bad = tmp_path / "badconf"
   bad.mkdir()
   (bad / "diffusion_pytorch_model.safetensors").write_bytes(data)
   (bad / "config.json").write_text(json.dumps({**ref.TRANSFORMER, "num_layers": "two"}))
   with pytest.raises(CheckpointError, match="badconf.*num_layers"):
-    flux.load_transformer(str(bad), dtype="float32")
+    flux_ckpt.load_transformer(str(bad), dtype="float32")
   # Not a FLUX transformer.
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   other = str(tmp_path / "other.safetensors")
   save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, other)
   with pytest.raises(CheckpointError, match="other.safetensors.*neither"):
-    flux.load_transformer(other)
+    flux_ckpt.load_transformer(other)
 
 
 # ----------------------------------------------------------------------------

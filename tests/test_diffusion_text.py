@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from auditdm_jax.diffusion import text
+from auditdm_jax.diffusion.ckpt import text as text_ckpt
 from auditdm_jax.diffusion.common import CheckpointError
 from auditdm_jax.diffusion.tokenizers import ClipTokenizer, T5Tokenizer
 from tests import flux_reference as ref
@@ -91,7 +92,7 @@ def test_t5_matches_transformers(dirs, t5_ref):
   model, path = t5_ref
   ids = _t5_ids(dirs)
   assert (ids == 0).any() and ids.shape == (3, 40)       # padded rows, a full row
-  enc = text.load_t5(path, dtype="float32")
+  enc = text_ckpt.load_t5(path, dtype="float32")
   ours = enc(ids)
   with torch.no_grad():
     want = model(torch.tensor(ids, dtype=torch.long)).last_hidden_state.numpy()
@@ -106,7 +107,7 @@ def test_t5_no_attention_mask_like_flux(dirs, t5_ref):
   (so must we); the pipeline's own call reproduces that."""
   model, path = t5_ref
   ids = _t5_ids(dirs, length=24)
-  enc = text.load_t5(path, dtype="float32")
+  enc = text_ckpt.load_t5(path, dtype="float32")
   short = enc(ids[:, :12])
   assert np.abs(enc(ids)[:, :12] - short).max() > 1e-3
   with torch.no_grad():
@@ -118,9 +119,9 @@ def test_t5_sharded_checkpoint_and_jit(dirs, t5_ref, tmp_path):
   model, path = t5_ref
   model.save_pretrained(tmp_path, max_shard_size="20KB")
   assert os.path.isfile(tmp_path / "model.safetensors.index.json")
-  enc = text.load_t5(str(tmp_path), dtype="float32")
+  enc = text_ckpt.load_t5(str(tmp_path), dtype="float32")
   ids = _t5_ids(dirs)
-  np.testing.assert_array_equal(enc(ids), text.load_t5(path, "float32")(ids))
+  np.testing.assert_array_equal(enc(ids), text_ckpt.load_t5(path, "float32")(ids))
   fn = jax.jit(text.t5_encode, static_argnums=1)
   out = np.asarray(fn(enc.params, enc.cfg, ids))
   assert np.abs(out - enc(ids)).max() <= 1e-5
@@ -131,8 +132,8 @@ def test_t5_bfloat16_close_to_float32(dirs, t5_ref):
   own bfloat16 model does."""
   model, path = t5_ref
   ids = _t5_ids(dirs)
-  f32 = text.load_t5(path, "float32")(ids)
-  ours16 = text.load_t5(path)
+  f32 = text_ckpt.load_t5(path, "float32")(ids)
+  ours16 = text_ckpt.load_t5(path)
   assert ours16.cfg.dtype == "bfloat16"
   bf16 = ours16(ids)
   with torch.no_grad():
@@ -162,7 +163,7 @@ def test_t5_config_from_hf(t5_ref):
 
 def test_t5_init_has_the_loaded_layout(t5_ref):
   _, path = t5_ref
-  enc = text.load_t5(path, "float32")
+  enc = text_ckpt.load_t5(path, "float32")
   init = text.t5_init(enc.cfg, jax.random.PRNGKey(0))
   assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, enc.params)
   out = text.t5_encode(init, enc.cfg, np.zeros((2, 5), np.int32))
@@ -183,7 +184,7 @@ def test_clip_matches_transformers(dirs, clip_ref):
   model, path = clip_ref
   ids = _clip_ids(dirs)
   assert ids.shape == (3, 77)
-  clip = text.load_clip(path, dtype="float32")
+  clip = text_ckpt.load_clip(path, dtype="float32")
   hidden, pooled = clip(ids)
   with torch.no_grad():
     out = model(torch.tensor(ids, dtype=torch.long))
@@ -205,7 +206,7 @@ def test_clip_pooling_rules(dirs):
     model = ref.clip_text(clip_v, eos_token_id=eos_id)
     cfg = text.ClipTextConfig.from_hf(model.config.to_dict(), "float32")
     assert cfg.eos_token_id == eos_id
-    clip = text.ClipText(cfg, text.clip_params_from_hf(_state(model), cfg))
+    clip = text.ClipText(cfg, text_ckpt.clip_params_from_hf(_state(model), cfg))
     _, pooled = clip(ids)
     with torch.no_grad():
       want = model(torch.tensor(ids)).pooler_output.numpy()
@@ -227,20 +228,20 @@ def test_clip_transformers4_prefix_and_sharded(dirs, clip_ref, tmp_path):
   save_file(sd, str(old / "model.safetensors"))
   shutil.copy(os.path.join(path, "config.json"), old / "config.json")
   ids = _clip_ids(dirs)
-  want = text.load_clip(path, "float32")(ids)
-  got = text.load_clip(str(old), "float32")(ids)
+  want = text_ckpt.load_clip(path, "float32")(ids)
+  got = text_ckpt.load_clip(str(old), "float32")(ids)
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
-  got = text.load_clip(str(tmp_path / "sharded"), "float32")(ids)
+  got = text_ckpt.load_clip(str(tmp_path / "sharded"), "float32")(ids)
   np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_clip_bfloat16_and_init(dirs, clip_ref):
   _, path = clip_ref
   ids = _clip_ids(dirs)
-  f32 = text.load_clip(path, "float32")
-  bf16 = text.load_clip(path)
+  f32 = text_ckpt.load_clip(path, "float32")
+  bf16 = text_ckpt.load_clip(path)
   assert bf16.cfg.dtype == "bfloat16"
   (h32, p32), (h16, p16) = f32(ids), bf16(ids)
   with torch.no_grad():
@@ -336,8 +337,8 @@ def test_flux_encode_prompt_matches_diffusers(dirs, t5_ref, clip_ref):
   with torch.no_grad():
     want_t5, want_pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=48)
   clip_ids = ClipTokenizer(str(root / "tokenizer"))(prompts)
-  _, pooled = text.load_clip(clip_ref[1], "float32")(clip_ids)
-  t5 = text.load_t5(t5_ref[1], "float32")(T5Tokenizer(str(root / "tokenizer_2"))(prompts, 48))
+  _, pooled = text_ckpt.load_clip(clip_ref[1], "float32")(clip_ids)
+  t5 = text_ckpt.load_t5(t5_ref[1], "float32")(T5Tokenizer(str(root / "tokenizer_2"))(prompts, 48))
   print(f"FLUX encode_prompt max abs diff: T5 {np.abs(t5 - want_t5.numpy()).max():.3g}, "
         f"pooled {np.abs(pooled - want_pooled.numpy()).max():.3g}")
   assert np.abs(t5 - want_t5.numpy()).max() <= TOL
@@ -385,47 +386,47 @@ def test_tokenizer_errors(dirs, tmp_path):
 # --------------------------------------------------------------------------- errors
 def test_checkpoint_errors_name_the_key(t5_ref, clip_ref):
   t5_model, t5_path = t5_ref
-  cfg = text.load_t5(t5_path, "float32").cfg
+  cfg = text_ckpt.load_t5(t5_path, "float32").cfg
   sd = _state(t5_model)
   sd["encoder.block.0.layer.0.SelfAttention.extra.weight"] = np.zeros((2, 2), np.float32)
   with pytest.raises(CheckpointError, match="unknown key 'encoder.block.0.layer.0.SelfAttention"
                                             ".extra.weight'"):
-    text.t5_params_from_hf(sd, cfg, "t5-src")
+    text_ckpt.t5_params_from_hf(sd, cfg, "t5-src")
   sd = _state(t5_model)
   del sd["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
   with pytest.raises(CheckpointError, match="missing key 'encoder.block.1.layer.1.DenseReluDense"):
-    text.t5_params_from_hf(sd, cfg, "t5-src")
+    text_ckpt.t5_params_from_hf(sd, cfg, "t5-src")
   sd = _state(t5_model)
   sd["encoder.final_layer_norm.weight"] = np.ones((31,), np.float32)
   with pytest.raises(CheckpointError, match=r"encoder.final_layer_norm.weight.*\(31,\).*\(32,\)"):
-    text.t5_params_from_hf(sd, cfg, "t5-src")
+    text_ckpt.t5_params_from_hf(sd, cfg, "t5-src")
   # T5 with only the tied copy of the embedding still loads.
   sd = _state(t5_model)
   del sd["shared.weight"]
-  text.t5_params_from_hf(sd, cfg, "t5-src")
+  text_ckpt.t5_params_from_hf(sd, cfg, "t5-src")
   big = text.T5Config.from_hf({**t5_model.config.to_dict(), "num_layers": 3}, "float32")
   with pytest.raises(CheckpointError, match="missing key 'encoder.block.2"):
-    text.t5_params_from_hf(_state(t5_model), big, "t5-src")
+    text_ckpt.t5_params_from_hf(_state(t5_model), big, "t5-src")
 
   clip_model, clip_path = clip_ref
-  ccfg = text.load_clip(clip_path, "float32").cfg
+  ccfg = text_ckpt.load_clip(clip_path, "float32").cfg
   sd = _state(clip_model)
   sd["text_projection.weight"] = np.zeros((32, 32), np.float32)
   with pytest.raises(CheckpointError, match="unknown key 'text_projection.weight'"):
-    text.clip_params_from_hf(sd, ccfg, "clip-src")
+    text_ckpt.clip_params_from_hf(sd, ccfg, "clip-src")
   sd = _state(clip_model)
   sd["embeddings.token_embedding.weight"] = sd["embeddings.token_embedding.weight"][:-1]
   with pytest.raises(CheckpointError, match="(?s)clip-src.*token_embedding.weight.*569"):
-    text.clip_params_from_hf(sd, ccfg, "clip-src")
+    text_ckpt.clip_params_from_hf(sd, ccfg, "clip-src")
   sd = _state(clip_model)
   del sd["final_layer_norm.bias"]
   with pytest.raises(CheckpointError, match="missing key 'final_layer_norm.bias'"):
-    text.clip_params_from_hf(sd, ccfg, "clip-src")
+    text_ckpt.clip_params_from_hf(sd, ccfg, "clip-src")
 
 
 def test_bad_ids_are_errors(t5_ref, clip_ref, dirs):
-  t5 = text.load_t5(t5_ref[1], "float32")
-  clip = text.load_clip(clip_ref[1], "float32")
+  t5 = text_ckpt.load_t5(t5_ref[1], "float32")
+  clip = text_ckpt.load_clip(clip_ref[1], "float32")
   t5_v, clip_v = dirs[2], dirs[1]
   with pytest.raises(ValueError, match=f"token id {t5_v} is outside"):
     t5(np.array([[1, t5_v]]))
@@ -457,4 +458,4 @@ def test_config_validation(clip_ref):
   with pytest.raises(ValueError, match="dtype"):
     text.ClipTextConfig.from_hf(d, dtype="int8")
   with pytest.raises(CheckpointError, match="config.json"):
-    text.load_clip(os.path.dirname(clip_ref[1]) + "/nowhere")
+    text_ckpt.load_clip(os.path.dirname(clip_ref[1]) + "/nowhere")

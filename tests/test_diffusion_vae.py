@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from auditdm_jax.diffusion.vae import (FLUX1_AE, Autoencoder, AutoencoderConfig,
-                                       config_from_bfl, load_autoencoder, params_from_bfl,
-                                       params_from_diffusers)
+from auditdm_jax.diffusion.ckpt import vae as ae_ckpt
+from auditdm_jax.diffusion.ckpt.vae import (config_from_bfl, load_autoencoder, params_from_bfl,
+                                            params_from_diffusers)
+from auditdm_jax.diffusion.vae import FLUX1_AE, Autoencoder, AutoencoderConfig
 from auditdm_jax.diffusion.common import CheckpointError
 from tests import flux_reference as ref
 
@@ -421,7 +422,7 @@ def test_flux_size_layout_consistent():
   flat = {tuple(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
   want = {}
-  for ent in ae_lib._entries(FLUX1_AE):  # pylint: disable=protected-access
+  for ent in ae_ckpt._entries(FLUX1_AE):  # pylint: disable=protected-access
     if ent.kind == "conv":     # torch [out, in, kh, kw] -> [kh, kw, in, out]
       w = tuple(ent.shape[2:]) + (ent.shape[1], ent.shape[0])
     else:

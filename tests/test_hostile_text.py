@@ -6,7 +6,7 @@ text become markup.
 
 Parsers covered: the scene world's edit commands, captions and questions
 (scenes/edits.py, captions.py, parse.py), planted-gap specs (scenes/gaps.py),
-answer normalisation and the benchmark metrics (eval/metrics.py), the
+answer normalisation and the benchmark metrics (eval/metrics/), the
 auditor's answer reading and the judge's prompt (audit/reward.py), the
 tokenizer's encode / decode (models/tokenizer.py), FLUX's T5 and CLIP
 tokenizers (diffusion/tokenizers.py: the same ids as transformers'), the

@@ -155,7 +155,7 @@ class Count:
 
 def test_metric_table_matches_the_metrics_module():
   """data/named.py's one table of needed fields covers every metric of
-  eval/metrics.py, and a record with those fields gives every field a metric
+  eval/metrics/, and a record with those fields gives every field a metric
   reads (metric_row adds CIDEr's keys; RefCOCO's image size comes with meta)."""
   assert set(named.METRIC_FIELDS) == set(metrics.METRICS) == set(metrics.UNITS)
   derived = {"answer": "answers", "references": "answers", "id": "image_id",

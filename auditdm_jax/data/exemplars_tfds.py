@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from auditdm_jax.data.records import decode_png, encode_png
-from auditdm_jax.utils.fileio import atomic_write_text, error_code, write_failed
+from auditdm_jax.utils.fileio import atomic_write_text, error_code, replace_dir, write_failed
 from auditdm_jax.utils import chaos
 
 NAME = "auditdm_exemplars"
@@ -195,20 +195,10 @@ def publish(chunks_dir: str, data_dir: str) -> str:
     if error_code(e) is not None:   # a write failed (not a bad chunk: that error stays)
       raise write_failed(e, what, kept) from e
     raise
-  old = data_dir + ".old"
-  if os.path.exists(old):
-    shutil.rmtree(old)
   chaos.point("store_built")
-  moved = False
-  if os.path.exists(data_dir):
-    os.replace(data_dir, old)
-    moved = True
-    chaos.point("store_moved_aside")
   try:
-    os.replace(tmp, data_dir)
+    replace_dir(tmp, data_dir, "store_moved_aside")   # the previous store is put back on failure
   except BaseException as e:
-    if moved:   # put the previous store back
-      os.replace(old, data_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, OSError):
       raise write_failed(e, f"publishing the exemplar store {data_dir} failed (moving {tmp} "
@@ -216,8 +206,6 @@ def publish(chunks_dir: str, data_dir: str) -> str:
                          f"the previously published store {data_dir} (if any) is intact and "
                          f"{tmp} was removed") from e
     raise
-  if os.path.exists(old):
-    shutil.rmtree(old)
   return os.path.join(data_dir, NAME, VERSION)
 
 

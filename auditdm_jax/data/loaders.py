@@ -352,23 +352,8 @@ def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
   if worker_count > 0:
     ensure_flags_parsed()
   seed = int(seed)
-  index, count = shard_options.shard_index, shard_options.shard_count
-  if shard_mode == "records":
-    start, stop = shard_range(len(source), shard_options)
-    if stop <= start:
-      raise ValueError(f"shard {index} of {count} of a source of {len(source)} "
-                       "records is empty")
-    keys = grain.MapDataset.range(start, stop).shuffle(seed=seed).repeat(num_epochs)
-    stream = keys.map_with_index(_Positioned())
-    load = _LoadChunk(source, transforms, seed, index)
-  else:
-    if len(source) < 1:
-      raise ValueError("the source is empty")
-    glob = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
-            .map_with_index(_Positioned()))
-    stream = grain.MapDataset.range(_local_length(len(glob), batch_size, count, index)).map(
-        _BatchRow(glob, batch_size, count, index))
-    load = _LoadChunk(source, transforms, seed, 0)
+  stream, load = _stream(source, shard_options, shard_mode, seed, num_epochs, batch_size,
+                         transforms)
 
   def chunks(position: int) -> grain.MapDataset:
     return stream[position:].batch(batch_size, batch_fn=list).map(load)
@@ -386,6 +371,28 @@ def train_loader(source: Sequence[Any], *, batch_size: int, seed: int,
       read_options=read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8),
       mp_options=grain.MultiprocessingOptions(num_workers=worker_count,
                                               per_worker_buffer_size=worker_buffer_size))
+
+
+def _stream(source, shard_options, shard_mode: str, seed: int, num_epochs, batch_size: int,
+            transforms):
+  """(this process's positioned record keys in reading order, the chunk loader):
+  its own shuffled shard ("records") or its rows of every global batch
+  ("batch_rows")."""
+  index, count = shard_options.shard_index, shard_options.shard_count
+  if shard_mode == "records":
+    start, stop = shard_range(len(source), shard_options)
+    if stop <= start:
+      raise ValueError(f"shard {index} of {count} of a source of {len(source)} "
+                       "records is empty")
+    keys = grain.MapDataset.range(start, stop).shuffle(seed=seed).repeat(num_epochs)
+    return keys.map_with_index(_Positioned()), _LoadChunk(source, transforms, seed, index)
+  if len(source) < 1:
+    raise ValueError("the source is empty")
+  glob = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
+          .map_with_index(_Positioned()))
+  stream = grain.MapDataset.range(_local_length(len(glob), batch_size, count, index)).map(
+      _BatchRow(glob, batch_size, count, index))
+  return stream, _LoadChunk(source, transforms, seed, 0)
 
 
 def save_args(iterator: TrainIterator | grain.DatasetIterator | grain.DataLoaderIterator,

@@ -15,7 +15,7 @@ A dataset spec (a dict / ConfigDict) is one of
 
 A benchmark's spec also declares its `metric` (a key of METRIC_FIELDS:
 "exact", "vqa", "anls", "relaxed", "choice", "circular", "pope", "mme",
-"refcoco", "cider"; scored by `eval/metrics.py`) and may give a `prompt`
+"refcoco", "cider"; scored by `eval/metrics/`) and may give a `prompt`
 template (below) and `max_new_tokens` (its answer length; 0: the eval
 default). Seed images and labelled data declare no metric.
 
@@ -95,7 +95,7 @@ DEFAULT_KEYS = {
     "jsonl": {"image": "image", "question": "prefix", "answers": "suffix",
               **{f: f for f in FIELDS[1:]}},
 }
-# The one table of what each metric (eval/metrics.py) needs of a record.
+# The one table of what each metric (eval/metrics/) needs of a record.
 METRIC_FIELDS = {
     "exact": ("answers",),                            # GQA: normalised exact match
     "vqa": ("answers",),                              # VQAv2, OK-VQA: ten-annotator score

@@ -14,7 +14,8 @@ Modules: flux.py (the transformer), vae.py (the 16-channel autoencoder),
 text.py (T5 v1.1 and CLIP-L text encoders), tokenizers.py, sampler.py (the
 flow-matching Euler loop, packing, position ids), pipeline.py (loading a
 diffusers pipeline directory or Black Forest Labs single files, the two
-routes), common.py (safetensors reading, key / shape checks).
+routes), common.py (safetensors reading, dtype names), ckpt/ (each
+component's checkpoint names and loader: flux.py, vae.py, text.py).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from auditdm_jax.diffusion.flux_pipeline import Pipeline, load
 def flux_transformer(path: str, dtype: str = "bfloat16"):
   """The FLUX transformer of a diffusers `transformer/` directory or a Black
   Forest Labs single file (flux1-dev / flux1-kontext-dev .safetensors)."""
-  from auditdm_jax.diffusion import flux  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion.ckpt import flux  # pylint: disable=import-outside-toplevel
   return flux.load_transformer(str(path), dtype)
 
 
 def autoencoder(path: str, dtype: str = "bfloat16"):
   """The FLUX autoencoder of a diffusers `vae/` directory or `ae.safetensors`."""
-  from auditdm_jax.diffusion import vae as ae  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.diffusion.ckpt import vae as ae  # pylint: disable=import-outside-toplevel
   return ae.load_autoencoder(str(path), dtype)
 
 

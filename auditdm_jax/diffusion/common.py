@@ -17,17 +17,39 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import posixpath
 from typing import Any
 
-import numpy as np
-
-from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError, as_dtype, listed_problems
+from auditdm_jax.models.ckpt.common import BFLOAT16, CheckpointError, Taker, as_dtype
 from auditdm_jax.models.ckpt.hf import read_safetensors
 from auditdm_jax.utils import fileio
 
 __all__ = ["BFLOAT16", "CheckpointError", "Tensors", "Taker", "read_tensors",
-           "read_json", "as_dtype"]
+           "read_json", "as_dtype", "dtype_name", "config_beside"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype: Any, allowed: tuple[str, ...] = DTYPES) -> str:
+  """'float32' / 'bfloat16' / 'float16' (those `allowed`) for a name or dtype;
+  ValueError otherwise."""
+  try:
+    name = str(as_dtype(dtype))
+  except TypeError:
+    name = None
+  if name not in allowed:
+    raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
+  return name
+
+
+def config_beside(path: str) -> str:
+  """The config.json of a component: inside the directory `path`, or beside
+  the weights file `path` (.safetensors / .json), local or remote."""
+  p = os.fspath(path)
+  if p.endswith(".safetensors") or p.endswith(".json"):
+    base = posixpath.dirname(p) if fileio.is_remote(p) else os.path.dirname(p)
+    return fileio.join(base or ".", "config.json")
+  return fileio.join(p, "config.json")
 
 
 class Tensors(dict):
@@ -99,61 +121,3 @@ def read_tensors(path: str) -> Tensors:
       out[key] = arr
       out.files[key] = f
   return out
-
-
-class Taker:
-  """Takes tensors out of a state dict by name, checking shapes.
-
-  `take(key, shape)` returns the array cast to `dtype` (float32 through
-  float32 so bfloat16 files cast exactly); every problem is collected and
-  raised together by `finish()` (or at once with `strict_now=True`), naming
-  the source, the key and the shapes. `finish()` also reports every key that
-  was never taken as unknown.
-  """
-
-  def __init__(self, tensors: Mapping[str, np.ndarray], source: str,
-               dtype: Any = np.float32, prefix: str = ""):
-    self.tensors = tensors
-    self.source = source
-    self.dtype = as_dtype(dtype)
-    self.prefix = prefix
-    self.used: set[str] = set()
-    self.problems: list[str] = []
-
-  def has(self, key: str) -> bool:
-    return self.prefix + key in self.tensors
-
-  def take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    full = self.prefix + key
-    if full not in self.tensors:
-      self.problems.append(f"missing key {full!r}"
-                           + (f" (expected shape {tuple(shape)})" if shape is not None else ""))
-      return np.zeros(shape or (), self.dtype)
-    self.used.add(full)
-    arr = self.tensors[full]
-    got = tuple(np.shape(arr))
-    if shape is not None and got != tuple(shape):
-      where = getattr(self.tensors, "file_of", lambda k: "?")(full)
-      self.problems.append(f"key {full!r} has shape {got} in {where} but the config "
-                           f"expects {tuple(shape)}")
-      return np.zeros(shape, self.dtype)
-    arr = np.asarray(arr)
-    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16):
-      self.problems.append(f"key {full!r} has non-float dtype {arr.dtype}")
-      return np.zeros(got, self.dtype)
-    out = arr.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-      self.problems.append(f"key {full!r} holds NaN or Inf")
-    return out.astype(self.dtype)
-
-  def finish(self, ignore: tuple[str, ...] = ()) -> None:
-    """Raises CheckpointError listing every problem and every unknown key
-    (keys under `prefix` not taken; `ignore`: key prefixes never used, such as
-    buffers some writers save)."""
-    unknown = sorted(k for k in self.tensors if k.startswith(self.prefix)
-                     and k not in self.used and not k.startswith(tuple(self.prefix + i for i in ignore)))
-    problems = list(self.problems) + [
-        f"unknown key {k!r} with shape {tuple(np.shape(self.tensors[k]))}" for k in unknown]
-    if problems:
-      raise CheckpointError(f"checkpoint {self.source} does not fit the model config:"
-                            f"{listed_problems(problems)}")

@@ -40,10 +40,11 @@ follow diffusers' modules):
   norm_out/{kernel [D, 2D], bias}                      (scale, shift: diffusers order)
   proj_out/{kernel [D, out], bias}
 
-Two checkpoint layouts load into it: diffusers' (`transformer/` directory)
-and Black Forest Labs' single file (flux1-dev.safetensors,
-flux1-kontext-dev.safetensors), whose fused qkv / linear1 are split and
-whose final adaLN (shift, scale) is swapped into diffusers' (scale, shift).
+Two checkpoint layouts load into it (`diffusion/ckpt/flux.py`): diffusers'
+(`transformer/` directory) and Black Forest Labs' single file
+(flux1-dev.safetensors, flux1-kontext-dev.safetensors), whose fused qkv /
+linear1 are split and whose final adaLN (shift, scale) is swapped into
+diffusers' (scale, shift).
 
 Precision: parameters and activations in `cfg.dtype`; layer norms, RMS norms,
 modulation, RoPE, the sinusoidal embedding and softmax in float32.
@@ -52,8 +53,6 @@ modulation, RoPE, the sinusoidal embedding and softmax in float32.
 from __future__ import annotations
 
 import dataclasses
-import os
-import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -63,22 +62,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from auditdm_jax.diffusion.common import (CheckpointError, Taker, as_dtype, read_json,
-                                          read_tensors)
-from auditdm_jax.utils import fileio
+from auditdm_jax.diffusion.common import dtype_name
 
-__all__ = ["FluxConfig", "FLUX1_DEV", "FluxTransformer", "init_params",
-           "params_from_diffusers", "params_from_bfl", "config_from_bfl", "apply",
-           "Transformer", "load_transformer", "rope_tables", "timestep_embedding"]
+__all__ = ["FluxConfig", "FLUX1_DEV", "FluxTransformer", "init_params", "apply",
+           "Transformer", "rope_tables", "timestep_embedding"]
 
 ROPE_THETA = 10_000.0
 TIME_PROJ_DIM = 256          # sinusoidal channels of the timestep / guidance projection
 TIME_FACTOR = 1000.0         # diffusers and BFL multiply t and guidance by 1000
 _EPS = 1e-6                  # every LayerNorm / RMSNorm in the model
-_DTYPES = ("float32", "bfloat16", "float16")
 # axes_dims_rope of the published FLUX.1 models by head dim (BFL files do not
 # record it).
-_KNOWN_AXES = {128: (16, 56, 56)}
+KNOWN_AXES = {128: (16, 56, 56)}
 # Query rows per attention chunk (see `_attention`); read at trace time.
 ATTN_Q_CHUNK = 1024
 
@@ -86,17 +81,6 @@ ATTN_Q_CHUNK = 1024
 # ----------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------
-
-
-def _dtype_name(dtype) -> str:
-  """'float32' / 'bfloat16' / 'float16' for a name or dtype; ValueError otherwise."""
-  try:
-    name = str(as_dtype(dtype))
-  except TypeError:
-    name = str(dtype)
-  if name not in _DTYPES:
-    raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-  return name
 
 
 def _is_int(v) -> bool:
@@ -147,7 +131,7 @@ class FluxConfig:
       problems.append(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
     dtype = str(self.dtype)
     try:
-      dtype = _dtype_name(self.dtype)
+      dtype = dtype_name(self.dtype)
     except ValueError as e:
       problems.append(str(e))
     if problems:
@@ -193,7 +177,7 @@ class FluxConfig:
               pooled_projection_dim=d.get("pooled_projection_dim", 768),
               guidance_embeds=d.get("guidance_embeds", False),
               axes_dims_rope=d.get("axes_dims_rope", (16, 56, 56)),
-              dtype=_dtype_name(dtype))
+              dtype=dtype_name(dtype))
     names = {"head_dim": "attention_head_dim", "num_heads": "num_attention_heads"}
     try:
       return cls(**kw)
@@ -553,208 +537,6 @@ def param_shapes(cfg: FluxConfig) -> dict:
                         jax.random.PRNGKey(0))
 
 
-def _stack(layers: list[dict]) -> dict:
-  return jax.tree.map(lambda *xs: np.stack(xs), *layers)
-
-
-def _linear(kernel_oi: np.ndarray, bias: np.ndarray) -> dict:
-  """A torch Linear (weight [out, in], bias [out]) as {kernel [in, out], bias}."""
-  return {"kernel": np.ascontiguousarray(kernel_oi.T), "bias": bias}
-
-
-def params_from_diffusers(tensors: Mapping[str, np.ndarray], cfg: FluxConfig,
-                          source: str = "diffusers transformer") -> dict:
-  """Parameters from a diffusers FluxTransformer2DModel state dict (names as
-  in `diffusion_pytorch_model*.safetensors`); shapes checked against cfg, every
-  problem (missing / wrong-shape / unknown key) reported at once."""
-  take = Taker(tensors, source, dtype=cfg.dtype)
-  d, m, h = cfg.width, cfg.mlp_dim, cfg.head_dim
-
-  def lin(key, out, inp):
-    return _linear(take.take(key + ".weight", (out, inp)), take.take(key + ".bias", (out,)))
-
-  def mlp(key, inp):
-    return {"linear_1": lin(key + ".linear_1", d, inp), "linear_2": lin(key + ".linear_2", d, d)}
-
-  tte = {"timestep_embedder": mlp("time_text_embed.timestep_embedder", TIME_PROJ_DIM),
-         "text_embedder": mlp("time_text_embed.text_embedder", cfg.pooled_projection_dim)}
-  if cfg.guidance_embeds:
-    tte["guidance_embedder"] = mlp("time_text_embed.guidance_embedder", TIME_PROJ_DIM)
-  params = {"x_embedder": lin("x_embedder", d, cfg.in_channels),
-            "context_embedder": lin("context_embedder", d, cfg.joint_attention_dim),
-            "time_text_embed": tte}
-
-  def norm(key):
-    return {"scale": take.take(key + ".weight", (h,))}
-
-  double = []
-  for i in range(cfg.num_layers):
-    p = f"transformer_blocks.{i}."
-    blk = {"norm1": lin(p + "norm1.linear", 6 * d, d),
-           "norm1_context": lin(p + "norm1_context.linear", 6 * d, d),
-           "to_out": lin(p + "attn.to_out.0", d, d),
-           "to_add_out": lin(p + "attn.to_add_out", d, d),
-           "ff_in": lin(p + "ff.net.0.proj", m, d), "ff_out": lin(p + "ff.net.2", d, m),
-           "ff_context_in": lin(p + "ff_context.net.0.proj", m, d),
-           "ff_context_out": lin(p + "ff_context.net.2", d, m)}
-    for nm in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-      blk[nm] = lin(p + "attn." + nm, d, d)
-    for nm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-      blk[nm] = norm(p + "attn." + nm)
-    double.append(blk)
-  single = []
-  for i in range(cfg.num_single_layers):
-    p = f"single_transformer_blocks.{i}."
-    blk = {"norm": lin(p + "norm.linear", 3 * d, d), "proj_mlp": lin(p + "proj_mlp", m, d),
-           "proj_out": lin(p + "proj_out", d, d + m),
-           "norm_q": norm(p + "attn.norm_q"), "norm_k": norm(p + "attn.norm_k")}
-    for nm in ("to_q", "to_k", "to_v"):
-      blk[nm] = lin(p + "attn." + nm, d, d)
-    single.append(blk)
-  params["norm_out"] = lin("norm_out.linear", 2 * d, d)
-  params["proj_out"] = lin("proj_out", cfg.out, d)
-  take.finish()
-  if double:
-    params["transformer_blocks"] = _stack(double)
-  if single:
-    params["single_transformer_blocks"] = _stack(single)
-  return params
-
-
-_BFL_PREFIX = "model.diffusion_model."
-
-
-def _bfl_prefix(tensors: Mapping[str, np.ndarray]) -> str:
-  return _BFL_PREFIX if _BFL_PREFIX + "img_in.weight" in tensors else ""
-
-
-def params_from_bfl(tensors: Mapping[str, np.ndarray], cfg: FluxConfig,
-                    source: str = "BFL checkpoint") -> dict:
-  """Parameters from a Black Forest Labs single-file state dict
-  (flux1-dev.safetensors / flux1-kontext-dev.safetensors; keys may carry a
-  'model.diffusion_model.' prefix). Fused qkv [3D, D] and linear1 [3D + M, D]
-  are split into q, k, v (, mlp); final_layer.adaLN_modulation.1 is
-  (shift, scale) and is swapped into diffusers' (scale, shift)."""
-  take = Taker(tensors, source, dtype=cfg.dtype, prefix=_bfl_prefix(tensors))
-  d, m, h = cfg.width, cfg.mlp_dim, cfg.head_dim
-
-  def wb(key, out, inp):
-    return take.take(key + ".weight", (out, inp)), take.take(key + ".bias", (out,))
-
-  def lin(key, out, inp):
-    return _linear(*wb(key, out, inp))
-
-  def mlp(key, inp):
-    return {"linear_1": lin(key + ".in_layer", d, inp), "linear_2": lin(key + ".out_layer", d, d)}
-
-  tte = {"timestep_embedder": mlp("time_in", TIME_PROJ_DIM),
-         "text_embedder": mlp("vector_in", cfg.pooled_projection_dim)}
-  if cfg.guidance_embeds:
-    tte["guidance_embedder"] = mlp("guidance_in", TIME_PROJ_DIM)
-  params = {"x_embedder": lin("img_in", d, cfg.in_channels),
-            "context_embedder": lin("txt_in", d, cfg.joint_attention_dim),
-            "time_text_embed": tte}
-
-  def norm(key):
-    return {"scale": take.take(key + ".scale", (h,))}
-
-  def split(w, b, sizes, names):
-    cuts = np.cumsum(sizes)[:-1]
-    return {nm: _linear(wi, bi) for nm, wi, bi in
-            zip(names, np.split(w, cuts, axis=0), np.split(b, cuts, axis=0))}
-
-  double = []
-  for i in range(cfg.num_layers):
-    p = f"double_blocks.{i}."
-    blk = {"norm1": lin(p + "img_mod.lin", 6 * d, d),
-           "norm1_context": lin(p + "txt_mod.lin", 6 * d, d),
-           "to_out": lin(p + "img_attn.proj", d, d), "to_add_out": lin(p + "txt_attn.proj", d, d),
-           "ff_in": lin(p + "img_mlp.0", m, d), "ff_out": lin(p + "img_mlp.2", d, m),
-           "ff_context_in": lin(p + "txt_mlp.0", m, d),
-           "ff_context_out": lin(p + "txt_mlp.2", d, m),
-           "norm_q": norm(p + "img_attn.norm.query_norm"),
-           "norm_k": norm(p + "img_attn.norm.key_norm"),
-           "norm_added_q": norm(p + "txt_attn.norm.query_norm"),
-           "norm_added_k": norm(p + "txt_attn.norm.key_norm")}
-    blk.update(split(*wb(p + "img_attn.qkv", 3 * d, d), (d, d, d), ("to_q", "to_k", "to_v")))
-    blk.update(split(*wb(p + "txt_attn.qkv", 3 * d, d), (d, d, d),
-                     ("add_q_proj", "add_k_proj", "add_v_proj")))
-    double.append(blk)
-  single = []
-  for i in range(cfg.num_single_layers):
-    p = f"single_blocks.{i}."
-    blk = {"norm": lin(p + "modulation.lin", 3 * d, d),
-           "proj_out": lin(p + "linear2", d, d + m),
-           "norm_q": norm(p + "norm.query_norm"), "norm_k": norm(p + "norm.key_norm")}
-    blk.update(split(*wb(p + "linear1", 3 * d + m, d), (d, d, d, m),
-                     ("to_q", "to_k", "to_v", "proj_mlp")))
-    single.append(blk)
-  w, b = wb("final_layer.adaLN_modulation.1", 2 * d, d)
-  params["norm_out"] = _linear(np.concatenate([w[d:], w[:d]]), np.concatenate([b[d:], b[:d]]))
-  params["proj_out"] = lin("final_layer.linear", cfg.out, d)
-  take.finish()
-  if double:
-    params["transformer_blocks"] = _stack(double)
-  if single:
-    params["single_transformer_blocks"] = _stack(single)
-  return params
-
-
-def config_from_bfl(tensors: Mapping[str, np.ndarray], dtype: str = "bfloat16", *,
-                    axes_dims_rope: tuple[int, ...] | None = None,
-                    source: str = "BFL checkpoint") -> FluxConfig:
-  """FluxConfig inferred from a BFL state dict's shapes: widths from img_in /
-  txt_in / vector_in / final_layer, head_dim from the q-norm scale (128 in the
-  published models), block counts from the highest block index, mlp_ratio
-  from the MLP width, guidance_embeds from the presence of guidance_in.
-  axes_dims_rope is not stored in the file: (16, 56, 56) for head_dim 128
-  (the published models), else it must be given."""
-  pre = _bfl_prefix(tensors)
-
-  def shape(key):
-    if pre + key not in tensors:
-      raise CheckpointError(f"checkpoint {source}: missing key {pre + key!r}, needed to infer "
-                            "the transformer config")
-    return tuple(np.shape(tensors[pre + key]))
-
-  def count(block):
-    pat = re.compile(re.escape(pre + block) + r"\.(\d+)\.")
-    idx = [int(mt.group(1)) for k in tensors if (mt := pat.match(k))]
-    return max(idx) + 1 if idx else 0
-
-  width, in_channels = shape("img_in.weight")
-  _, joint = shape("txt_in.weight")
-  _, pooled = shape("vector_in.in_layer.weight")
-  out, _ = shape("final_layer.linear.weight")
-  num_layers, num_single = count("double_blocks"), count("single_blocks")
-  if num_layers:
-    (head_dim,) = shape("double_blocks.0.img_attn.norm.query_norm.scale")
-    mlp, _ = shape("double_blocks.0.img_mlp.0.weight")
-  elif num_single:
-    (head_dim,) = shape("single_blocks.0.norm.query_norm.scale")
-    mlp = shape("single_blocks.0.linear1.weight")[0] - 3 * width
-  else:
-    raise CheckpointError(f"checkpoint {source}: no double_blocks.* or single_blocks.* keys")
-  if width % head_dim:
-    raise CheckpointError(f"checkpoint {source}: width {width} (img_in.weight) is not a "
-                          f"multiple of head_dim {head_dim} (query_norm.scale)")
-  if axes_dims_rope is None:
-    if head_dim not in _KNOWN_AXES:
-      raise CheckpointError(f"checkpoint {source}: head_dim {head_dim} is not that of a "
-                            "published FLUX.1 model (128); pass axes_dims_rope explicitly")
-    axes_dims_rope = _KNOWN_AXES[head_dim]
-  try:
-    return FluxConfig(in_channels=in_channels, out_channels=None if out == in_channels else out,
-                      num_layers=num_layers, num_single_layers=num_single,
-                      num_heads=width // head_dim, head_dim=head_dim, joint_attention_dim=joint,
-                      pooled_projection_dim=pooled,
-                      guidance_embeds=pre + "guidance_in.in_layer.weight" in tensors,
-                      axes_dims_rope=tuple(axes_dims_rope), mlp_ratio=mlp / width,
-                      dtype=_dtype_name(dtype))
-  except ValueError as e:
-    raise CheckpointError(f"checkpoint {source}: {e}") from e
-
-
 class Transformer:
   """The numpy face: `Transformer(cfg, params)(hidden_states, ...)` with the
   arguments and semantics of diffusers FluxTransformer2DModel.forward(...,
@@ -775,41 +557,3 @@ class Transformer:
                    f32(pooled_projections), f32(timestep), f32(img_ids), f32(txt_ids),
                    f32(guidance))
     return np.asarray(jax.device_get(out), np.float32)
-
-
-def _config_path(path: str) -> str:
-  p = os.fspath(path)
-  if p.endswith(".safetensors") or p.endswith(".json"):
-    base = posixpath.dirname(p) if fileio.is_remote(p) else os.path.dirname(p)
-    return fileio.join(base or ".", "config.json")
-  return fileio.join(p, "config.json")
-
-
-def load_transformer(path: str, dtype: str = "bfloat16", *,
-                     axes_dims_rope: tuple[int, ...] | None = None) -> Transformer:
-  """A Transformer from a diffusers `transformer/` directory (config.json +
-  diffusion_pytorch_model*.safetensors, sharded or not) or a BFL single
-  .safetensors file (told apart by their keys). `axes_dims_rope` overrides
-  the config's (a BFL file of a non-published head dim needs it)."""
-  dtype = _dtype_name(dtype)
-  tensors = read_tensors(path)
-  if "img_in.weight" in tensors or _BFL_PREFIX + "img_in.weight" in tensors:
-    cfg = config_from_bfl(tensors, dtype, axes_dims_rope=axes_dims_rope, source=str(path))
-    return Transformer(cfg, params_from_bfl(tensors, cfg, str(path)))
-  if "x_embedder.weight" not in tensors:
-    raise CheckpointError(f"checkpoint {path}: neither a diffusers FluxTransformer2DModel "
-                          "(no 'x_embedder.weight') nor a Black Forest Labs FLUX file "
-                          "(no 'img_in.weight')")
-  cpath = _config_path(path)
-  if not fileio.exists(cpath):
-    raise CheckpointError(f"checkpoint {path}: diffusers transformer weights without "
-                          f"{cpath}")
-  try:
-    cfg = FluxConfig.from_diffusers(read_json(cpath), dtype)
-    if axes_dims_rope is not None:
-      cfg = dataclasses.replace(cfg, axes_dims_rope=tuple(axes_dims_rope))
-  except CheckpointError:
-    raise
-  except ValueError as e:
-    raise CheckpointError(f"checkpoint {cpath}: {e}") from e
-  return Transformer(cfg, params_from_diffusers(tensors, cfg, str(path)))

@@ -35,6 +35,9 @@ import numpy as np
 from auditdm_jax import sharding as sharding_lib
 from auditdm_jax.diffusion import vae as ae_lib
 from auditdm_jax.diffusion import flux, sampler, text, tokenizers
+from auditdm_jax.diffusion.ckpt import flux as flux_ckpt
+from auditdm_jax.diffusion.ckpt import text as text_ckpt
+from auditdm_jax.diffusion.ckpt import vae as ae_ckpt
 from auditdm_jax.diffusion.common import CheckpointError, read_json
 from auditdm_jax.utils import fileio
 
@@ -311,11 +314,11 @@ def load(path: str, *, dtype: str = "bfloat16", transformer: str | None = None,
   sched = sampler.SchedulerConfig.from_diffusers(
       read_json(fileio.join(path, "scheduler", "scheduler_config.json")))
   parts = Components(
-      transformer=flux.load_transformer(transformer or _component(path, "transformer"), dtype),
-      autoencoder=ae_lib.load_autoencoder(autoencoder or _component(path, "vae"), dtype),
-      clip=text.load_clip(_component(path, "text_encoder"), dtype),
+      transformer=flux_ckpt.load_transformer(transformer or _component(path, "transformer"), dtype),
+      autoencoder=ae_ckpt.load_autoencoder(autoencoder or _component(path, "vae"), dtype),
+      clip=text_ckpt.load_clip(_component(path, "text_encoder"), dtype),
       clip_tokenizer=tokenizers.ClipTokenizer(_component(path, "tokenizer")),
-      t5=text.load_t5(_component(path, "text_encoder_2"), dtype),
+      t5=text_ckpt.load_t5(_component(path, "text_encoder_2"), dtype),
       t5_tokenizer=tokenizers.T5Tokenizer(_component(path, "tokenizer_2")),
       scheduler=sched)
   return Pipeline(parts, mode, max_sequence_length=max_sequence_length, mesh=mesh, source=path,

@@ -91,6 +91,6 @@ class Gemma3VLM(nn.Module):
                     jnp.take_along_axis(img, slot[..., None], axis=1), x)
     positions = jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1
     mask = interleaved_mask(is_image, input_mask)
-    out, kv = self.llm(x, positions, mask, return_hidden=return_hidden,
-                       return_kv=return_kv)
-    return (out, kv) if return_kv else out
+    o = self.llm(x, positions, mask, return_hidden=return_hidden, return_kv=return_kv)
+    out = o.hidden if return_hidden else o.logits
+    return (out, o.kv) if return_kv else out

@@ -60,6 +60,7 @@ class PaliGemma(nn.Module):
     txt = self.embed_text(tokens)
     x = jnp.concatenate([img.astype(txt.dtype), txt], axis=1)
     attn_mask, positions, prefix_pairs = prefix_inputs(img.shape[1], input_mask, mask_ar)
-    out, kv = self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
-                       return_hidden=return_hidden, return_kv=return_kv)
-    return (out, kv) if return_kv else out
+    o = self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
+                 return_hidden=return_hidden, return_kv=return_kv)
+    out = o.hidden if return_hidden else o.logits
+    return (out, o.kv) if return_kv else out

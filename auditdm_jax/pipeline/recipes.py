@@ -2,7 +2,8 @@
 
 Every training run of the pipeline (the pretrain recipes, the audit's GRPO
 `audit.optim`, rectify) spells its optimizer the same way and gets the same
-defaults (`OPTIM_DEFAULTS`); a section sets only what differs.
+defaults (`OPTIM_DEFAULTS`: TrainConfig's own, with the pipeline's few
+departures); a section sets only what differs.
 
   lr            peak learning rate (required)
   warmup        int: steps; float in [0, 1]: fraction of the steps
@@ -27,10 +28,20 @@ from auditdm_jax.audit import reward as reward_lib
 from auditdm_jax.scenes.world import GRID
 from auditdm_jax.train.config import TrainConfig
 
-OPTIM_DEFAULTS = dict(warmup=0.05, end_lr=0.0, weight_decay=0.0, b2=0.99, grad_clip=1.0,
-                      grad_accum=1, frozen=(), checkpoint_every=200, log_every=100,
-                      compiler_options={}, phrase_aux=0.0, eval_every=0,
-                      loss_slots=0)
+
+def _own(field: str):
+  """TrainConfig's own default of `field`: the one home of the optimizer defaults."""
+  return TrainConfig.__dataclass_fields__[field].default
+
+
+# TrainConfig's defaults, except where every pipeline run departs from them on
+# purpose (warm-up, b2, the SFT runs' cadence); a section (rectify.DEFAULTS)
+# states only its own departures.
+OPTIM_DEFAULTS = dict(warmup=0.05, end_lr=_own("end_lr"), weight_decay=_own("weight_decay"),
+                      b2=0.99, grad_clip=_own("grad_clip"), grad_accum=_own("grad_accum"),
+                      frozen=_own("frozen"), checkpoint_every=200, log_every=100,
+                      compiler_options={}, phrase_aux=_own("phrase_aux"),
+                      eval_every=_own("eval_every"), loss_slots=_own("loss_slots"))
 OPTIM_KEYS = ("lr", "steps", "batch", "seq_len", *OPTIM_DEFAULTS)
 
 

@@ -70,13 +70,7 @@ def run(config, workdir: str) -> dict:
     return {}
   a = STAGE.settings(config)
   seed = int(config.seed)
-  target = audit_target(config)
-  refs = roles(config, "reference")
-  auditors = roles(config, "auditor")
-  if len(auditors) != 1 or not refs:
-    raise ValueError(f"the audit needs exactly one auditor and at least one reference; "
-                     f"the config has auditors {auditors} and references {refs}")
-  aud_name = auditors[0]
+  aud_name, target, refs = _names(config)
   tcfg, gcfg, rcfg = audit_configs(config)
   mixture = rollout_lib.check_mixture(dict(a["mixture"]))
   dcfg = diversity_lib.DiversityConfig.from_config(a["diversity"])
@@ -88,25 +82,10 @@ def run(config, workdir: str) -> dict:
   mesh = placement.mesh(config)
   trainer = grpo.GRPOTrainer(auditor.config, tcfg, gcfg, mesh)
   warm_params = jax.device_put(auditor.params, trainer.param_shardings)
-  # One prompt-length bucket for every question (one compile per answerer).
-  bucket = int(a["answer_bucket"])
-  answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
-               for n in [target] + refs}
-  judge, _ = judging.build(config, workdir, rcfg, answerers, loaded, mesh, bucket)
-  auditing = rollout_lib.Auditing(
-      placement.sampler(config, aud_name, auditor, mesh), answerers, target, refs,
-      editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
-      num_samples=gcfg.num_samples, temperature=float(a["temperature"]),
-      max_new_tokens=int(a["max_new_tokens"]),
-      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg, tasks=AUDITOR_TASKS)
-
-  src = seed_source(config, workdir, auditor.config.vision.image_size)
-  n_eval = int(a["eval_budget"])
-  if len(src) <= n_eval:
-    raise ValueError(f"the seed_images split holds {len(src)} images; audit.eval_budget="
-                     f"{n_eval} must leave some for training")
-  train_pool = learner_lib.SeedPool(src, 0, len(src) - n_eval)
-  eval_pool = learner_lib.SeedPool(src, len(src) - n_eval)
+  auditing = _auditing(config, workdir, a, loaded, aud_name, target, refs, mesh,
+                       (gcfg, rcfg, dcfg))
+  train_pool, eval_pool, n_eval = _seed_pools(config, workdir, a,
+                                              auditor.config.vision.image_size)
 
   root = os.path.join(workdir, "audit")
   os.makedirs(root, exist_ok=True)
@@ -122,31 +101,16 @@ def run(config, workdir: str) -> dict:
     finds_path = os.path.join(root, "finds.jsonl")
     if sharding.is_primary():
       learner_lib.truncate_finds(finds_path, start)
-    journal = None
-    if dcfg.on:   # the archive of the checkpoint's step, rebuilt from its journal
-      journal = diversity_lib.Journal(dcfg, os.path.join(root, "diversity.jsonl"))
-      journal.resume(start, write=sharding.is_primary())
-    adherence = None
-    if dcfg.on and dcfg.adherence == "warm_likelihood":   # the frozen warm start judges
-      judge_sampler = placement.sampler(config, aud_name, auditor, mesh)
-      judge_sampler.set_params(warm_params)   # shares the KL reference's buffers where
-                                              # the shardings agree
-      adherence = diversity_lib.Adherence(judge_sampler, dcfg,
-                                          AUDITOR_TASKS["question"],
-                                          batch=int(a["eval_batch"]) * 4)
+    journal, adherence = _diversity(config, a, dcfg, root, start, aud_name, auditor, mesh,
+                                    warm_params)
     learner = learner_lib.GRPOLearner(
         trainer, auditing, train_pool, mixture, seed=seed,
         prompts_per_step=int(a["prompts_per_step"]), seq_len=int(a["seq_len"]),
         warm_params=warm_params, finds_path=finds_path,
         log_examples=int(a["log_examples"]), journal=journal, adherence=adherence)
-    progress = a["progress"]
-    lcfg = loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a["checkpoint_every"]),
-                               log_every=int(a["log_every"]), updates_per_step=mu,
-                               name="audit", progress=os.isatty(1) if progress is None
-                               else bool(progress), tensorboard=True)
     t_train = time.time()
     state, _, _, _ = loop_lib.run(
-        state, start, lcfg, learner.step, checkpointer, root, meta, last_saved=latest,
+        state, start, _loop_config(a, steps, mu), learner.step, checkpointer, root, meta, last_saved=latest,
         on_log=learner.on_log,
         postfix=lambda r: {"reward": f"{r['reward']:.3f}",
                            "success": f"{r['success_rate']:.2f}"})
@@ -161,6 +125,91 @@ def run(config, workdir: str) -> dict:
   curve = [{"step": r["step"] // mu, "reward": r["reward"], "success_rate": r["success_rate"]}
            for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "reward" in r]
   t_eval = time.time()
+  fig, roll_t = _evaluate(auditing, trained, warm_params, eval_pool, n_eval, a, mixture, seed,
+                          dcfg, journal)
+  ratio = fig.pop("ratio")
+  out = {**fig, "steps": steps, "target": target, "references": refs, "ratio": ratio,
+         "train_s": train_s, "eval_s": time.time() - t_eval,
+         "wall_s": time.time() - t_stage, "learning_curve": curve,
+         "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
+  if sharding.is_primary():
+    layout.write_summary(workdir, "audit", dumps(out))
+  _log(out, n_eval)
+  return out
+
+
+def _names(config) -> tuple[str, str, list[str]]:
+  """(the auditor, the audited target, the references); exactly one auditor
+  and at least one reference."""
+  target = audit_target(config)
+  refs = roles(config, "reference")
+  auditors = roles(config, "auditor")
+  if len(auditors) != 1 or not refs:
+    raise ValueError(f"the audit needs exactly one auditor and at least one reference; "
+                     f"the config has auditors {auditors} and references {refs}")
+  return auditors[0], target, refs
+
+
+def _loop_config(a, steps: int, mu: int) -> loop_lib.LoopConfig:
+  progress = a["progress"]
+  return loop_lib.LoopConfig(steps=steps, checkpoint_every=int(a["checkpoint_every"]),
+                             log_every=int(a["log_every"]), updates_per_step=mu,
+                             name="audit", progress=os.isatty(1) if progress is None
+                             else bool(progress), tensorboard=True)
+
+
+def _auditing(config, workdir, a, loaded, aud_name, target, refs, mesh, cfgs):
+  """The rollout's world: the auditor's and answerers' samplers (one
+  prompt-length bucket for every question: one compile per answerer), the
+  judge, the editor. `cfgs`: the GRPO, reward and diversity configs."""
+  gcfg, rcfg, dcfg = cfgs
+  auditor = loaded[aud_name]
+  bucket = int(a["answer_bucket"])
+  answerers = {n: placement.sampler(config, n, loaded[n], mesh, length_bucket=bucket)
+               for n in [target] + refs}
+  judge, _ = judging.build(config, workdir, rcfg, answerers, loaded, mesh, bucket)
+  return rollout_lib.Auditing(
+      placement.sampler(config, aud_name, auditor, mesh), answerers, target, refs,
+      editing.build(config, mesh, auditor.config.vision.image_size), rcfg,
+      num_samples=gcfg.num_samples, temperature=float(a["temperature"]),
+      max_new_tokens=int(a["max_new_tokens"]),
+      answer_tokens=int(a["answer_tokens"]), judge=judge, diversity=dcfg,
+      tasks=AUDITOR_TASKS)
+
+
+def _seed_pools(config, workdir, a, image_size):
+  """(training seeds, the last `audit.eval_budget` seeds held out, their count)."""
+  src = seed_source(config, workdir, image_size)
+  n_eval = int(a["eval_budget"])
+  if len(src) <= n_eval:
+    raise ValueError(f"the seed_images split holds {len(src)} images; audit.eval_budget="
+                     f"{n_eval} must leave some for training")
+  return (learner_lib.SeedPool(src, 0, len(src) - n_eval),
+          learner_lib.SeedPool(src, len(src) - n_eval), n_eval)
+
+
+def _diversity(config, a, dcfg, root, start, aud_name, auditor, mesh, warm_params):
+  """(the descriptor archive's journal, the adherence judge), each None when
+  `audit.diversity` does not use it."""
+  journal = None
+  if dcfg.on:   # the archive of the checkpoint's step, rebuilt from its journal
+    journal = diversity_lib.Journal(dcfg, os.path.join(root, "diversity.jsonl"))
+    journal.resume(start, write=sharding.is_primary())
+  adherence = None
+  if dcfg.on and dcfg.adherence == "warm_likelihood":   # the frozen warm start judges
+    judge_sampler = placement.sampler(config, aud_name, auditor, mesh)
+    judge_sampler.set_params(warm_params)   # shares the KL reference's buffers where
+                                            # the shardings agree
+    adherence = diversity_lib.Adherence(judge_sampler, dcfg,
+                                        AUDITOR_TASKS["question"],
+                                        batch=int(a["eval_batch"]) * 4)
+  return journal, adherence
+
+
+def _evaluate(auditing, trained, warm_params, eval_pool, n_eval, a, mixture, seed, dcfg,
+              journal) -> tuple[dict, list]:
+  """The trained and warm-start auditors' search on the held-out seeds: the
+  figures of audit.json (with "ratio") and the trained auditor's rollouts."""
   # The trained auditor searches where its archive says the target fails
   # (`audit.diversity.search`); the warm start, which knows nothing of it, evenly.
   asks = {p: "question" in rollout_lib.PAIRINGS[p] for p in mixture}
@@ -168,7 +217,6 @@ def run(config, workdir: str) -> dict:
              if journal is not None and dcfg.search in ("archive", "thompson") else None)
   fig, roll_t = learner_lib.compare_search(auditing, trained, warm_params, eval_pool, n_eval,
                                            mixture, seed, int(a["eval_batch"]), weights)
-  ratio = fig.pop("ratio")
   per_seed, div, uniform = _per_seed(auditing, trained, warm_params, eval_pool, a, mixture,
                                      seed, weights)
   fig["success_rate_per_seed"] = per_seed
@@ -182,14 +230,7 @@ def run(config, workdir: str) -> dict:
     fig["search"]["trained_uniform"] = dict(uniform, per_probe=res_u["success_rate"])
   if journal is not None:
     fig["archive"] = journal.archive.state()
-  out = {**fig, "steps": steps, "target": target, "references": refs, "ratio": ratio,
-         "train_s": train_s, "eval_s": time.time() - t_eval,
-         "wall_s": time.time() - t_stage, "learning_curve": curve,
-         "examples": learner_lib.find_rows(roll_t, steps, target)[:8]}
-  if sharding.is_primary():
-    layout.write_summary(workdir, "audit", dumps(out))
-  _log(out, n_eval)
-  return out
+  return fig, roll_t
 
 
 def _per_seed(auditing, trained, warm, pool, a, mixture, seed, weights=None

@@ -2,7 +2,7 @@
 scene benchmark, and the auditor's well-formed-output rates; or, when the
 config names benchmarks (`data.benchmarks`, the real configs), every target
 and reference scored on each with the benchmark's declared metric
-(`eval/metrics.py`: VQA accuracy, exact match, ANLS, relaxed accuracy,
+(`eval/metrics/`: VQA accuracy, exact match, ANLS, relaxed accuracy,
 multiple choice, CircularEval, POPE, MME, RefCOCO Acc@0.5, CIDEr) in the
 paper's unit; `eval.max_examples` caps each benchmark.
 

@@ -119,16 +119,9 @@ def run(config, workdir: str) -> dict:
   seed = int(config.seed)
   judge, judge_params = judging.build(config, workdir, rcfg, answerers,
                                       {**loaded, **auditor_models}, mesh, bucket)
-  journal.check_journal_all(chunks_dir, {
-      "seed": seed, "seeds": n_seeds, "samples_per_seed": k, "chunk_seeds": chunk,
-      "mixture": mixture, "temperature": float(m["temperature"]),
-      "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
-      "targets": targets, "references": refs, "auditors": list(m["auditors"]),
-      "params": {n: params_fingerprint(v.params)
-                 for n, v in {**loaded, **auditor_models}.items()},
-      **_judge_identity(judge, judge_params, rcfg),
-      **({"diversity": {"descriptors": list(dcfg.descriptors), "prompt": dcfg.prompt,
-                        "generic": dcfg.generic}} if dcfg.on else {})})
+  journal.check_journal_all(chunks_dir, _journal_identity(
+      config, m, n_seeds, mixture, rcfg, dcfg, {**loaded, **auditor_models},
+      (judge, judge_params)))
 
   def new_auditing(name, aud):
     return rollout_lib.Auditing(
@@ -167,6 +160,24 @@ def run(config, workdir: str) -> dict:
     layout.write_summary(workdir, "mine", dumps(out))
   _log(out, records, focus)
   return out
+
+
+def _journal_identity(config, m, n_seeds: int, mixture, rcfg, dcfg, all_models,
+                      judged) -> dict:
+  """What the mine journal's chunks were mined with (`journal.check_journal_all`
+  refuses to mix chunks of another identity)."""
+  judge, judge_params = judged
+  return {
+      "seed": int(config.seed), "seeds": n_seeds, "samples_per_seed": int(m["samples_per_seed"]),
+      "chunk_seeds": int(m["chunk_seeds"]),
+      "mixture": mixture, "temperature": float(m["temperature"]),
+      "max_new_tokens": int(config.audit.max_new_tokens), "consensus": rcfg.consensus,
+      "targets": roles(config, "target"), "references": roles(config, "reference"),
+      "auditors": list(m["auditors"]),
+      "params": {n: params_fingerprint(v.params) for n, v in all_models.items()},
+      **_judge_identity(judge, judge_params, rcfg),
+      **({"diversity": {"descriptors": list(dcfg.descriptors), "prompt": dcfg.prompt,
+                        "generic": dcfg.generic}} if dcfg.on else {})}
 
 
 def _diversity(records, auditors, focus: str) -> dict:

@@ -69,16 +69,18 @@ from auditdm_jax.data import named
 from auditdm_jax.pipeline import evaluation, layout, placement
 from auditdm_jax.pipeline.layout import (audit_target, earlier_stores, model_dir, published_path,
                                          rectified_name, roles)
-from auditdm_jax.pipeline.recipes import recipe_config
+from auditdm_jax.pipeline.recipes import OPTIM_DEFAULTS, recipe_config
 from auditdm_jax.pipeline.spec import Stage, unknown_keys
 from auditdm_jax.scenes import tasks
 from auditdm_jax.train import sft
 
 STRATEGIES = ("augment", "bootstrap")
+# The optimizer: OPTIM_DEFAULTS (pipeline/recipes.py) but for rectify's own
+# departures written here.
 DEFAULTS = dict(target="", strategy="augment", mix_ratio=0.5, anchor_ratio=0.0,
                 skill_balance=0.0, freeze_vision=True, seq_len=32,
-                steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5, weight_decay=0.0,
-                checkpoint_every=100, log_every=50)
+                steps=300, batch=32, lr=5e-4, warmup=0.1, end_lr=1e-5,
+                weight_decay=OPTIM_DEFAULTS["weight_decay"], checkpoint_every=100, log_every=50)
 # The repair checks (issue 31): every gap slice +40 points; a gapped skill +20
 # where its gap holds at least a fifth of the skill's questions; no healthy
 # skill down more than 2 points; the rectified target 1 point above the others.
@@ -320,16 +322,8 @@ def run(config, workdir: str) -> dict:
                          t0, t_eval)
   bench_src = layout.scene_source(config, workdir, "benchmark")
   bench = [bench_src[i] for i in range(len(bench_src))]
-  answerers = roles(config, "target") + roles(config, "reference")
-  before, after, gap_before, gap_after = {}, {}, {}, {}
-  for name in answerers:
-    g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
-    m = model if name == target else models.load(model_dir(workdir, name))
-    rep = accuracy(config, workdir, name, m, bench, g)
-    before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
-    if name == target:
-      rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
-    after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
+  before, after, gap_before, gap_after = _before_after(config, workdir, target, model, rect,
+                                                       bench)
   others = [t for t in roles(config, "target") if t != target]
   shares = gap_shares(bench, gaps)
   gains = {"slices": {g: gap_after[target][g] - gap_before[target][g] for g in gaps},
@@ -350,15 +344,35 @@ def run(config, workdir: str) -> dict:
          "eval_s": time.time() - t_eval, "wall_s": time.time() - t0}
   if sharding.is_primary():
     layout.write_summary(workdir, "rectify", benchmark.dumps(out))
-  a0, a1 = before[target], after[target]
-  print(f"rectify: {target} ({r['strategy']}, {n_pseudo} pseudo-labelled rows, "
-        f"{summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
+  _log(out, summary)
+  return out
+
+
+def _before_after(config, workdir: str, target: str, model, rect, bench):
+  """Every answerer's (overall and per-skill, gap-slice) accuracy on the scene
+  benchmark before and after: only `target` changes, to `rect`."""
+  before, after, gap_before, gap_after = {}, {}, {}, {}
+  for name in roles(config, "target") + roles(config, "reference"):
+    g = [str(x) for x in gaps_lib.parse_gaps(list(config.models[name].get("gaps", ())))]
+    m = model if name == target else models.load(model_dir(workdir, name))
+    rep = accuracy(config, workdir, name, m, bench, g)
+    before[name], gap_before[name] = rep["accuracy"], rep["gap_accuracy"]
+    if name == target:
+      rep = accuracy(config, workdir, rectified_name(target), rect, bench, g)
+    after[name], gap_after[name] = rep["accuracy"], rep["gap_accuracy"]
+  return before, after, gap_before, gap_after
+
+
+def _log(out: dict, summary: dict) -> None:
+  target, gaps = out["target"], out["gaps"]
+  a0, a1 = out["accuracy_before"][target], out["accuracy_after"][target]
+  g0, g1 = out["gap_accuracy_before"][target], out["gap_accuracy_after"][target]
+  print(f"rectify: {target} ({out['strategy']}, {out['pseudo_labelled_rows']} pseudo-labelled "
+        f"rows, {summary['steps']} steps): overall {a0['overall']:.3f} -> {a1['overall']:.3f}; "
         + ", ".join(f"{s} {a0[s]:.3f} -> {a1[s]:.3f}" for s in out["gapped_skills"])
-        + "; gap slices " + ", ".join(f"{g} {gap_before[target][g]:.3f} -> "
-                                      f"{gap_after[target][g]:.3f}" for g in gaps)
+        + "; gap slices " + ", ".join(f"{g} {g0[g]:.3f} -> {g1[g]:.3f}" for g in gaps)
         + f"; {sum(c['ok'] for c in out['checks'])}/{len(out['checks'])} checks met; "
         f"{out['wall_s']:.0f}s", flush=True)
-  return out
 
 
 def _report_named(config, workdir, r, target, out_name, skipped, n_pseudo, summary, t0,

@@ -76,8 +76,15 @@ class TrainConfig:
                                       # the prompt); 0: at every position
 
   def __post_init__(self):
+    problems = self._optimizer_problems() + self._count_problems()
+    self._normalise(problems)
+    problems += self._aux_problems()
+    if problems:
+      raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+  def _optimizer_problems(self) -> list[str]:
+    """The schedule and the optimizer's numbers."""
     problems: list[str] = []
-    set_ = lambda k, v: object.__setattr__(self, k, v)
     if not _is_int(self.steps) or self.steps < 1:
       problems.append(f"steps must be an int >= 1, got {self.steps!r}")
     for name in ("lr",):
@@ -111,6 +118,11 @@ class TrainConfig:
     if self.grad_clip is not None and (not _is_num(self.grad_clip)
                                        or not self.grad_clip >= 0):
       problems.append(f"grad_clip must be None or a number >= 0, got {self.grad_clip!r}")
+    return problems
+
+  def _count_problems(self) -> list[str]:
+    """Step counts, intervals, seeds and sizes."""
+    problems: list[str] = []
     for name in ("grad_accum", "checkpoint_every", "log_every"):
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
@@ -127,6 +139,12 @@ class TrainConfig:
       problems.append(f"seed must be an int, got {self.seed!r}")
     if not _is_int(self.fsdp_min_size) or self.fsdp_min_size < 0:
       problems.append(f"fsdp_min_size must be an int >= 0, got {self.fsdp_min_size!r}")
+    return problems
+
+  def _normalise(self, problems: list[str]) -> None:
+    """Compiler options, regexes, mesh and rules into their canonical form (in
+    place); their problems appended to `problems`."""
+    set_ = lambda k, v: object.__setattr__(self, k, v)
     opts = self.compiler_options
     opts = list(opts.items()) if isinstance(opts, Mapping) else list(opts or ())
     if any(not isinstance(o, (tuple, list)) or len(o) != 2 or not isinstance(o[0], str)
@@ -159,6 +177,10 @@ class TrainConfig:
       items = list(ar.items()) if isinstance(ar, Mapping) else list(ar)
       set_("activation_rules", tuple(
           (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in items))
+
+  def _aux_problems(self) -> list[str]:
+    """The phrase loss and the progress bar."""
+    problems: list[str] = []
     if not _is_num(self.phrase_aux) or not math.isfinite(self.phrase_aux) \
         or self.phrase_aux < 0:
       problems.append(f"phrase_aux must be a finite number >= 0, got {self.phrase_aux!r}")
@@ -166,8 +188,7 @@ class TrainConfig:
       problems.append(f"phrase_classes must be an int >= 2, got {self.phrase_classes!r}")
     if self.progress is not None and not isinstance(self.progress, bool):
       problems.append(f"progress must be None or a bool, got {self.progress!r}")
-    if problems:
-      raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+    return problems
 
   @property
   def warmup(self) -> int:

@@ -2,7 +2,7 @@
 
 - `vqa_official`: an answer as the official VQA evaluation compares it
   (GT-Vision-Lab/VQA `vqaEval.py`, EvalAI's processor), quirks included, so
-  that real benchmark scores (`eval/metrics.py`) are the published ones.
+  that real benchmark scores (`eval/metrics/`) are the published ones.
 - `answer_key`: the key two models' answers are compared by (the reward's
   consensus and disagreement, mining, failure types, the scene world's
   benchmark). It has to make "Two." and "2" one answer whatever the context,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 
 from auditdm_jax.utils import chaos
@@ -93,6 +94,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   with atomic_write(path, "w") as f:
     f.write(text)
+
+
+def replace_dir(tmp: str, path: str, moved_aside: str | None = None) -> None:
+  """Moves the finished directory `tmp` to `path` in one rename. An existing
+  `path` is first moved aside to `<path>.old` (chaos point `moved_aside`, when
+  named) and removed only afterwards; if tmp cannot be moved in it is moved
+  back. A stale `<path>.old` from an interrupted earlier call is removed first."""
+  path = os.path.abspath(path)
+  old = path + ".old"
+  if os.path.exists(old):
+    shutil.rmtree(old)
+  moved = False
+  if os.path.exists(path):
+    os.replace(path, old)
+    moved = True
+    if moved_aside:
+      chaos.point(moved_aside)
+  try:
+    os.replace(tmp, path)
+  except BaseException:
+    if moved:
+      os.replace(old, path)
+    raise
+  if moved:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- remote paths (gs://, and any other fsspec URL) -----------------------------------

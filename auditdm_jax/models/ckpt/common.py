@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import flax
 import ml_dtypes
@@ -24,6 +24,14 @@ def listed_problems(problems) -> str:
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def misfit(source: str, problems, config: str = "") -> CheckpointError:
+  """The error of a checkpoint that does not fit the model config: every
+  problem listed (`listed_problems`), `config` naming the config if given."""
+  named = f" ({config})" if config else ""
+  return CheckpointError(f"checkpoint {source} does not fit the model config{named}:"
+                         f"{listed_problems(problems)}")
 
 
 def as_dtype(name: str | np.dtype) -> np.dtype:
@@ -68,8 +76,7 @@ def assemble(flat: Mapping[str, np.ndarray], cfg: VLMConfig, source: str) -> dic
       problems.append(f"key {key!r} has shape {got} in the file but the config "
                       f"expects {expected[key]}")
   if problems:
-    raise CheckpointError(f"checkpoint {source} does not fit the model config "
-                          f"({cfg.variant}):{listed_problems(problems)}")
+    raise misfit(source, problems, cfg.variant)
   dtype = as_dtype(cfg.text.param_dtype)
   out = {}
   for key, arr in flat.items():
@@ -96,3 +103,78 @@ def require(flat: Mapping[str, np.ndarray], key: str, source: str, ndim: int):
     raise CheckpointError(f"checkpoint {source}: key {key!r} has shape "
                           f"{tuple(np.shape(arr))}, expected {ndim} dimensions")
   return arr
+
+
+class Taker:
+  """Takes tensors out of a state dict by name, checking shapes.
+
+  `take(key, shape)` returns the array cast to `dtype` (float32 through
+  float32 so bfloat16 files cast exactly; float and finite checked); every
+  problem is collected and raised together by `finish()`, naming the source,
+  the key and the shapes. `finish()` also reports every key that was never
+  taken as unknown.
+
+  With `dtype=None` arrays come back as stored and unchecked (the caller
+  checks them, as `assemble` does); with `strict_now=True` a missing key
+  raises at once. `stack(fmt, n, fn)` takes `fmt.format(i)` for i < n, `fn`
+  applied to each, stacked; `unused()` lists the keys not taken.
+  """
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], source: str,
+               dtype: Any = np.float32, prefix: str = "", strict_now: bool = False):
+    self.tensors = tensors
+    self.source = source
+    self.dtype = None if dtype is None else as_dtype(dtype)
+    self.prefix = prefix
+    self.strict_now = strict_now
+    self.used: set[str] = set()
+    self.problems: list[str] = []
+
+  def has(self, key: str) -> bool:
+    return self.prefix + key in self.tensors
+
+  def __call__(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    return self.take(key, shape)
+
+  def take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    full = self.prefix + key
+    if full not in self.tensors:
+      if self.strict_now:
+        raise CheckpointError(f"checkpoint {self.source}: missing tensor {full!r}")
+      self.problems.append(f"missing key {full!r}"
+                           + (f" (expected shape {tuple(shape)})" if shape is not None else ""))
+      return np.zeros(shape or (), self.dtype)
+    self.used.add(full)
+    arr = self.tensors[full]
+    got = tuple(np.shape(arr))
+    if shape is not None and got != tuple(shape):
+      where = getattr(self.tensors, "file_of", lambda k: "?")(full)
+      self.problems.append(f"key {full!r} has shape {got} in {where} but the config "
+                           f"expects {tuple(shape)}")
+      return np.zeros(shape, self.dtype)
+    arr = np.asarray(arr)
+    if self.dtype is None:
+      return arr
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16):
+      self.problems.append(f"key {full!r} has non-float dtype {arr.dtype}")
+      return np.zeros(got, self.dtype)
+    out = arr.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+      self.problems.append(f"key {full!r} holds NaN or Inf")
+    return out.astype(self.dtype)
+
+  def stack(self, fmt: str, n: int, fn=lambda x: x) -> np.ndarray:
+    return np.stack([fn(self.take(fmt.format(i))) for i in range(n)])
+
+  def unused(self) -> list[str]:
+    return sorted(k for k in self.tensors if k.startswith(self.prefix) and k not in self.used)
+
+  def finish(self, ignore: tuple[str, ...] = ()) -> None:
+    """Raises CheckpointError listing every problem and every unknown key
+    (keys under `prefix` not taken; `ignore`: key prefixes never used, such as
+    buffers some writers save)."""
+    unknown = [k for k in self.unused() if not k.startswith(tuple(self.prefix + i for i in ignore))]
+    problems = list(self.problems) + [
+        f"unknown key {k!r} with shape {tuple(np.shape(self.tensors[k]))}" for k in unknown]
+    if problems:
+      raise misfit(self.source, problems)

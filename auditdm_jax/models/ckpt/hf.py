@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from auditdm_jax.models.ckpt.common import (BFLOAT16, CheckpointError,
+from auditdm_jax.models.ckpt.common import (BFLOAT16, CheckpointError, Taker,
                                             adjust_vocab_rows, assemble)
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.models.gemma import GemmaConfig
@@ -308,24 +308,21 @@ def _canonical(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-class _Taker:
-  """Pops tensors by canonical name, reporting missing ones with the file."""
-
-  def __init__(self, tensors, source):
-    self.t, self.source = dict(tensors), source
-
-  def __call__(self, name: str) -> np.ndarray:
-    if name not in self.t:
-      raise CheckpointError(f"checkpoint {self.source}: missing tensor {name!r}")
-    return np.asarray(self.t.pop(name))
-
-  def stack(self, fmt: str, n: int, fn=lambda x: x) -> np.ndarray:
-    return np.stack([fn(self(fmt.format(i))) for i in range(n)])
-
-
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) -> dict:
-  t, v = cfg.text, cfg.vision
-  take = _Taker(_canonical(tensors), source)
+  take = Taker(_canonical(tensors), source, dtype=None, strict_now=True)
+  flat = _llm_params(take, cfg, source)
+  flat.update(_vision_params(take, cfg, source))
+  # The SigLIP attention-pooling head (vision_use_head) is unused by both VLMs.
+  leftover = [key for key in take.unused() if not key.startswith("vision.head.")]
+  if leftover:
+    raise CheckpointError(f"checkpoint {source}: unexpected tensors "
+                          f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
+  return assemble(flat, cfg, source)
+
+
+def _llm_params(take: Taker, cfg: VLMConfig, source: str) -> dict[str, np.ndarray]:
+  """The language model's tensors (our flat names), the tied head checked."""
+  t = cfg.text
   n, k, h, d = t.num_heads, t.num_kv_heads, t.head_dim, t.width
   L = t.depth
   lay = "text.layers.{}."
@@ -364,15 +361,20 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) 
     flat["llm/layers/attn/query_norm/scale"] = take.stack(lay + "self_attn.q_norm.weight", L)
     flat["llm/layers/attn/key_norm/scale"] = take.stack(lay + "self_attn.k_norm.weight", L)
   flat["llm/final_norm/scale"] = take("text.norm.weight")
-  lm_head = take.t.pop("lm_head.weight", None)
+  lm_head = take("lm_head.weight") if take.has("lm_head.weight") else None
   if lm_head is not None and not np.array_equal(
       adjust_vocab_rows(np.asarray(lm_head), t.vocab_size),
       flat["llm/embedder/input_embedding"]):
     raise CheckpointError(f"checkpoint {source}: lm_head.weight differs from the "
                           "token embedding; Gemma ties them and untied heads are "
                           "not supported")
+  return flat
 
-  # Vision tower.
+
+def _vision_params(take: Taker, cfg: VLMConfig, source: str) -> dict[str, np.ndarray]:
+  """The vision tower's and the projection's tensors (our flat names)."""
+  v = cfg.vision
+  flat = {}
   vd, vh = v.width, v.num_heads
   blk = "vision.encoder.layers.{}."
   pre = "img/Transformer/encoderblock/"
@@ -408,12 +410,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: VLMConfig, source: str) 
   else:
     flat["llm/embedder/mm_input_projection/w"] = take("proj.mm_input_projection_weight")
     flat["llm/embedder/mm_soft_embedding_norm/scale"] = take("proj.mm_soft_emb_norm.weight")
-  # The SigLIP attention-pooling head (vision_use_head) is unused by both VLMs.
-  leftover = sorted(key for key in take.t if not key.startswith("vision.head."))
-  if leftover:
-    raise CheckpointError(f"checkpoint {source}: unexpected tensors "
-                          f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
-  return assemble(flat, cfg, source)
+  return flat
 
 
 def _reshape(w: np.ndarray, shape: tuple[int, ...], source: str, what: str) -> np.ndarray:

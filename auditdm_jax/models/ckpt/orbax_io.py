@@ -40,8 +40,7 @@ from auditdm_jax.models.ckpt.common import (CheckpointError, adjust_vocab_rows,
                                             assemble, flatten)
 from auditdm_jax.models.config import VLMConfig
 from auditdm_jax.models.siglip import SigLIPConfig, resample_posemb
-from auditdm_jax.utils.fileio import atomic_write_text, write_failed
-from auditdm_jax.utils import chaos
+from auditdm_jax.utils.fileio import atomic_write_text, replace_dir, write_failed
 
 NATIVE_MARKER = "auditdm_model.json"
 NATIVE_FORMAT = "auditdm_jax/model/v1"
@@ -263,7 +262,7 @@ def _save_dir_atomically(path: str, write) -> None:
   tmp = _tmp_sibling(path)
   try:
     write(tmp)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path, "model_moved_aside")
   except Exception as e:
     _remove_tmp(tmp)
     raise _save_failed(path, tmp, e) from e
@@ -286,27 +285,6 @@ def _remove_tmp(tmp: str) -> None:
   `<tmp>.orbax-checkpoint-tmp*` beside it, if any)."""
   for p in [tmp, *glob.glob(glob.escape(tmp) + ".orbax-checkpoint-tmp*")]:
     shutil.rmtree(p, ignore_errors=True)
-
-
-def _replace_dir(tmp: str, path: str) -> None:
-  """Moves tmp into place; an existing `path` is removed only afterwards (and
-  moved back if tmp cannot be moved in)."""
-  path = os.path.abspath(path)
-  old = None
-  if os.path.exists(path):
-    old = path + ".old"
-    if os.path.exists(old):
-      shutil.rmtree(old)
-    os.replace(path, old)
-    chaos.point("model_moved_aside")
-  try:
-    os.replace(tmp, path)
-  except BaseException:
-    if old:
-      os.replace(old, path)
-    raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_failed(path: str, tmp: str, e: Exception) -> Exception:
