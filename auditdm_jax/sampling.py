@@ -209,13 +209,11 @@ class Sampler:
       self.traces["prefill"] += 1
       with logical.activation_sharding(mesh, self.activation_rules):
         input_mask = jnp.arange(text_len)[None] < lengths[:, None]
+        args = (images, tokens, input_mask)
         if cfg.family == "paligemma":
-          hidden, (k, v) = module.apply({"params": params}, images, tokens, input_mask,
-                                        jnp.zeros_like(tokens), return_hidden=True,
-                                        return_kv=True)
-        else:
-          hidden, (k, v) = module.apply({"params": params}, images, tokens, input_mask,
-                                        return_hidden=True, return_kv=True)
+          args += (jnp.zeros_like(tokens),)
+        out = module.apply({"params": params}, *args, return_hidden=True, return_kv=True)
+        hidden, (k, v) = out.hidden, out.kv
         total = lengths + n_img
         # One-hot pick of each row's last prefix position (partitions cleanly,
         # where a gather would force the sharded hidden states to replicate).

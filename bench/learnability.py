@@ -268,7 +268,7 @@ def main():
     if not args.phrase_aux:
       return loss
     h = module.apply({"params": q}, batch["images"], batch["tokens"], batch["input_mask"],
-                     batch["mask_ar"], return_hidden=True)          # [B, n_img + T, D]
+                     batch["mask_ar"], return_hidden=True).hidden   # [B, n_img + T, D]
     t = batch["aux"]                                                # [B, 2, 3]
     valid = t[..., 0] >= 0
     hp = jnp.take_along_axis(h, jnp.maximum(t[..., 0], 0)[..., None], axis=1)  # [B, 2, D]

@@ -336,5 +336,5 @@ def last_prompt_logits(model, images, prompts) -> np.ndarray:
   tokens, lengths = inputs.pad_rows(heads, max(len(h) for h in heads))
   mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
   logits = vlm.build(model.config).apply({"params": model.params}, jnp.asarray(images),
-                                         jnp.asarray(tokens), jnp.asarray(mask))
+                                         jnp.asarray(tokens), jnp.asarray(mask)).logits
   return np.asarray(logits)[np.arange(len(heads)), lengths - 1]

@@ -151,7 +151,7 @@ def test_bfloat16_activations_and_remat():
   mask = jnp.ones_like(tokens, bool)
 
   def loss(p, c):
-    return models.build(c).apply({"params": p}, images[:1], tokens, mask).mean()
+    return models.build(c).apply({"params": p}, images[:1], tokens, mask).logits.mean()
 
   g1 = flax.traverse_util.flatten_dict(jax.grad(loss)(params, cfg))
   g2 = flax.traverse_util.flatten_dict(jax.grad(loss)(params, remat_cfg))

@@ -52,7 +52,10 @@ ATTENTION_TYPES = ("global", "local")
 
 @struct.dataclass
 class GemmaOutput:
-  """What `Gemma.__call__` returns (as gemma's `Output`, gemma/gm/nn/_transformer.py).
+  """What `Gemma.__call__` returns (as gemma's `Output`, gemma/gm/nn/_transformer.py),
+  and so what the VLMs (PaliGemma, Gemma3VLM) return: their LLM's output over
+  the whole sequence, whatever the flags, so no caller unpacks a tuple whose
+  shape depends on them.
 
   logits: float32 [B, T, V]; None when the call asked for `return_hidden`.
   hidden: the final-normed hidden states [B, T, D].

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.models.gemma import Gemma
+from auditdm_jax.models.gemma import Gemma, GemmaOutput
 from auditdm_jax.models.siglip import SigLIP
 
 
@@ -76,10 +76,12 @@ class Gemma3VLM(nn.Module):
     pooled = feats.reshape(b, side, k, side, k, d).mean(axis=(2, 4))
     return self.llm.embed_vision(pooled.reshape(b, side * side, d))
 
-  def __call__(self, images, tokens, input_mask, return_hidden=False, return_kv=False):
-    """Logits float32 [B, T, V] for expanded tokens [B, T] (see
-    `expand_image_tokens`); row b's image fills its placeholder positions.
-    return_hidden / return_kv as for PaliGemma."""
+  def __call__(self, images, tokens, input_mask, return_hidden=False,
+               return_kv=False) -> GemmaOutput:
+    """The LLM's `GemmaOutput` (logits float32 [B, T, V], hidden [B, T, D], kv)
+    for expanded tokens [B, T] (see `expand_image_tokens`); row b's image
+    fills its placeholder positions. Typed whatever the flags;
+    return_hidden / return_kv choose what is computed, as for PaliGemma."""
     cfg = self.cfg
     is_image = tokens == cfg.image_token_id
     # The placeholder id may lie outside the embedding table: look up 0.
@@ -91,6 +93,4 @@ class Gemma3VLM(nn.Module):
                     jnp.take_along_axis(img, slot[..., None], axis=1), x)
     positions = jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1
     mask = interleaved_mask(is_image, input_mask)
-    o = self.llm(x, positions, mask, return_hidden=return_hidden, return_kv=return_kv)
-    out = o.hidden if return_hidden else o.logits
-    return (out, o.kv) if return_kv else out
+    return self.llm(x, positions, mask, return_hidden=return_hidden, return_kv=return_kv)

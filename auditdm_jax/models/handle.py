@@ -44,10 +44,10 @@ def token_logprobs(cfg: VLMConfig, params, images, tokens, input_mask, mask_ar):
   module = vlm.build(cfg)
   if cfg.family == "paligemma":
     n_img = cfg.num_image_tokens
-    logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar)
+    logits = module.apply({"params": params}, images, tokens, input_mask, mask_ar).logits
     pred, target = logits[:, n_img - 1:-1], tokens
   else:
-    logits = module.apply({"params": params}, images, tokens, input_mask)
+    logits = module.apply({"params": params}, images, tokens, input_mask).logits
     pred, target = logits[:, :-1], tokens[:, 1:]
   lsm = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
   lp = jnp.take_along_axis(lsm, target[..., None], axis=-1)[..., 0]
@@ -78,10 +78,10 @@ def _decoder_fn(cfg: VLMConfig, max_new_tokens: int, greedy: bool):
       input_mask = pos < cur[:, None]
       if family == "paligemma":
         mask_ar = (pos >= prompt_len[:, None]).astype(jnp.int32)
-        logits = module.apply({"params": params}, images, toks, input_mask, mask_ar)
+        logits = module.apply({"params": params}, images, toks, input_mask, mask_ar).logits
         last = logits[rows, n_img + cur - 1]
       else:
-        logits = module.apply({"params": params}, images, toks, input_mask)
+        logits = module.apply({"params": params}, images, toks, input_mask).logits
         last = logits[rows, cur - 1]
       logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
       key, sub = jax.random.split(key)

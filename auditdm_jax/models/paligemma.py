@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from auditdm_jax.models.config import VLMConfig
-from auditdm_jax.models.gemma import Gemma, make_attn_mask
+from auditdm_jax.models.gemma import Gemma, GemmaOutput, make_attn_mask
 from auditdm_jax.models.siglip import SigLIP
 
 
@@ -48,19 +48,22 @@ class PaliGemma(nn.Module):
     return self.llm.embed_tokens(tokens)
 
   def __call__(self, images, tokens, input_mask, mask_ar, return_hidden=False,
-               return_kv=False):
-    """Logits float32 [B, n_img + T, V] of [image tokens, text tokens].
+               return_kv=False) -> GemmaOutput:
+    """The LLM's `GemmaOutput` over [image tokens, text tokens]: logits float32
+    [B, n_img + T, V], hidden [B, n_img + T, D], kv.
 
     tokens, input_mask, mask_ar: [B, T]. mask_ar is 0 over the prompt (the
-    bidirectional prefix) and 1 over the answer (causal). With return_hidden,
-    the final hidden states instead of logits; with return_kv, (out, (k, v))
-    where k, v [L, B, n_img + T, K, H] seed a KV cache.
+    bidirectional prefix) and 1 over the answer (causal). return_hidden skips
+    the vocabulary projection (logits None: a caller that projects only some
+    positions); return_kv fills kv = (k, v), each [L, B, n_img + T, K, H], to
+    seed a KV cache. The output is typed whatever the flags (as gemma's
+    `Output`), so a caller reads `.logits` / `.hidden` / `.kv` by name and
+    never unpacks a flag-dependent tuple; the flags only choose what is
+    computed.
     """
     img = self.embed_image(images)
     txt = self.embed_text(tokens)
     x = jnp.concatenate([img.astype(txt.dtype), txt], axis=1)
     attn_mask, positions, prefix_pairs = prefix_inputs(img.shape[1], input_mask, mask_ar)
-    o = self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
-                 return_hidden=return_hidden, return_kv=return_kv)
-    out = o.hidden if return_hidden else o.logits
-    return (out, o.kv) if return_kv else out
+    return self.llm(x, positions, attn_mask, window_exempt=prefix_pairs,
+                    return_hidden=return_hidden, return_kv=return_kv)

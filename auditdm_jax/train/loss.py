@@ -30,12 +30,8 @@ def aligned_logits(cfg: VLMConfig, params, batch, rng=None, return_hidden: bool 
   module, args, rngs = _forward_args(cfg, batch, rng)
   tokens = batch["tokens"]
   paligemma = cfg.family == "paligemma"
-  hidden = None
-  if return_hidden:
-    hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
-    logits = module.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))
-  else:
-    logits = module.apply({"params": params}, *args, rngs=rngs)
+  out = module.apply({"params": params}, *args, rngs=rngs)
+  logits, hidden = out.logits, out.hidden
   if paligemma:
     n_img = cfg.num_image_tokens
     pred, target = logits[:, n_img - 1:-1], tokens               # [B, T, V], [B, T]
@@ -128,7 +124,7 @@ def slot_logits(cfg: VLMConfig, params, batch, rng=None):
   module, args, rngs = _forward_args(cfg, batch, rng)
   tokens = batch["tokens"]
   paligemma = cfg.family == "paligemma"
-  hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs)
+  hidden = module.apply({"params": params}, *args, return_hidden=True, rngs=rngs).hidden
   pos = batch["loss_pos"]
   valid = pos >= 0
   p = jnp.maximum(pos, 0)

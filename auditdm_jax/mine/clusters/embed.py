@@ -51,9 +51,9 @@ class Embedder:
     def text_fn(p, images, tokens, mask):
       if family == "paligemma":
         h = module.apply({"params": p}, images, tokens, mask, jnp.zeros_like(tokens),
-                         return_hidden=True)[:, -tokens.shape[1]:]
+                         return_hidden=True).hidden[:, -tokens.shape[1]:]
       else:
-        h = module.apply({"params": p}, None, tokens, mask, return_hidden=True)
+        h = module.apply({"params": p}, None, tokens, mask, return_hidden=True).hidden
       w = mask[..., None].astype(jnp.float32)
       return (h.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     self._text_fn = jax.jit(text_fn)
