@@ -28,10 +28,15 @@ with a cache of exactly prompt + N slots (its Sampler keeps one full-length
 cache per layer; ours keeps rings of `window` slots on local layers, which at
 these lengths are full length too).
 
-The read roofline is a jitted sum over a ~200 MB float32 array (median GB/s of
-20 runs); ours reads per decode step the decoder's weights (the embedding
-table once, for the logits) and its whole KV cache (every slot, masked or
-not): bytes per step / (time per step) / bandwidth.
+The read roofline is a jitted sum over a ~200 MB float32 array, measured in
+every round beside the decode runs (median GB/s of 10 sums a round; the
+median over rounds is used, and each round's own figure is printed too: this
+machine's bandwidth drifts by a quarter within minutes); ours reads per
+decode step the decoder's weights (the embedding table once, for the logits)
+and its whole KV cache (every slot, masked or not): bytes per step / (time
+per step) / bandwidth. Beside it, in every round, `products_only`: a step of
+the decode's matrix products alone on the same weights, the ceiling XLA's own
+products set for any decode step on this machine.
 
 Also printed: our time per decoded token around positions 32 and 512 and the
 compile times. The last three lines are, for scripts:
@@ -91,6 +96,38 @@ def read_bandwidth(mb: int = 200, repeats: int = 20) -> float:
   total(x).block_until_ready()
   times = [_time(lambda: total(x).block_until_ready()) for _ in range(repeats)]
   return x.nbytes / float(np.median(times)) / 1e9
+
+
+def products_only(cfg, llm_params, batch: int):
+  """A jitted decode step that does nothing but its matrix products: per layer
+  x @ qkv, @ out, @ gate_up, @ down on `decode_weights`' matrices (a slice and
+  the gated GELU between them so each product feeds the next), then the logits
+  against the transposed embedding table. It reads the same weights as a
+  decode step and does the same multiply-adds, without attention, norms,
+  RoPE, the KV cache or sampling: the step time XLA's own products allow,
+  the ceiling for any decode built on them. Returns (fn, args)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from auditdm_jax.models import decode  # pylint: disable=import-outside-toplevel
+  t = cfg.text
+  # On the device, as the sampler's weights are (a loaded model's params are
+  # host arrays, which a jitted call would copy over at every call).
+  mats = jax.device_put([{k: w[k] for k in ("qkv", "out", "gate_up", "down")}
+                         for w in decode.decode_weights(t, llm_params["layers"])])
+  head = jax.device_put(np.ascontiguousarray(
+      np.asarray(llm_params["embedder"]["input_embedding"]).T))
+  x = jnp.ones((batch, t.width), jnp.dtype(t.dtype))
+
+  @jax.jit
+  def step(x, mats, head):
+    for w in mats:
+      att = jnp.dot(x, w["qkv"])[:, :t.num_heads * t.head_dim]
+      x = x + jnp.dot(att, w["out"])
+      y = jnp.dot(x, w["gate_up"])
+      x = x + jnp.dot(jax.nn.gelu(y[:, :t.mlp_dim]) * y[:, t.mlp_dim:], w["down"])
+    return jnp.dot(x, head, preferred_element_type=jnp.float32)
+
+  return step, (x, mats, head)
 
 
 def _decode_bytes(cfg, llm_params, cache_lengths, batch, cache_itemsize) -> tuple[int, int]:
@@ -233,8 +270,16 @@ def main():
   # Steady state. The machine's speed drifts, so the implementations alternate
   # and each figure is the median (and best) of `--repeats` runs.
   hf_gen(2)  # warm-up
+  products, products_args = products_only(cfg, ours.params["llm"], args.batch)
+  products(*products_args).block_until_ready()
   runs = {f"{who}_{k}": [] for who in ("ours", "tunix", "hf") for k in ("n", "1")}
+  runs["bandwidth"], runs["products"] = [], []
   for _ in range(args.repeats):
+    # The read bandwidth and the products-only step are measured in every
+    # round, beside the runs they are compared with.
+    runs["bandwidth"].append(read_bandwidth(repeats=10))
+    runs["products"].append(float(np.median(
+        [_time(lambda: products(*products_args).block_until_ready()) for _ in range(10)])))
     runs["ours_n"].append(_time(lambda: ours_gen(n)))
     runs["tunix_n"].append(_time(lambda: tunix_gen(n)))
     runs["hf_n"].append(_time(lambda: hf_gen(n)))
@@ -260,8 +305,9 @@ def main():
     t32 = np.median([_time(lambda p=long_prompts: ours_gen(32, p)) for _ in range(3)])
     per_token[pos] = (t64 - t32) / 32
 
-  # Read roofline: bytes one decode step reads / time per step / bandwidth.
-  bandwidth = read_bandwidth()
+  # Read roofline: bytes one decode step reads / time per step / bandwidth
+  # (the median of the bandwidths measured in the rounds).
+  bandwidth = med["bandwidth"]
   text_len = bucket_length(prefix, sampler.length_bucket)
   w_bytes, kv_bytes = _decode_bytes(cfg, ours.params["llm"], sampler.cache_lengths(text_len, n),
                                     args.batch, sampler.cache_dtype.itemsize)
@@ -269,6 +315,9 @@ def main():
   tunix_kv = t.depth * args.batch * (prefix + n) * 2 * t.num_kv_heads * t.head_dim * 4
   step = {who: (med[f"{who}_n"] - med[f"{who}_1"]) / (n - 1) for who in ("ours", "tunix")}
   ours_pct = 100 * (w_bytes + kv_bytes) / step["ours"] / (bandwidth * 1e9)
+  products_pct = 100 * w_bytes / med["products"] / (bandwidth * 1e9)
+  rounds_pct = [100 * (w_bytes + kv_bytes) * (n - 1) / (a - b) / (bw * 1e9)
+                for a, b, bw in zip(runs["ours_n"], runs["ours_1"], runs["bandwidth"])]
   tunix_pct = 100 * (w_bytes + tunix_kv) / step["tunix"] / (bandwidth * 1e9)
 
   noisy = [name for who, name in (("ours", "ours"), ("tunix", "tunix"), ("hf", "transformers"))
@@ -290,6 +339,12 @@ def main():
         f"reads {w_bytes / 1e6:.1f} MB of weights + KV cache ours {kv_bytes / 1e6:.1f} MB "
         f"({step['ours'] * 1e3:.2f} ms/step), tunix {tunix_kv / 1e6:.1f} MB "
         f"({step['tunix'] * 1e3:.2f} ms/step, {tunix_pct:.0f}% of roofline)")
+  print(f"read bandwidth per round: {', '.join(f'{b:.1f}' for b in runs['bandwidth'])} GB/s; "
+        f"ours' read roofline per round: {', '.join(f'{p:.0f}%' for p in rounds_pct)}")
+  print(f"matrix products alone (bench.sampling.products_only, the same weights, no "
+        f"attention, norms, cache or sampling): {med['products'] * 1e3:.2f} ms/step, "
+        f"{products_pct:.0f}% of the read roofline; ours' step takes "
+        f"{step['ours'] / med['products']:.2f}x as long")
   print(f"speedup vs tunix: {tps(med, 'ours') / tps(med, 'tunix'):.2f}x")
   print(f"speedup vs transformers: {tps(med, 'ours') / tps(med, 'hf'):.2f}x")
   print(f"read roofline: {ours_pct:.0f}%")
