@@ -3,7 +3,7 @@
 A model answers every benchmark question greedily (`answer`, `generate_text`:
 KV-cache sampler, batches padded to one shape so one compilation serves the
 whole benchmark). Named benchmarks (the real configs): `evaluate_named`
-scores a model with its benchmark's metric (`eval/metrics.py`, in the
+scores a model with its benchmark's metric (`eval/metrics/`, in the
 paper's units) through the predictions journal (`eval/predictions.py`).
 The scene world's benchmark (per-skill accuracy, gap slices, the auditor's
 validity) is `scenes/benchmark.py`.
